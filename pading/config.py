@@ -1,0 +1,438 @@
+"""Typed experiment configuration.
+
+Every setting has one default, here. YAML files and ``--set section.key=value``
+overrides are merged onto these dataclasses; unknown keys and wrongly typed values are
+errors that name the key. Configs are plain dataclasses: picklable, safe to send to Ray
+workers, and ``asdict``-able for MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pading.errors import ConfigError
+
+ABLATION_VARIANTS = ("projection", "gmmn", "primitive", "alignment", "full")
+
+
+def default_datasets_root() -> str:
+    """``$DETECTRON2_DATASETS`` (detectron2's convention), default ``./datasets``."""
+    return os.environ.get("DETECTRON2_DATASETS", "./datasets")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset (see pading.data.synthetic)."""
+
+    num_train: int = 240
+    num_val: int = 60
+    image_size: int = 64
+    seed: int = 0
+    split: str = "zsp_coco_panoptic_14"
+
+    def __post_init__(self):
+        if self.num_train < 1 or self.num_val < 1:
+            raise ConfigError("synthetic.num_train and num_val must be >= 1")
+        if self.image_size < 32:
+            raise ConfigError("synthetic.image_size must be >= 32")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and what form it has.
+
+    ``root`` is a COCO-2017-layout directory (detectron2's ``datasets/coco``). Relative
+    paths below are relative to ``root``. ``format`` picks the annotation the training
+    targets come from: ``panoptic`` (the universal setting), ``instances`` (ZSI) or
+    ``semantic`` (ZSS, COCO-Stuff label PNGs).
+    """
+
+    root: str = field(default_factory=lambda: str(Path(default_datasets_root()) / "coco"))
+    format: str = "panoptic"
+    split: str = "zsp_coco_panoptic_14"
+    train_images: str = "train2017"
+    val_images: str = "val2017"
+    train_panoptic_json: str = "annotations/panoptic_train2017.json"
+    train_panoptic_dir: str = "panoptic_train2017"
+    val_panoptic_json: str = "annotations/panoptic_val2017.json"
+    val_panoptic_dir: str = "panoptic_val2017"
+    train_instances_json: str = "annotations/instances_train2017.json"
+    val_instances_json: str = "annotations/instances_val2017.json"
+    train_semantic_dir: str = "stuffthingmaps/train2017"
+    val_semantic_dir: str = "stuffthingmaps/val2017"
+    image_size: int = 64
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+    synthetic: Optional[SyntheticConfig] = None
+
+    def __post_init__(self):
+        if self.format not in ("panoptic", "instances", "semantic"):
+            raise ConfigError(f"data.format must be panoptic, instances or semantic, not {self.format!r}")
+        if self.image_size < 16:
+            raise ConfigError("data.image_size must be >= 16")
+
+
+@dataclass
+class SemanticsConfig:
+    """Text encoder for class names (pading.semantics)."""
+
+    encoder: str = "minilm"  # minilm | clip | file
+    clip_model: str = "ViT-B-16"
+    clip_weights: Optional[str] = None  # local path to open_clip weights
+    file: Optional[str] = None  # .npy or text file of vectors for encoder=file
+    cache_dir: Optional[str] = None  # default: <output>/cache/semantics
+
+    def __post_init__(self):
+        if self.encoder not in ("minilm", "clip", "file"):
+            raise ConfigError(f"semantics.encoder must be minilm, clip or file, not {self.encoder!r}")
+
+
+@dataclass
+class SegmenterConfig:
+    """Mask2Former (transformers) settings. ``preset`` fills in sizes; explicit keys win."""
+
+    preset: str = "r50"  # r50 (the paper's) | tiny (tests, demo); see SEGMENTER_PRESETS
+    num_queries: int = 100
+    hidden_dim: int = 256
+    decoder_layers: int = 10
+    encoder_layers: int = 6
+    feedforward_dim: int = 2048
+    mask_feature_size: int = 256
+    num_heads: int = 8
+    backbone_depths: tuple = (3, 4, 6, 3)
+    backbone_hidden_sizes: tuple = (256, 512, 1024, 2048)
+    backbone_embedding_size: int = 64
+    backbone_weights: Optional[str] = None  # local save_pretrained dir / checkpoint of the backbone
+    weights: Optional[str] = None  # local save_pretrained dir of a whole Mask2Former
+    train_num_points: int = 12544
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+
+    def __post_init__(self):
+        if self.preset not in ("tiny", "r50"):
+            raise ConfigError(f"segmenter.preset must be tiny or r50, not {self.preset!r}")
+        self.backbone_depths = tuple(self.backbone_depths)
+        self.backbone_hidden_sizes = tuple(self.backbone_hidden_sizes)
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: segmenter pretraining on the seen-only set."""
+
+    iterations: int = 140000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    grad_clip: float = 0.01
+    checkpoint_every: int = 5000
+    log_every: int = 50
+
+
+@dataclass
+class GeneratorConfig:
+    """The feature generator (pading.generator)."""
+
+    kind: str = "primitive"  # primitive | gmmn
+    num_primitives: int = 400
+    num_layers: int = 3
+    num_heads: int = 8
+    feedforward_dim: int = 1024
+    dropout: float = 0.1
+    noise_std: float = 1.0
+    gmmn_hidden_dim: int = 512
+    gmmn_dropout: float = 0.4
+
+    def __post_init__(self):
+        if self.kind not in ("primitive", "gmmn"):
+            raise ConfigError(f"generator.kind must be primitive or gmmn, not {self.kind!r}")
+        if self.num_primitives < 1:
+            raise ConfigError("generator.num_primitives must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Generator-side losses (METHOD.md "Losses") and the ablation variant.
+
+    variant: projection (classifier = frozen text embeddings), gmmn, primitive
+    (primitive generator, MMD only), alignment (+ relationship alignment on raw
+    features), full (+ alignment and disentanglement, the paper's PADing).
+    """
+
+    variant: str = "full"
+    mmd_sigmas_squared: tuple = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+    auxiliary_classification_weight: float = 0.001
+    disentangle_weight: float = 1e-4  # λ
+    alignment_weight: float = 1.0  # w1
+    relation_weight: float = 1.0  # w2
+    reconstruction_weight: float = 0.5  # w3
+    unrelated_weight: float = 0.5
+    relation_scale: float = 0.2
+    alignment_temperature: float = 0.1  # τ
+    unrelated_temperature: float = 0.1  # T
+
+    def __post_init__(self):
+        if self.variant not in ABLATION_VARIANTS:
+            raise ConfigError(f"losses.variant must be one of {ABLATION_VARIANTS}, not {self.variant!r}")
+        self.mmd_sigmas_squared = tuple(float(s) for s in self.mmd_sigmas_squared)
+        if self.alignment_temperature <= 0:
+            raise ConfigError("losses.alignment_temperature must be > 0")
+
+
+@dataclass
+class GeneratorTrainingConfig:
+    """Stages 3 and 4: generator and classifier optimisation."""
+
+    iterations: int = 20000
+    batch_images: int = 12
+    generator_lr: float = 5e-4
+    lr_decay_at: tuple = (0.7, 0.925)
+    lr_decay_factor: float = 0.1
+    classifier_lr: float = 1e-3
+    classifier_momentum: float = 0.9
+    classifier_weight_decay: float = 5e-4
+    unseen_classes_per_step: int = 5
+    synthetic_per_unseen_class: int = 0  # 0: as many as the batch has real matched queries / classes
+    seen_class_weight: float = 1.0
+    no_object_class_weight: float = 0.1
+    unseen_class_weight: float = 5.0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+
+    def __post_init__(self):
+        self.lr_decay_at = tuple(float(x) for x in self.lr_decay_at)
+
+
+@dataclass
+class InferenceConfig:
+    """Mask2Former post-processing thresholds (METHOD.md "Inference")."""
+
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    mask_threshold: float = 0.5
+    instance_top_k: int = 100
+
+
+@dataclass
+class RayConfig:
+    """Resources; pading never reads this, pipelines/ does."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    extract_concurrency: int = 1
+    extract_gpus: float = 0.0
+    extract_batch_size: int = 8
+    max_failures: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow; ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``."""
+
+    tracking_uri: Optional[str] = None  # default: sqlite:///<output>/mlflow.db
+    experiment: str = "pading"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "pading"
+    seed: int = 0
+    output_dir: str = "outputs/pading"
+    data: DataConfig = field(default_factory=DataConfig)
+    semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    generator_training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+#: Sizes a preset fills in beneath a config's explicit segmenter keys.
+SEGMENTER_PRESETS: dict[str, dict] = {
+    "r50": {},  # the dataclass defaults are the paper's ResNet-50 Mask2Former
+    "tiny": {
+        "num_queries": 16,
+        "hidden_dim": 64,
+        "decoder_layers": 4,
+        "encoder_layers": 1,
+        "feedforward_dim": 128,
+        "mask_feature_size": 64,
+        "num_heads": 4,
+        "backbone_depths": [1, 1, 1, 1],
+        "backbone_hidden_sizes": [16, 32, 64, 128],
+        "backbone_embedding_size": 16,
+        "train_num_points": 1024,
+    },
+}
+
+
+# ---- (de)serialisation ----------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"generator.num_primitives=200"`` -> ``{"generator": {"num_primitives": 200}}``.
+
+    The value is parsed as YAML (numbers, booleans, lists, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    out: dict = {}
+    cursor = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded
+    for item in overrides:
+        data = _deep_merge(data, parse_override(item))
+    segmenter = data.get("segmenter")
+    if isinstance(segmenter, dict) and segmenter.get("preset") in SEGMENTER_PRESETS:
+        data = {**data, "segmenter": {**SEGMENTER_PRESETS[segmenter["preset"]], **segmenter}}
+    return from_dict(ExperimentConfig, data)
+
+
+def tiny_config(**sections: dict) -> ExperimentConfig:
+    """A small config for tests and notebooks: tiny segmenter, short schedules.
+
+    ``sections`` are merged like YAML, e.g. ``tiny_config(generator={"num_primitives": 8})``.
+    """
+    data = {
+        "segmenter": {"preset": "tiny"},
+        "pretrain": {"iterations": 2, "batch_size": 2, "checkpoint_every": 1, "log_every": 1},
+        "generator": {"num_primitives": 8, "num_layers": 1, "num_heads": 4, "feedforward_dim": 64},
+        "generator_training": {"iterations": 2, "batch_images": 2, "log_every": 1},
+    }
+    data = _deep_merge(data, sections)
+    data["segmenter"] = {**SEGMENTER_PRESETS[data["segmenter"].get("preset", "tiny")], **data["segmenter"]}
+    return from_dict(ExperimentConfig, data)
+
+
+def save_config(config: ExperimentConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
