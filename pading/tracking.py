@@ -1,0 +1,107 @@
+"""MLflow tracking helpers (no Ray here: pipelines call these from the driver).
+
+The tracking store is ``$MLFLOW_TRACKING_URI`` if set, else ``tracking.tracking_uri``
+from the config, else a local SQLite store ``./mlruns/mlflow.db`` with artifacts
+under ``./mlruns/artifacts`` (view with ``mlflow ui --backend-store-uri
+sqlite:///mlruns/mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from pading.config import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = "mlruns"
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if config.tracking_uri:
+        return config.tracking_uri
+    store = Path(DEFAULT_STORE_DIR).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def setup(config: TrackingConfig):
+    """Point MLflow at the store and select (creating if needed) the experiment.
+
+    Returns the ``mlflow`` module so callers need not import it themselves."""
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "0")
+    import mlflow
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI") and not config.tracking_uri:
+            artifact_location = (Path(DEFAULT_STORE_DIR).resolve() / "artifacts").as_uri()
+        mlflow.create_experiment(config.experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(config.experiment)
+    logger.info("MLflow store %s, experiment %r", uri, config.experiment)
+    return mlflow
+
+
+def _clean_params(params: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+        out[key] = text[:6000]
+    return out
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    import mlflow
+
+    items = list(_clean_params(params).items())
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log the finite numeric values of ``metrics`` (nested dicts become ``a.b`` keys)."""
+    import mlflow
+
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any):
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[prefix.replace(" ", "_")] = float(value)
+
+    walk("", metrics)
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def log_metric_history(rows: Iterable[Mapping[str, Any]], step_key: str = "step") -> int:
+    """Log per-step rows (e.g. a train loop's JSONL losses); returns the count."""
+    count = 0
+    for row in rows:
+        step = int(row.get(step_key, count))
+        log_metrics({k: v for k, v in row.items() if k != step_key}, step=step)
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def run(name: str, nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """``with run("pretrain", nested=True) as active:`` — a (nested) MLflow run."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=nested, tags=dict(tags or {})) as active:
+        yield active
