@@ -1,0 +1,108 @@
+"""Shared plumbing of the Ray entry points: arguments, config, Ray start-up, stage
+markers. Thin on purpose: the work is in ``pading``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python pipelines/x.py` puts pipelines/ first, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pading.config import ExperimentConfig, load_config  # noqa: E402
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+SUCCESS = "_SUCCESS.json"
+
+logger = logging.getLogger("pipelines")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("PADING_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "filelock", "httpx", "alembic", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML experiment config (default: configs/demo.yaml)")
+    parser.add_argument("--output", default=None, help="output directory (default: the config's output_dir)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set generator.num_primitives=200 (repeatable)",
+    )
+    parser.add_argument("--force", action="store_true", help="redo stages that already finished")
+    return parser
+
+
+def load(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    config = load_config(args.config, args.overrides)
+    output = Path(args.output or config.output_dir).resolve()
+    config.output_dir = str(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return config, output
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster under ``ray job submit`` (or ``RAY_ADDRESS``), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=None)
+    try:
+        ctx = ray.get_runtime_context()
+        logger.info("Ray: %s (dashboard: %s)", ctx.gcs_address, getattr(ray, "_private", None) and _dashboard_url())
+    except Exception:  # pragma: no cover - informational only
+        pass
+
+
+def _dashboard_url() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().worker.node.address_info.get("webui_url")  # type: ignore[attr-defined]
+    except Exception:
+        return None
+
+
+def stage_done(stage_dir: Path) -> dict | None:
+    """The stage's success record, or None if it has not finished."""
+    marker = Path(stage_dir) / SUCCESS
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / (SUCCESS + ".tmp")
+    tmp.write_text(json.dumps({**info, "finished_at": time.time()}, indent=2, default=str))
+    tmp.replace(stage_dir / SUCCESS)
+
+
+def clear_done(stage_dir: Path) -> None:
+    (Path(stage_dir) / SUCCESS).unlink(missing_ok=True)
