@@ -105,6 +105,9 @@ class SegmenterConfig:
     decoder_layers: int = 10
     encoder_layers: int = 6
     feedforward_dim: int = 2048
+    # Pixel-decoder (deformable encoder) FFN width; None -> feedforward_dim // 2 (1024 for r50,
+    # Mask2Former's value). Added for pading.segmenter.
+    encoder_feedforward_dim: Optional[int] = None
     mask_feature_size: int = 256
     num_heads: int = 8
     backbone_depths: tuple = (3, 4, 6, 3)
@@ -179,6 +182,8 @@ class LossConfig:
     relation_scale: float = 0.2
     alignment_temperature: float = 0.1  # τ
     unrelated_temperature: float = 0.1  # T
+    # Seen features of the alignment/disentanglement terms: "synthetic" (default, METHOD.md) or "real".
+    alignment_seen_features: str = "synthetic"
 
     def __post_init__(self):
         if self.variant not in ABLATION_VARIANTS:
@@ -205,6 +210,8 @@ class GeneratorTrainingConfig:
     seen_class_weight: float = 1.0
     no_object_class_weight: float = 0.1
     unseen_class_weight: float = 5.0
+    # Temperature of the projection baseline's cosine logits (pading.classifier.ProjectionClassifier).
+    projection_temperature: float = 0.05
     log_every: int = 100
     checkpoint_every: int = 1000
 

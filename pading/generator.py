@@ -1,0 +1,251 @@
+"""Feature generators (METHOD.md "Primitive generator").
+
+:class:`PrimitiveGenerator` is PADing's generator: a class's semantic embedding a_c is
+projected to ã_c = W_p a_c, which is the single query token of a small stack of post-norm
+transformer decoder layers whose cross-attention memory is a bank of K learnable
+primitives. Gaussian noise is injected into the token after the cross-attention block of
+every layer, and a final LayerNorm gives the synthetic query embedding x'.
+
+:class:`GMMNGenerator` is the ZS3Net-style baseline: x' = MLP([a_c, z]).
+
+Both map ``semantic (N, S) -> (N, D)`` and expose ``project(semantic (C, S)) -> (C, D)``,
+the class embeddings ã_c that the alignment and relation losses compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from pading.config import GeneratorConfig
+from pading.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+NoiseInput = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+def _check_semantic(semantic: torch.Tensor, semantic_dim: int, source: str) -> None:
+    if semantic.dim() != 2 or semantic.shape[1] != semantic_dim:
+        raise DataError(
+            source, f"expected semantic embeddings of shape (N, {semantic_dim}), got {tuple(semantic.shape)}"
+        )
+
+
+def _sample_noise(shape: tuple, *, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``like``'s device/dtype, drawn from ``generator``
+    (which may live on the CPU while ``like`` is on an accelerator)."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
+    return noise.to(like.device)
+
+
+class PrimitiveDecoderLayer(nn.Module):
+    """One post-norm transformer decoder layer with noise injection.
+
+    token -> norm1(token + SelfAttn(token)) -> norm2(. + CrossAttn(., primitives))
+          -> . + noise_std * z -> norm3(. + FFN(.))
+
+    The self-attention runs over the sample's single token (so each sample only sees
+    itself); the cross-attention lets every token attend to the whole primitive bank.
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int, feedforward_dim: int, dropout: float):
+        super().__init__()
+        self.self_attention = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        self.feedforward = nn.Sequential(
+            nn.Linear(embed_dim, feedforward_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(feedforward_dim, embed_dim),
+        )
+        self.self_attention_dropout = nn.Dropout(dropout)
+        self.cross_attention_dropout = nn.Dropout(dropout)
+        self.feedforward_dropout = nn.Dropout(dropout)
+        self.self_attention_norm = nn.LayerNorm(embed_dim)
+        self.cross_attention_norm = nn.LayerNorm(embed_dim)
+        self.feedforward_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, token: torch.Tensor, primitives: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            token: (N, D) one query token per sample.
+            primitives: (K, D) the shared primitive bank (keys and values).
+            noise: (N, D) already scaled noise added after the cross-attention block, or None.
+        Returns:
+            (N, D) the updated tokens.
+        """
+        # Self-attention: a sequence of length 1 per sample.
+        per_sample = token.unsqueeze(1)  # (N, 1, D)
+        attended, _ = self.self_attention(per_sample, per_sample, per_sample, need_weights=False)
+        token = self.self_attention_norm(token + self.self_attention_dropout(attended.squeeze(1)))  # (N, D)
+        # Cross-attention: every token attends independently to the same K primitives, so
+        # the N tokens can share one "batch" with the bank as memory (no (N, K, D) copy).
+        queries = token.unsqueeze(0)  # (1, N, D)
+        memory = primitives.unsqueeze(0)  # (1, K, D)
+        assembled, _ = self.cross_attention(queries, memory, memory, need_weights=False)
+        token = self.cross_attention_norm(token + self.cross_attention_dropout(assembled.squeeze(0)))  # (N, D)
+        if noise is not None:
+            token = token + noise  # (N, D) the stochastic input
+        token = self.feedforward_norm(token + self.feedforward_dropout(self.feedforward(token)))  # (N, D)
+        return token
+
+
+class PrimitiveGenerator(nn.Module):
+    """PADing's primitive generator x' = G(W_p a_c, P, z).
+
+    Args:
+        semantic_dim: S, size of the class semantic embeddings a_c.
+        embed_dim: D, size of the segmenter's query embeddings (256 in the paper).
+        config: number of primitives K, layers L, heads, feed-forward size, dropout, noise std.
+    """
+
+    def __init__(self, semantic_dim: int, embed_dim: int, config: GeneratorConfig):
+        super().__init__()
+        if embed_dim % config.num_heads != 0:
+            raise ConfigError(f"generator.num_heads={config.num_heads} must divide the embedding size {embed_dim}")
+        self.semantic_dim = semantic_dim
+        self.embed_dim = embed_dim
+        self.noise_std = config.noise_std
+        self.semantic_projection = nn.Linear(semantic_dim, embed_dim)  # W_p
+        self.primitives = nn.Parameter(torch.randn(config.num_primitives, embed_dim))  # (K, D)
+        self.layers = nn.ModuleList(
+            PrimitiveDecoderLayer(
+                embed_dim=embed_dim,
+                num_heads=config.num_heads,
+                feedforward_dim=config.feedforward_dim,
+                dropout=config.dropout,
+            )
+            for _ in range(config.num_layers)
+        )
+        self.output_norm = nn.LayerNorm(embed_dim)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def project(self, semantic: torch.Tensor) -> torch.Tensor:
+        """ã_c = W_p a_c: (C, S) -> (C, D)."""
+        _check_semantic(semantic, self.semantic_dim, "PrimitiveGenerator.project")
+        return self.semantic_projection(semantic)
+
+    def _layer_noise(self, noise: NoiseInput, token: torch.Tensor, generator: Optional[torch.Generator]) -> list:
+        num_samples = token.shape[0]
+        if noise is None:
+            draws = [_sample_noise((num_samples, self.embed_dim), like=token, generator=generator) for _ in self.layers]
+        else:
+            draws = list(noise.unbind(0)) if isinstance(noise, torch.Tensor) else list(noise)
+            if len(draws) != self.num_layers:
+                raise DataError(
+                    "PrimitiveGenerator noise",
+                    f"expected {self.num_layers} noise tensors (one per layer), got {len(draws)}",
+                )
+            for draw in draws:
+                if tuple(draw.shape) != (num_samples, self.embed_dim):
+                    raise DataError(
+                        "PrimitiveGenerator noise",
+                        f"expected each noise tensor of shape ({num_samples}, {self.embed_dim}), "
+                        f"got {tuple(draw.shape)}",
+                    )
+        return [self.noise_std * draw for draw in draws]
+
+    def forward(
+        self,
+        semantic: torch.Tensor,
+        noise: NoiseInput = None,
+        *,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Synthesise one query embedding per row of ``semantic``.
+
+        Args:
+            semantic: (N, S) semantic embedding a_c of each sample's class.
+            noise: optional standard-normal noise, a (L, N, D) tensor or a list of L
+                (N, D) tensors (scaled by ``noise_std`` here); drawn when None.
+            generator: torch.Generator for drawing the noise (repeatable runs).
+        Returns:
+            (N, D) synthetic query embeddings.
+        """
+        _check_semantic(semantic, self.semantic_dim, "PrimitiveGenerator.forward")
+        token = self.semantic_projection(semantic)  # (N, D)
+        layer_noise = self._layer_noise(noise, token, generator)
+        for layer, layer_noise_draw in zip(self.layers, layer_noise):
+            token = layer(token, self.primitives, layer_noise_draw)  # (N, D)
+        return self.output_norm(token)  # (N, D)
+
+
+class GMMNGenerator(nn.Module):
+    """ZS3Net-style generative moment matching network: x' = MLP([a_c, z]).
+
+    One hidden layer (``gmmn_hidden_dim``, LeakyReLU, dropout ``gmmn_dropout``); the noise
+    z has the semantic size. ``project`` is a *fixed* random Gaussian projection (a buffer,
+    seeded by ``projection_seed``, not trained): the baseline has no W_p of its own, and a
+    fixed random map approximately preserves the cosine similarities between semantic
+    embeddings (Johnson-Lindenstrauss), so the alignment/relation losses still compare
+    against the class semantics rather than against a map they could bend.
+    """
+
+    def __init__(
+        self,
+        semantic_dim: int,
+        embed_dim: int,
+        config: GeneratorConfig,
+        *,
+        negative_slope: float = 0.2,
+        projection_seed: int = 0,
+    ):
+        super().__init__()
+        self.semantic_dim = semantic_dim
+        self.embed_dim = embed_dim
+        self.noise_std = config.noise_std
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * semantic_dim, config.gmmn_hidden_dim),
+            nn.LeakyReLU(negative_slope),
+            nn.Dropout(config.gmmn_dropout),
+            nn.Linear(config.gmmn_hidden_dim, embed_dim),
+        )
+        seeded = torch.Generator().manual_seed(projection_seed)
+        projection = torch.randn(embed_dim, semantic_dim, generator=seeded) / semantic_dim**0.5  # (D, S)
+        self.register_buffer("fixed_projection", projection)
+
+    def project(self, semantic: torch.Tensor) -> torch.Tensor:
+        """ã_c = R a_c with the fixed random R: (C, S) -> (C, D)."""
+        _check_semantic(semantic, self.semantic_dim, "GMMNGenerator.project")
+        return semantic @ self.fixed_projection.t()  # (C, D)
+
+    def forward(
+        self,
+        semantic: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        *,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            semantic: (N, S) class semantic embeddings.
+            noise: optional (N, S) standard-normal noise (scaled by ``noise_std``); drawn when None.
+            generator: torch.Generator for drawing the noise.
+        Returns:
+            (N, D) synthetic query embeddings.
+        """
+        _check_semantic(semantic, self.semantic_dim, "GMMNGenerator.forward")
+        if noise is None:
+            noise = _sample_noise(tuple(semantic.shape), like=semantic, generator=generator)
+        elif tuple(noise.shape) != tuple(semantic.shape):
+            raise DataError("GMMNGenerator noise", f"expected shape {tuple(semantic.shape)}, got {tuple(noise.shape)}")
+        inputs = torch.cat([semantic, self.noise_std * noise], dim=1)  # (N, 2S)
+        return self.mlp(inputs)  # (N, D)
+
+
+def build_generator(config: GeneratorConfig, semantic_dim: int, embed_dim: int) -> nn.Module:
+    """The generator ``config.kind`` names (``primitive`` or ``gmmn``)."""
+    if config.kind == "primitive":
+        return PrimitiveGenerator(semantic_dim, embed_dim, config)
+    if config.kind == "gmmn":
+        return GMMNGenerator(semantic_dim, embed_dim, config)
+    raise ConfigError(f"generator.kind must be primitive or gmmn, not {config.kind!r}")

@@ -1,0 +1,395 @@
+"""Stages 3 and 4: generator training and classifier retraining, interleaved.
+
+:class:`GeneratorTrainer` holds the generator, the generator-side loss (with the
+disentangler), the retrained classifier and both optimisers. Each :meth:`~GeneratorTrainer.step`
+does one generator step and then one classifier step on the same batch of precomputed query
+embeddings, as the authors' release does (METHOD.md "The four stages").
+
+Everything here is plain PyTorch: the trainer is built from picklable arguments inside a
+Ray worker, and its :meth:`~GeneratorTrainer.state_dict` (tensors, numbers and dicts only,
+loadable with ``weights_only=True``) is the checkpoint. Randomness comes from one
+``torch.Generator`` seeded from ``config.seed``: it draws a seed per step, under which the
+step's noise, dropout and class choices run with the global RNG forked and restored, so a
+run repeats exactly and resumes identically from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from pading.classes import ClassTable
+from pading.classifier import (
+    Classifier,
+    ProjectionClassifier,
+    class_weights,
+    classifier_step,
+    make_classifier_optimizer,
+)
+from pading.config import ExperimentConfig, GeneratorConfig, GeneratorTrainingConfig
+from pading.errors import ConfigError, DataError
+from pading.generator import build_generator
+from pading.losses import PadingLoss
+
+logger = logging.getLogger(__name__)
+
+#: Exclusive upper bound of the per-step seeds drawn from the trainer's generator.
+_SEED_BOUND = 2**62
+
+SynthesizeFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Run the body with the global RNG (CPU, and ``device`` when CUDA) seeded by ``seed``,
+    restoring the previous RNG state afterwards."""
+    cuda_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda_devices:
+            with torch.cuda.device(cuda_devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def fit_classifier(
+    classifier: nn.Module,
+    real_embeddings: torch.Tensor,
+    real_labels: torch.Tensor,
+    synthesize_fn: Optional[SynthesizeFn],
+    synthetic_class_indices: torch.Tensor,
+    *,
+    steps: int,
+    weights: torch.Tensor,
+    config: GeneratorTrainingConfig,
+    per_class: int,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+) -> list[float]:
+    """Re-fit ``classifier`` quickly (e.g. after :func:`~pading.classifier.expand_classifier`
+    when classes are added at run time).
+
+    Each step takes a random batch of real embeddings (all of them when ``batch_size`` is
+    None) plus ``per_class`` synthetic embeddings of each of ``config.unseen_classes_per_step``
+    classes drawn from ``synthetic_class_indices``, and does one weighted cross-entropy SGD step.
+
+    Args:
+        classifier: maps (N, D) -> (N, C+1); trained in place.
+        real_embeddings: (N, D) real query embeddings; real_labels: (N,) their labels.
+        synthesize_fn: ``(class_indices (M,), per_class) -> (M*per_class, D)`` (class-major
+            order), e.g. :meth:`GeneratorTrainer.synthesize`; None for real data only.
+        synthetic_class_indices: (U,) classes to synthesise (e.g. unseen + run-time classes).
+        steps: number of SGD steps.
+        weights: (C+1,) class weights of the cross-entropy.
+        config: optimiser settings and ``unseen_classes_per_step``.
+        per_class: synthetic samples per chosen class.
+        batch_size: real samples per step.
+        seed: seeds the choice of real samples and classes.
+    Returns:
+        the loss of every step.
+    """
+    if real_embeddings.dim() != 2 or real_labels.shape != real_embeddings.shape[:1]:
+        raise DataError(
+            "fit_classifier",
+            f"expected embeddings (N, D) and labels (N,), got {tuple(real_embeddings.shape)} "
+            f"and {tuple(real_labels.shape)}",
+        )
+    device = real_embeddings.device
+    chooser = torch.Generator().manual_seed(seed)
+    optimizer = make_classifier_optimizer(classifier, config)
+    weights = weights.to(device)
+    synthetic_class_indices = synthetic_class_indices.to(torch.long).cpu()
+    losses = []
+    for _ in range(steps):
+        features, targets = real_embeddings, real_labels.to(torch.long)
+        if batch_size is not None and batch_size < real_embeddings.shape[0]:
+            rows = torch.randperm(real_embeddings.shape[0], generator=chooser)[:batch_size].to(device)
+            features, targets = features[rows], targets[rows]
+        if synthesize_fn is not None and synthetic_class_indices.numel() > 0 and per_class > 0:
+            count = min(config.unseen_classes_per_step, synthetic_class_indices.numel())
+            chosen = synthetic_class_indices[torch.randperm(synthetic_class_indices.numel(), generator=chooser)[:count]]
+            with torch.no_grad():
+                synthetic = synthesize_fn(chosen, per_class).to(device)  # (count*per_class, D)
+            features = torch.cat([features, synthetic], dim=0)
+            targets = torch.cat([targets, chosen.to(device).repeat_interleave(per_class)], dim=0)
+        losses.append(classifier_step(classifier, optimizer, features, targets, weights))
+    return losses
+
+
+class GeneratorTrainer:
+    """Generator + classifier training state for one experiment.
+
+    Args:
+        table: the class vocabulary (seen/unseen membership, no-object index).
+        class_semantics: (C, S) semantic embeddings a_c in table order.
+        embed_dim: D, size of the query embeddings.
+        config: the experiment config (generator, losses, generator_training, seed).
+        class_head: the segmenter's pretrained class head ``Linear(D, C+1)`` to initialise
+            the classifier from; None starts from a fresh linear layer.
+        device: where to train; default ``class_semantics.device``.
+
+    The variant (``config.losses.variant``) picks the generator: ``gmmn`` forces the GMMN
+    baseline, ``primitive`` the primitive generator, ``alignment``/``full`` use
+    ``config.generator.kind``; ``projection`` trains a :class:`ProjectionClassifier` and no
+    generator.
+    """
+
+    def __init__(
+        self,
+        table: ClassTable,
+        class_semantics: torch.Tensor,
+        embed_dim: int,
+        config: ExperimentConfig,
+        class_head: Optional[nn.Linear] = None,
+        *,
+        device: Optional[torch.device] = None,
+    ):
+        if class_semantics.dim() != 2 or class_semantics.shape[0] != table.num_classes:
+            raise DataError(
+                "class_semantics",
+                f"expected ({table.num_classes}, S) semantic embeddings for the class table, "
+                f"got {tuple(class_semantics.shape)}",
+            )
+        self.table = table
+        self.config = config
+        self.embed_dim = embed_dim
+        self.variant = config.losses.variant
+        self.device = torch.device(device) if device is not None else class_semantics.device
+        self.num_classes = table.num_classes
+        self.class_semantics = class_semantics.detach().to(self.device, torch.float32)  # (C, S)
+        training = config.generator_training
+        seen_mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        seen_mask[torch.tensor(table.seen_indices, dtype=torch.long)] = True
+        self.seen_mask = seen_mask.to(self.device)  # (C,)
+        self.unseen_indices = torch.tensor(table.unseen_indices, dtype=torch.long, device=self.device)  # (U,)
+        self.class_weights = class_weights(table, training).to(self.device)  # (C+1,)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.step_count = 0
+
+        semantic_dim = int(class_semantics.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(config.seed)  # repeatable initialisation
+            if self.variant == "projection":
+                self.generator = None
+                self.loss = None
+                self.classifier = ProjectionClassifier(
+                    embed_dim, self.class_semantics.cpu(), temperature=training.projection_temperature
+                )
+            else:
+                self.generator = build_generator(self.generator_config(config), semantic_dim, embed_dim)
+                self.loss = PadingLoss(config.losses, embed_dim)
+                self.classifier = (
+                    Classifier.from_class_head(class_head)
+                    if class_head is not None
+                    else Classifier(embed_dim, self.num_classes)
+                )
+        if self.classifier.num_classes != self.num_classes or self.classifier.embed_dim != embed_dim:
+            raise DataError(
+                "class_head",
+                f"expected a head Linear({embed_dim}, {self.num_classes + 1}), got "
+                f"Linear({self.classifier.embed_dim}, {self.classifier.num_classes + 1})",
+            )
+        self.classifier.to(self.device)
+        self.classifier_optimizer = make_classifier_optimizer(self.classifier, training)
+        self.generator_optimizer = None
+        self.generator_scheduler = None
+        if self.generator is not None:
+            self.generator.to(self.device)
+            self.loss.to(self.device)
+            parameters = list(self.generator.parameters()) + list(self.loss.parameters())
+            self.generator_optimizer = torch.optim.Adam(parameters, lr=training.generator_lr)
+            milestones = sorted(
+                {max(1, int(round(fraction * training.iterations))) for fraction in training.lr_decay_at}
+            )
+            self.generator_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.generator_optimizer, milestones=milestones, gamma=training.lr_decay_factor
+            )
+
+    @staticmethod
+    def generator_config(config: ExperimentConfig) -> GeneratorConfig:
+        """The generator settings with the kind the ablation variant implies."""
+        forced = {"gmmn": "gmmn", "primitive": "primitive"}.get(config.losses.variant)
+        if forced is not None and forced != config.generator.kind:
+            logger.info(
+                "losses.variant=%s uses the %s generator (generator.kind=%s ignored)",
+                config.losses.variant,
+                forced,
+                config.generator.kind,
+            )
+            return dataclasses.replace(config.generator, kind=forced)
+        return config.generator
+
+    # ---- training ----------------------------------------------------------------------
+
+    def _check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        source = f"GeneratorTrainer.step batch (step {self.step_count})"
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise DataError(
+                source, f"expected embeddings of shape (N, {self.embed_dim}), got {tuple(embeddings.shape)}"
+            )
+        if labels.shape != embeddings.shape[:1]:
+            raise DataError(source, f"expected labels of shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.numel() == 0:
+            raise DataError(source, "the batch is empty")
+        if labels.dtype.is_floating_point or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            raise DataError(
+                source, f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} = no object)"
+            )
+
+    def step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One generator step, then one classifier step, on the same batch.
+
+        Args:
+            embeddings: (N, D) query embeddings of the batch's images (all queries).
+            labels: (N,) matched class index, or ``table.no_object_index`` for unmatched queries.
+        Returns:
+            floats for logging: ``generator/<term>`` (see :class:`~pading.losses.PadingLoss`),
+            ``generator/lr``, ``classifier/loss``, ``classifier/num_synthetic``, ``step``.
+        """
+        self._check_batch(embeddings, labels)
+        embeddings = embeddings.detach().to(self.device, torch.float32)
+        labels = labels.to(self.device, torch.long)
+        step_seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng))
+        metrics: dict[str, float] = {}
+        with _seeded_global_rng(step_seed, self.device):
+            if self.generator is not None:
+                metrics.update(self._generator_step(embeddings, labels))
+            metrics.update(self._classifier_step(embeddings, labels))
+        self.step_count += 1
+        metrics["step"] = float(self.step_count)
+        return metrics
+
+    def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        matched = labels < self.num_classes  # (N,)
+        seen = matched.clone()
+        seen[matched] = self.seen_mask[labels[matched]]
+        metrics = {"generator/lr": float(self.generator_optimizer.param_groups[0]["lr"])}
+        if not bool(seen.any()):
+            logger.debug("step %d: no matched seen queries, generator step skipped", self.step_count)
+            return metrics
+        self.generator.train()
+        self.loss.train()
+        real_seen = embeddings[seen]  # (n, D)
+        seen_labels = labels[seen]  # (n,)
+        synthetic_seen = self.generator(self.class_semantics[seen_labels])  # (n, D)
+        if self.loss.uses_alignment and self.unseen_indices.numel() > 0:
+            unseen_labels = self.unseen_indices  # (U,) one synthetic sample per unseen class
+            synthetic_unseen = self.generator(self.class_semantics[unseen_labels])  # (U, D)
+        else:
+            unseen_labels = self.unseen_indices[:0]
+            synthetic_unseen = synthetic_seen[:0]
+        class_embeddings = self.generator.project(self.class_semantics)  # (C, D)
+        logits = None
+        if self.config.losses.auxiliary_classification_weight > 0:
+            logits = self.classifier(synthetic_seen)  # (n, C+1)
+        total, terms = self.loss(
+            real_seen=real_seen,
+            synthetic_seen=synthetic_seen,
+            seen_labels=seen_labels,
+            synthetic_seen_logits=logits,
+            synthetic_unseen=synthetic_unseen,
+            unseen_labels=unseen_labels,
+            unseen_indices=self.unseen_indices,
+            class_embeddings=class_embeddings,
+        )
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.generator_optimizer.step()
+        self.generator_scheduler.step()
+        metrics.update({f"generator/{name}": value for name, value in terms.items()})
+        metrics["generator/num_real_seen"] = float(real_seen.shape[0])
+        return metrics
+
+    def _synthetic_per_class(self, labels: torch.Tensor) -> int:
+        configured = self.config.generator_training.synthetic_per_unseen_class
+        if configured > 0:
+            return configured
+        matched = labels[labels < self.num_classes]
+        if matched.numel() == 0:
+            return 1
+        return max(1, matched.numel() // int(torch.unique(matched).numel()))
+
+    def _classifier_step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        features, targets = embeddings, labels
+        num_unseen = self.unseen_indices.numel()
+        count = min(self.config.generator_training.unseen_classes_per_step, num_unseen)
+        num_synthetic = 0
+        if self.generator is not None and count > 0:
+            chosen = self.unseen_indices[torch.randperm(num_unseen, device=self.device)[:count]]  # (n,)
+            per_class = self._synthetic_per_class(labels)
+            synthetic = self.synthesize(chosen, per_class)  # (n*per_class, D)
+            features = torch.cat([embeddings, synthetic], dim=0)
+            targets = torch.cat([labels, chosen.repeat_interleave(per_class)], dim=0)
+            num_synthetic = synthetic.shape[0]
+        loss = classifier_step(self.classifier, self.classifier_optimizer, features, targets, self.class_weights)
+        return {"classifier/loss": loss, "classifier/num_synthetic": float(num_synthetic)}
+
+    # ---- sampling ----------------------------------------------------------------------
+
+    def synthesize_from_semantics(
+        self, semantic: torch.Tensor, per_class: int, *, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """``per_class`` synthetic embeddings of each row of ``semantic`` (M, S) ->
+        (M*per_class, D), class-major; noise from ``generator`` (default: the global RNG).
+        The generator stays in training mode (dropout on, the distribution MMD matched)."""
+        if self.generator is None:
+            raise ConfigError("losses.variant=projection trains no generator; nothing to synthesise")
+        if per_class < 1:
+            raise DataError("synthesize", f"per_class must be >= 1, got {per_class}")
+        semantic = semantic.to(self.device, torch.float32)
+        with torch.no_grad():
+            return self.generator(semantic.repeat_interleave(per_class, dim=0), generator=generator)  # (M*per_class, D)
+
+    def synthesize(
+        self, class_indices: torch.Tensor, per_class: int, *, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Synthetic embeddings (M*per_class, D) of table classes ``class_indices`` (M,), class-major."""
+        class_indices = class_indices.to(self.device, torch.long)
+        if class_indices.numel() and (int(class_indices.min()) < 0 or int(class_indices.max()) >= self.num_classes):
+            raise DataError(
+                "synthesize", f"class indices must be in [0, {self.num_classes - 1}], got {class_indices.tolist()}"
+            )
+        return self.synthesize_from_semantics(self.class_semantics[class_indices], per_class, generator=generator)
+
+    # ---- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: weights, optimiser/scheduler states, step count and
+        RNG state (plain tensors/numbers/dicts; ``torch.load(..., weights_only=True)`` safe)."""
+        state = {
+            "variant": self.variant,
+            "step": self.step_count,
+            "rng_state": self.rng.get_state(),
+            "classifier": self.classifier.state_dict(),
+            "classifier_optimizer": self.classifier_optimizer.state_dict(),
+        }
+        if self.generator is not None:
+            state["generator"] = self.generator.state_dict()
+            state["loss"] = self.loss.state_dict()
+            state["generator_optimizer"] = self.generator_optimizer.state_dict()
+            state["generator_scheduler"] = self.generator_scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` of a trainer built with the same config."""
+        if state.get("variant") != self.variant:
+            raise DataError(
+                "trainer checkpoint",
+                f"was saved for variant {state.get('variant')!r}, this trainer is {self.variant!r}",
+            )
+        self.classifier.load_state_dict(state["classifier"])
+        self.classifier_optimizer.load_state_dict(state["classifier_optimizer"])
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])
+            self.loss.load_state_dict(state["loss"])
+            self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+            self.generator_scheduler.load_state_dict(state["generator_scheduler"])
+        self.rng.set_state(state["rng_state"])
+        self.step_count = int(state["step"])

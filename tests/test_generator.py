@@ -1,0 +1,115 @@
+"""pading.generator: shapes, stochasticity, gradients (tiny dims, CPU)."""
+
+import pytest
+import torch
+
+from pading.config import GeneratorConfig
+from pading.errors import ConfigError, DataError
+from pading.generator import GMMNGenerator, PrimitiveGenerator, build_generator
+from pading.losses import mmd_loss
+
+SEMANTIC_DIM, EMBED_DIM, NUM_PRIMITIVES = 8, 16, 8
+SIGMAS_SQUARED = (2.0, 5.0, 10.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is fastest and fair to a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(**overrides) -> GeneratorConfig:
+    settings = dict(num_primitives=NUM_PRIMITIVES, num_layers=2, num_heads=4, feedforward_dim=32, gmmn_hidden_dim=32)
+    settings.update(overrides)
+    return GeneratorConfig(**settings)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_primitive_generator_shapes():
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config())
+    semantic = torch.randn(5, SEMANTIC_DIM)
+    out = generator(semantic)
+    assert out.shape == (5, EMBED_DIM)
+    assert torch.isfinite(out).all()
+    assert generator.project(torch.randn(3, SEMANTIC_DIM)).shape == (3, EMBED_DIM)
+    assert generator.primitives.shape == (NUM_PRIMITIVES, EMBED_DIM)
+    # final LayerNorm with its initial affine: zero mean, unit variance per sample
+    assert torch.allclose(out.mean(dim=1), torch.zeros(5), atol=1e-5)
+
+
+def test_primitive_generator_noise_is_the_stochastic_input():
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config()).eval()  # no dropout
+    semantic = torch.randn(4, SEMANTIC_DIM)
+    first, second = generator(semantic), generator(semantic)
+    assert not torch.allclose(first, second)  # fresh noise draws differ
+    noise = torch.randn(generator.num_layers, 4, EMBED_DIM)
+    assert torch.allclose(generator(semantic, noise), generator(semantic, list(noise)))
+    seeded = [generator(semantic, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.allclose(seeded[0], seeded[1])
+    silent = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config(noise_std=0.0)).eval()
+    assert torch.allclose(silent(semantic), silent(semantic))
+
+
+def test_primitive_generator_rows_are_independent():
+    """A sample's output depends only on its own semantics (self-attention over one token)."""
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config()).eval()
+    semantic = torch.randn(3, SEMANTIC_DIM)
+    noise = torch.randn(generator.num_layers, 3, EMBED_DIM)
+    together = generator(semantic, noise)
+    alone = generator(semantic[1:2], noise[:, 1:2])
+    assert torch.allclose(together[1:2], alone, atol=1e-5)
+
+
+def test_primitive_generator_gradients_from_mmd():
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config())
+    real = torch.randn(6, EMBED_DIM) + 1.0
+    loss = mmd_loss(generator(torch.randn(6, SEMANTIC_DIM)), real, SIGMAS_SQUARED)
+    loss.backward()
+    assert generator.primitives.grad is not None and generator.primitives.grad.abs().sum() > 0
+    assert generator.semantic_projection.weight.grad.abs().sum() > 0
+    for parameter in generator.parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all()
+
+
+def test_primitive_generator_rejects_bad_input():
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config())
+    with pytest.raises(DataError, match="semantic"):
+        generator(torch.randn(2, SEMANTIC_DIM + 1))
+    with pytest.raises(DataError, match="noise"):
+        generator(torch.randn(2, SEMANTIC_DIM), [torch.randn(2, EMBED_DIM)])  # one draw for two layers
+    with pytest.raises(ConfigError, match="num_heads"):
+        PrimitiveGenerator(SEMANTIC_DIM, 18, _config())
+
+
+def test_gmmn_generator_shapes_noise_and_gradients():
+    generator = GMMNGenerator(SEMANTIC_DIM, EMBED_DIM, _config())
+    semantic = torch.randn(6, SEMANTIC_DIM)
+    out = generator(semantic)
+    assert out.shape == (6, EMBED_DIM)
+    generator.eval()
+    assert not torch.allclose(generator(semantic), generator(semantic))
+    noise = torch.randn(6, SEMANTIC_DIM)
+    assert torch.allclose(generator(semantic, noise), generator(semantic, noise))
+    generator.train()
+    loss = mmd_loss(generator(semantic), torch.randn(6, EMBED_DIM) + 1.0, SIGMAS_SQUARED)
+    loss.backward()
+    assert generator.mlp[0].weight.grad.abs().sum() > 0
+    assert generator.mlp[-1].weight.grad.abs().sum() > 0
+    # the alignment projection is fixed: a buffer, the same for every instance
+    projected = generator.project(torch.randn(3, SEMANTIC_DIM))
+    assert projected.shape == (3, EMBED_DIM)
+    assert "fixed_projection" in dict(generator.named_buffers())
+    other = GMMNGenerator(SEMANTIC_DIM, EMBED_DIM, _config())
+    assert torch.equal(generator.fixed_projection, other.fixed_projection)
+
+
+def test_build_generator_dispatches_on_kind():
+    assert isinstance(build_generator(_config(kind="primitive"), SEMANTIC_DIM, EMBED_DIM), PrimitiveGenerator)
+    assert isinstance(build_generator(_config(kind="gmmn"), SEMANTIC_DIM, EMBED_DIM), GMMNGenerator)
