@@ -33,3 +33,14 @@ def coco_tiny(shared_data) -> Path:
     if not (path / "annotations" / "instances_val2017.json").is_file():
         pytest.skip(f"{path} has no instances annotations")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """2 shared cores: one intra-op thread per test process is much faster for tiny models."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,219 @@
+"""Mask2Former post-processing with any classifier (METHOD.md "Inference").
+
+Inputs per image: ``mask_logits`` (Q, H, W), already at the output size (see
+:func:`pading.segmenter.postprocess_mask_logits`), and ``class_logits`` (Q, C+1) from the
+classifier in use, whose C columns follow ``table`` (which may hold more classes than the
+segmenter was pretrained with). p_q = softmax(class_logits_q), m_q = sigmoid(mask_logits_q).
+
+Outputs are NumPy arrays on the CPU (ready for PNG/JSON writing and the evaluators).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+from pading.classes import ClassTable
+from pading.config import InferenceConfig
+from pading.errors import ConfigError, DataError
+
+__all__ = [
+    "semantic_inference",
+    "semantic_to_label_map",
+    "panoptic_inference",
+    "instance_inference",
+    "instances_to_coco_results",
+    "panoptic_to_rgb",
+    "rgb_to_ids",
+]
+
+SEMANTIC_IGNORE_LABEL = 255  # COCO-Stuff label PNGs: unlabeled pixels
+MASK_SCORE_EPS = 1e-6  # guards the mean mask probability of an empty mask
+RGB_BASE = 256  # panoptic PNG ids: id = R + 256 G + 256² B
+
+
+def _probabilities(mask_logits: Tensor, class_logits: Tensor, table: ClassTable) -> tuple[Tensor, Tensor]:
+    """Validated (Q, C+1) class probabilities and (Q, H, W) mask probabilities."""
+    if mask_logits.dim() != 3 or class_logits.dim() != 2 or mask_logits.shape[0] != class_logits.shape[0]:
+        raise DataError(
+            "predictions",
+            f"expected mask logits (Q, H, W) and class logits (Q, C+1), got {tuple(mask_logits.shape)} "
+            f"and {tuple(class_logits.shape)}",
+        )
+    if class_logits.shape[1] != table.num_classes + 1:
+        raise ConfigError(
+            f"the classifier gives {class_logits.shape[1] - 1} classes + no object but the class table "
+            f"has {table.num_classes} classes"
+        )
+    return class_logits.float().softmax(-1), mask_logits.float().sigmoid()
+
+
+@torch.no_grad()
+def semantic_inference(mask_logits: Tensor, class_logits: Tensor, *, table: ClassTable) -> np.ndarray:
+    """(H, W) int64 class indices: argmax_c Σ_q p_q[c] · m_q (no-object column dropped)."""
+    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    scores = torch.einsum("qc,qhw->chw", class_probs[:, :-1], mask_probs)  # (C, H, W)
+    return scores.argmax(0).cpu().numpy().astype(np.int64)
+
+
+def semantic_to_label_map(index_map: np.ndarray, table: ClassTable) -> np.ndarray:
+    """Class indices (H, W) -> COCO-Stuff label PNG values (H, W) uint8: category_id - 1,
+    255 where the index is not a class (negative or >= C)."""
+    ids = np.asarray(table.ids, dtype=np.int64)
+    if ids.size and (ids.min() < 1 or ids.max() > SEMANTIC_IGNORE_LABEL):
+        raise ConfigError(
+            f"semantic label PNGs hold category_id - 1 in [0, {SEMANTIC_IGNORE_LABEL - 1}]; "
+            f"the class table has ids from {ids.min()} to {ids.max()}"
+        )
+    index_map = np.asarray(index_map)
+    valid = (index_map >= 0) & (index_map < table.num_classes)
+    labels = np.full(index_map.shape, SEMANTIC_IGNORE_LABEL, dtype=np.uint8)
+    labels[valid] = (ids[index_map[valid]] - 1).astype(np.uint8)
+    return labels
+
+
+@torch.no_grad()
+def panoptic_inference(
+    mask_logits: Tensor,
+    class_logits: Tensor,
+    *,
+    table: ClassTable,
+    config: Optional[InferenceConfig] = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """Mask2Former's panoptic merge.
+
+    Keeps queries whose top class is not "no object" and whose probability exceeds
+    ``object_mask_threshold``; assigns each pixel to the kept query maximising score · m_q;
+    drops a query when its kept area / its own area (m_q >= ``mask_threshold``) is below
+    ``overlap_threshold``; stuff queries of one class merge into one segment.
+
+    Returns:
+        segment_ids: (H, W) int32, 0 = void, segments numbered from 1.
+        segments: dicts ``id, category_id, class_index, isthing, score, area``.
+    """
+    config = config or InferenceConfig()
+    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    scores, labels = class_probs.max(-1)  # (Q,), (Q,)
+    keep = (labels != table.no_object_index) & (scores > config.object_mask_threshold)
+    kept_scores, kept_labels, kept_masks = scores[keep], labels[keep], mask_probs[keep]  # (K,), (K,), (K, H, W)
+    segment_ids = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)  # (H, W)
+    segments: list[dict] = []
+    if kept_masks.shape[0] > 0:
+        owner = (kept_scores[:, None, None] * kept_masks).argmax(0)  # (H, W)
+        stuff_segment_of_class: dict[int, dict] = {}
+        for k in range(kept_masks.shape[0]):
+            class_index = int(kept_labels[k])
+            isthing = bool(table[class_index].isthing)
+            own = kept_masks[k] >= config.mask_threshold  # (H, W)
+            won_area = int((owner == k).sum())
+            own_area = int(own.sum())
+            mask = (owner == k) & own
+            area = int(mask.sum())
+            if won_area == 0 or own_area == 0 or area == 0:
+                continue
+            if won_area / own_area < config.overlap_threshold:
+                continue
+            score = float(kept_scores[k])
+            if not isthing and class_index in stuff_segment_of_class:
+                merged = stuff_segment_of_class[class_index]
+                segment_ids[mask] = merged["id"]
+                merged["area"] += area
+                merged["score"] = max(merged["score"], score)
+                continue
+            segment = {
+                "id": len(segments) + 1,
+                "category_id": int(table[class_index].id),
+                "class_index": class_index,
+                "isthing": isthing,
+                "score": score,
+                "area": area,
+            }
+            segment_ids[mask] = segment["id"]
+            segments.append(segment)
+            if not isthing:
+                stuff_segment_of_class[class_index] = segment
+    return segment_ids.cpu().numpy(), segments
+
+
+@torch.no_grad()
+def instance_inference(
+    mask_logits: Tensor,
+    class_logits: Tensor,
+    *,
+    table: ClassTable,
+    config: Optional[InferenceConfig] = None,
+) -> list[dict]:
+    """Top-``instance_top_k`` (query, thing class) pairs by class probability.
+
+    mask = m_q > ``mask_threshold``; score = p_q[c] × mean of m_q inside the mask.
+    Returns dicts ``category_id, class_index, score, mask (H, W) bool`` sorted by score,
+    highest first.
+    """
+    config = config or InferenceConfig()
+    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    thing_indices = torch.as_tensor(table.thing_indices, dtype=torch.long, device=class_probs.device)
+    if thing_indices.numel() == 0:
+        return []
+    pair_probs = class_probs[:, thing_indices]  # (Q, T)
+    num_things = thing_indices.numel()
+    top_k = min(config.instance_top_k, pair_probs.numel())
+    top_probs, flat_index = pair_probs.flatten().topk(top_k)  # (k,), (k,)
+    query_index = flat_index // num_things
+    class_index = thing_indices[flat_index % num_things]
+    masks = mask_probs[query_index] > config.mask_threshold  # (k, H, W)
+    mask_probs_inside = (mask_probs[query_index] * masks).flatten(1).sum(1)  # (k,)
+    mean_mask_prob = mask_probs_inside / (masks.flatten(1).sum(1) + MASK_SCORE_EPS)
+    scores = top_probs * mean_mask_prob  # (k,)
+    order = scores.argsort(descending=True, stable=True)
+    masks_np = masks.cpu().numpy()
+    return [
+        {
+            "category_id": int(table[int(class_index[i])].id),
+            "class_index": int(class_index[i]),
+            "score": float(scores[i]),
+            "mask": masks_np[int(i)],
+        }
+        for i in order.tolist()
+    ]
+
+
+def instances_to_coco_results(instances: list[dict], image_id: int) -> list[dict]:
+    """COCO results entries (``image_id, category_id, segmentation`` as RLE with str
+    counts, ``bbox`` XYWH, ``score``) for :func:`instance_inference` output."""
+    results = []
+    for instance in instances:
+        rle = mask_utils.encode(np.asfortranarray(instance["mask"].astype(np.uint8)))
+        bbox = mask_utils.toBbox(rle).tolist()
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(instance["category_id"]),
+                "segmentation": rle,
+                "bbox": [float(v) for v in bbox],
+                "score": float(instance["score"]),
+            }
+        )
+    return results
+
+
+def panoptic_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
+    """(H, W) ids -> (H, W, 3) uint8 COCO panoptic PNG colours (id = R + 256 G + 256² B)."""
+    ids = np.asarray(segment_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= RGB_BASE**3):
+        raise DataError("segment_ids", f"ids must lie in [0, {RGB_BASE ** 3}), got {ids.min()}..{ids.max()}")
+    channels = [(ids // RGB_BASE**power) % RGB_BASE for power in range(3)]
+    return np.stack(channels, axis=-1).astype(np.uint8)
+
+
+def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 COCO panoptic PNG colours -> (H, W) int64 ids."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise DataError("panoptic png", f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + RGB_BASE * rgb[..., 1] + RGB_BASE**2 * rgb[..., 2]
