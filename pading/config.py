@@ -214,6 +214,7 @@ class GeneratorTrainingConfig:
     projection_temperature: float = 0.05
     log_every: int = 100
     checkpoint_every: int = 1000
+    cache_features: bool = True  # keep each worker's features shard in memory after the first pass
 
     def __post_init__(self):
         self.lr_decay_at = tuple(float(x) for x in self.lr_decay_at)
@@ -239,6 +240,7 @@ class RayConfig:
     extract_concurrency: int = 1
     extract_gpus: float = 0.0
     extract_batch_size: int = 8
+    extract_shard_size: int = 32  # images per features Parquet file (the unit of idempotent work)
     max_failures: int = 2
 
 
@@ -248,6 +250,52 @@ class TrackingConfig:
 
     tracking_uri: Optional[str] = None  # default: sqlite:///<output>/mlflow.db
     experiment: str = "pading"
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve endpoint (pipelines/serve.py) and its library side (pading.service).
+
+    Added for the serving issue: network binding, batching, autoscaling and resources of
+    the deployment, request limits, and the classifier re-fit used when classes are added
+    at run time (``POST /v1/classes``).
+    """
+
+    host: str = "127.0.0.1"  # bind address; 127.0.0.1 keeps the endpoint local
+    port: int = 8000
+    route_prefix: str = "/"
+    batching: bool = True  # False: every request runs alone (for load comparisons)
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+    max_ongoing_requests: int = 32
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    max_image_pixels: int = 16_000_000  # larger images are refused with 413
+    max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies are refused with 413
+    max_new_classes: int = 64  # class names one POST /v1/classes may add
+    fit_steps: int = 100  # classifier re-fit SGD steps when classes are added
+    fit_per_class: int = 16  # synthetic embeddings per chosen class and step
+    fit_batch_size: int = 512  # real reference embeddings per step
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ConfigError("serve.max_batch_size must be >= 1 and serve.batch_wait_timeout_s >= 0")
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise ConfigError(
+                f"serve.min_replicas ({self.min_replicas}) and max_replicas ({self.max_replicas}) must satisfy "
+                "0 <= min_replicas <= max_replicas, max_replicas >= 1"
+            )
+        if self.max_image_pixels < 1 or self.max_body_bytes < 1 or self.max_new_classes < 1:
+            raise ConfigError("serve.max_image_pixels, max_body_bytes and max_new_classes must be >= 1")
+        if self.fit_steps < 0 or self.fit_per_class < 1 or self.fit_batch_size < 1:
+            raise ConfigError("serve.fit_steps must be >= 0, fit_per_class and fit_batch_size >= 1")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
 
 
 @dataclass
@@ -265,6 +313,7 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # the Serve endpoint (pipelines/serve.py)
 
     def to_dict(self) -> dict:
         return to_dict(self)

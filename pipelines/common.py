@@ -50,6 +50,13 @@ def load(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     config = load_config(args.config, args.overrides)
     output = Path(args.output or config.output_dir).resolve()
     config.output_dir = str(output)
+    # Ray workers run elsewhere: every path they read must be absolute.
+    config.data.root = str(Path(config.data.root).expanduser().resolve())
+    for section, key in (("semantics", "clip_weights"), ("semantics", "file"), ("semantics", "cache_dir"),
+                         ("segmenter", "weights"), ("segmenter", "backbone_weights")):
+        value = getattr(getattr(config, section), key)
+        if value:
+            setattr(getattr(config, section), key, str(Path(value).expanduser().resolve()))
     output.mkdir(parents=True, exist_ok=True)
     return config, output
 
@@ -106,3 +113,38 @@ def mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
 
 def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / SUCCESS).unlink(missing_ok=True)
+
+
+def epoch_batches(shard, batch_size: int, seed: int, cache: bool = True):
+    """Endless pyarrow batches from a Ray Train dataset shard.
+
+    The first pass streams from Ray Data; with ``cache`` the worker keeps its shard in
+    memory and later epochs are shuffled slices of it (a new Ray Data execution per epoch
+    costs seconds, which dominates small datasets). Without ``cache`` every epoch streams.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    cached: list = []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * batch_size):
+        if cache:
+            cached.append(batch)
+        yield batch
+    rng = np.random.default_rng(seed)
+    if cache:
+        table = pa.concat_tables(cached) if cached else None
+        if table is None or table.num_rows == 0:
+            return
+        while True:
+            order = rng.permutation(table.num_rows)
+            for start in range(0, table.num_rows, batch_size):
+                yield table.take(pa.array(order[start : start + batch_size]))
+    else:
+        while True:
+            empty = True
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                            local_shuffle_buffer_size=4 * batch_size):
+                empty = False
+                yield batch
+            if empty:
+                return

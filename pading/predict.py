@@ -1,0 +1,207 @@
+"""Universal inference with a :class:`~pading.bundle.Bundle` and the GZSL evaluation of
+a whole split (stage 5). :class:`EvaluationPredictor` is the callable class that
+pipelines/evaluate.py hands to Ray Data ``map_batches``; :func:`summarize` turns its
+rows into COCO-format prediction files and the Seen/Unseen/HM tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pading.bundle import Bundle
+from pading.classes import ClassTable
+from pading.data import ImageRecord, load_image, panoptic_to_instances, panoptic_to_semantic, read_panoptic_png
+from pading.errors import DataError
+from pading.evaluation import evaluate_instance, evaluate_panoptic, evaluate_semantic
+from pading.inference import (
+    instance_inference,
+    instances_to_coco_results,
+    panoptic_inference,
+    panoptic_to_rgb,
+    semantic_inference,
+    semantic_to_label_map,
+)
+from pading.segmenter import postprocess_mask_logits, prepare_batch
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("panoptic", "instance", "semantic")
+
+
+@dataclass
+class Prediction:
+    """Universal output for one image.
+
+    Attributes:
+        panoptic_ids: (H, W) int32 segment ids, 0 = void.
+        segments: panoptic segments (id, category_id, class_index, isthing, score, area).
+        instances: thing instances (category_id, class_index, score, mask (H, W) bool).
+        semantic: (H, W) int64 class indices.
+    """
+
+    panoptic_ids: np.ndarray | None
+    segments: list[dict]
+    instances: list[dict]
+    semantic: np.ndarray | None
+
+
+@torch.no_grad()
+def predict_images(bundle: Bundle, images: Sequence[np.ndarray], tasks: Sequence[str] = TASKS) -> list[Prediction]:
+    """Run the segmenter once per batch and post-process each image for ``tasks``."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    device = bundle.device
+    batch = prepare_batch(list(images), bundle.config.data.image_size)
+    output = bundle.segmenter(batch["pixel_values"].to(device))
+    predictions = []
+    for i, meta in enumerate(batch["meta"]):
+        mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
+        class_logits = output.class_logits[i]  # (Q, C+1)
+        panoptic_ids, segments, instances, semantic = None, [], [], None
+        if "panoptic" in tasks:
+            panoptic_ids, segments = panoptic_inference(mask_logits, class_logits, table=bundle.table,
+                                                        config=bundle.config.inference)
+        if "instance" in tasks:
+            instances = instance_inference(mask_logits, class_logits, table=bundle.table, config=bundle.config.inference)
+        if "semantic" in tasks:
+            semantic = semantic_inference(mask_logits, class_logits, table=bundle.table)
+        predictions.append(Prediction(panoptic_ids, segments, instances, semantic))
+    return predictions
+
+
+def _png_name(file_name: str) -> str:
+    return Path(file_name).with_suffix(".png").name
+
+
+class EvaluationPredictor:
+    """Predicts manifest rows and writes COCO-format outputs under ``output_dir``:
+    ``panoptic/`` (RGB-id PNGs), ``semantic/`` (label PNGs, category_id-1) and, for
+    panoptic ground truth, ``gt_semantic/`` (labels derived from it). Returns one row
+    per image with JSON strings of its panoptic segments, instance results and derived
+    GT instances, or the error that made it unusable."""
+
+    def __init__(self, bundle_dir: str, output_dir: str, data_format: str, device: str | None = None,
+                 batch_size: int = 8):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bundle = Bundle.load(bundle_dir, map_location=self.device)
+        self.output = Path(output_dir)
+        self.data_format = data_format
+        self.batch_size = batch_size
+        self.tasks = TASKS if data_format == "panoptic" else (("instance",) if data_format == "instances" else ("semantic",))
+        for sub in ("panoptic", "semantic", "gt_semantic"):
+            (self.output / sub).mkdir(parents=True, exist_ok=True)
+
+    def _one(self, row: dict, image: np.ndarray, prediction: Prediction) -> dict:
+        record = ImageRecord.from_row(row)
+        name = _png_name(record.file_name)
+        out = {"image_id": record.image_id, "file_name": record.file_name, "panoptic": "", "instances": "",
+               "gt_instances": "", "error": ""}
+        table = self.bundle.table
+        if prediction.panoptic_ids is not None:
+            Image.fromarray(panoptic_to_rgb(prediction.panoptic_ids)).save(self.output / "panoptic" / name)
+            segments = [{"id": int(s["id"]), "category_id": int(s["category_id"]), "isthing": int(s["isthing"]),
+                         "score": float(s.get("score", 1.0)), "area": int(s.get("area", 0))} for s in prediction.segments]
+            out["panoptic"] = json.dumps({"image_id": record.image_id, "file_name": name, "segments_info": segments})
+        if prediction.semantic is not None:
+            Image.fromarray(semantic_to_label_map(prediction.semantic, table)).save(self.output / "semantic" / name)
+        if prediction.instances is not None:
+            out["instances"] = json.dumps(instances_to_coco_results(prediction.instances, record.image_id))
+        if self.data_format == "panoptic" and record.panoptic_path:
+            gt_ids = read_panoptic_png(record.panoptic_path)
+            Image.fromarray(panoptic_to_semantic(gt_ids, record.segments, table)).save(self.output / "gt_semantic" / name)
+            out["gt_instances"] = json.dumps(panoptic_to_instances(gt_ids, record.segments, table, image_id=record.image_id))
+        return out
+
+    def __call__(self, batch) -> dict:
+        """``batch``: a pyarrow Table of manifest rows (or a list of row dicts)."""
+        rows = batch.to_pylist() if hasattr(batch, "to_pylist") else list(batch)
+        results = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk, images = [], []
+            for row in rows[start : start + self.batch_size]:
+                try:
+                    images.append(load_image(row["image_path"]))
+                    chunk.append(row)
+                except DataError as err:
+                    results.append({"image_id": int(row["image_id"]), "file_name": str(row["file_name"]),
+                                    "panoptic": "", "instances": "", "gt_instances": "",
+                                    "error": f"{err.source}: {err.reason}"})
+            if not chunk:
+                continue
+            for row, image, prediction in zip(chunk, images, predict_images(self.bundle, images, self.tasks)):
+                try:
+                    results.append(self._one(row, image, prediction))
+                except DataError as err:
+                    results.append({"image_id": int(row["image_id"]), "file_name": str(row["file_name"]),
+                                    "panoptic": "", "instances": "", "gt_instances": "",
+                                    "error": f"{err.source}: {err.reason}"})
+        keys = ("image_id", "file_name", "panoptic", "instances", "gt_instances", "error")
+        return {k: [r[k] for r in results] for k in keys}
+
+
+def _group(report: dict, keys: Sequence[str]) -> dict:
+    return {
+        "seen": {k: float(report["Seen"][k]) for k in keys},
+        "unseen": {k: float(report["Unseen"][k]) for k in keys},
+        "hm": {k: float(report["HM"][k]) for k in keys},
+    }
+
+
+def summarize(
+    rows: Sequence[dict],
+    table: ClassTable,
+    data_format: str,
+    output_dir: str | Path,
+    gt_panoptic_json: str | Path | None = None,
+    gt_panoptic_dir: str | Path | None = None,
+    gt_instances_json: str | Path | None = None,
+    gt_semantic_dir: str | Path | None = None,
+    images: Sequence[dict] | None = None,
+) -> dict:
+    """Write prediction files and compute ZSP / ZSI / ZSS Seen, Unseen and HM.
+
+    Returns ``{"panoptic": {...}, "instance": {...}, "semantic": {...}, "reports": {...}}``
+    (only the tasks the data format supports; values in percent)."""
+    output = Path(output_dir)
+    good = [r for r in rows if not r["error"]]
+    unseen_ids = table.unseen_ids
+    results: dict = {"reports": {}}
+    if data_format == "panoptic":
+        annotations = [json.loads(r["panoptic"]) for r in good]
+        categories = table.to_coco_categories()
+        pred_json = output / "panoptic_predictions.json"
+        pred_json.write_text(json.dumps({"annotations": annotations, "categories": categories}))
+        report = evaluate_panoptic(gt_panoptic_json, gt_panoptic_dir, pred_json, output / "panoptic", unseen_ids)
+        results["panoptic"] = _group(report, ("pq", "sq", "rq"))
+        results["reports"]["panoptic"] = report
+        gt = {
+            "images": [{"id": int(i["image_id"]), "height": int(i["height"]), "width": int(i["width"]),
+                        "file_name": str(i["file_name"])} for i in (images or [])],
+            "annotations": [a for r in good for a in json.loads(r["gt_instances"] or "[]")],
+            "categories": [c for c in categories if c["isthing"]],
+        }
+        for k, ann in enumerate(gt["annotations"], start=1):
+            ann["id"] = k
+        gt_instances_json = output / "gt_instances.json"
+        gt_instances_json.write_text(json.dumps(gt))
+        gt_semantic_dir = output / "gt_semantic"
+    if data_format in ("panoptic", "instances"):
+        detections = [d for r in good for d in json.loads(r["instances"] or "[]")]
+        (output / "instance_predictions.json").write_text(json.dumps(detections))
+        thing_ids = [c.id for c in table if c.isthing]
+        report = evaluate_instance(str(gt_instances_json), detections, unseen_ids & set(thing_ids), category_ids=thing_ids)
+        results["instance"] = _group(report, ("map50", "recall100"))
+        results["reports"]["instance"] = report
+    if data_format in ("panoptic", "semantic"):
+        report = evaluate_semantic(gt_semantic_dir, output / "semantic", table.to_coco_categories(), unseen_ids)
+        results["semantic"] = _group(report, ("miou",))
+        results["reports"]["semantic"] = report
+    return results

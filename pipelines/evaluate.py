@@ -1,0 +1,129 @@
+"""Stage 5, evaluate: Ray Data runs the bundle (segmenter + retrained classifier) over
+the val manifest, writes predictions in COCO formats (panoptic PNG+JSON, instance results
+JSON, semantic label PNGs) and computes ZSP / ZSI / ZSS Seen, Unseen and HM from the one
+model (the paper's universal setting).
+
+    python pipelines/evaluate.py [--config ...] [--bundle DIR] [--force]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+try:
+    from pipelines import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+from pading.config import ExperimentConfig
+from pading.manifest import resolve, rows_to_table
+from pading.predict import EvaluationPredictor, summarize
+
+logger = logging.getLogger("pipelines.evaluate")
+
+NUM_OVERLAYS = 4
+
+
+def write_overlays(bundle_dir: Path, rows: list[dict], out_dir: Path, count: int = NUM_OVERLAYS) -> list[Path]:
+    """A few qualitative overlays of val images, preferring images with unseen classes."""
+    from pading.bundle import Bundle
+    from pading.data import load_image
+    from pading.predict import predict_images
+    from pading.visualize import overlay_panoptic
+
+    bundle = Bundle.load(bundle_dir)
+    chosen = sorted(rows, key=lambda r: (not r.get("has_unseen"), r["image_id"]))[:count]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in chosen:
+        image = load_image(row["image_path"])
+        prediction = predict_images(bundle, [image], tasks=("panoptic",))[0]
+        path = out_dir / f"{row['image_id']}.png"
+        overlay_panoptic(image, prediction.panoptic_ids, prediction.segments, bundle.table).save(path)
+        paths.append(path)
+    return paths
+
+
+def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir: Path | None = None,
+        stage_name: str = "evaluate") -> dict:
+    import ray
+
+    try:
+        from pipelines import prepare
+    except ImportError:
+        import prepare  # type: ignore[no-redef]
+
+    stage_dir = output / stage_name
+    done = common.stage_done(stage_dir)
+    if done and not force:
+        logger.info("%s: already done (%s), skipping", stage_name, stage_dir)
+        return done
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    started = time.time()
+    common.init_ray()
+    bundle_dir = Path(bundle_dir or output / "generator" / "bundle")
+    table = prepare.load_table(output)
+    rows = prepare.read_manifest(output, "val")
+    predictions = stage_dir / "predictions"
+    dataset = ray.data.from_arrow(rows_to_table(rows)).repartition(max(1, min(32, len(rows) // 16)))
+    result_rows = dataset.map_batches(
+        EvaluationPredictor,
+        fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),
+                               "data_format": config.data.format, "batch_size": config.ray.extract_batch_size},
+        batch_size=16, batch_format="pyarrow", concurrency=config.ray.extract_concurrency,
+        num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+    ).take_all()
+    for r in result_rows:
+        if r["error"]:
+            logger.warning("evaluate: image %s skipped: %s", r["image_id"], r["error"])
+    data = config.data
+    root = Path(data.root)
+    results = summarize(
+        result_rows, table, data.format, predictions,
+        gt_panoptic_json=resolve(root, data.val_panoptic_json), gt_panoptic_dir=resolve(root, data.val_panoptic_dir),
+        gt_instances_json=resolve(root, data.val_instances_json), gt_semantic_dir=resolve(root, data.val_semantic_dir),
+        images=rows,
+    )
+    reports = results.pop("reports")
+    (stage_dir / "reports.json").write_text(json.dumps(reports, indent=1, default=str))
+    overlays = []
+    if data.format == "panoptic":
+        overlays = [str(p) for p in write_overlays(bundle_dir, rows, stage_dir / "overlays")]
+    info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
+            "overlays": overlays, "seconds": time.time() - started}
+    common.mark_done(stage_dir, info)
+    return info
+
+
+def format_table(results: dict) -> str:
+    """The Seen / Unseen / HM table as Markdown."""
+    lines = ["| task | metric | seen | unseen | HM |", "|---|---|---|---|---|"]
+    names = {"panoptic": ("ZSP", ("pq", "sq", "rq")), "instance": ("ZSI", ("map50", "recall100")),
+             "semantic": ("ZSS", ("miou",))}
+    for task, (label, metrics) in names.items():
+        if task not in results:
+            continue
+        for metric in metrics:
+            row = results[task]
+            lines.append(f"| {label} | {metric.upper()} | {row['seen'][metric]:.1f} | {row['unseen'][metric]:.1f} | "
+                         f"{row['hm'][metric]:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    common.setup_logging()
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--bundle", default=None, help="model bundle directory (default: <output>/generator/bundle)")
+    args = parser.parse_args()
+    config, output = common.load(args)
+    info = run(config, output, force=args.force, bundle_dir=Path(args.bundle) if args.bundle else None)
+    print(format_table(info["results"]))
+
+
+if __name__ == "__main__":
+    main()

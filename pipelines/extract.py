@@ -1,0 +1,97 @@
+"""Stage 3, extract: Ray Data ``map_batches`` with an actor class holding the frozen
+segmenter writes the features Parquet (query embeddings + matched labels) of the train
+manifest, one file per shard of images.
+
+Idempotent: a shard file appears only once complete (atomic rename), finished shards are
+skipped, so re-running over complete output does nothing and re-running after an
+interruption finishes the missing shards without duplicate rows.
+
+    python pipelines/extract.py [--config ...] [--force]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+try:
+    from pipelines import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+from pading.config import ExperimentConfig
+from pading.extraction import FeatureExtractor
+from pading.manifest import shard_rows
+
+logger = logging.getLogger("pipelines.extract")
+
+
+def checkpoint_id(segmenter_dir: Path) -> str:
+    """Content hash of the segmenter weights: recorded in every feature row."""
+    digest = hashlib.sha256()
+    for path in sorted(segmenter_dir.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
+    import ray
+
+    try:
+        from pipelines import prepare
+    except ImportError:
+        import prepare  # type: ignore[no-redef]
+
+    stage_dir = output / "features"
+    done = common.stage_done(stage_dir)
+    if done and not force:
+        logger.info("extract: already done (%s), skipping", stage_dir)
+        return done
+    if force and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    started = time.time()
+    common.init_ray()
+    table = prepare.load_table(output)
+    rows = prepare.read_manifest(output, "train")
+    segmenter_dir = output / "pretrain" / "segmenter"
+    ckpt = checkpoint_id(segmenter_dir)
+    shard_size = config.ray.extract_shard_size
+    shards = shard_rows(rows, shard_size)
+    pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
+    logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
+    total_rows = 0
+    if pending:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
+        results = work.map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs={
+                "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
+                "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
+            },
+            batch_size=1, concurrency=config.ray.extract_concurrency, num_gpus=config.ray.extract_gpus or None,
+            num_cpus=config.ray.cpus_per_worker,
+        ).take_all()
+        total_rows = sum(int(r["rows"]) for r in results)
+    files = sorted(stage_dir.glob("shard-*.parquet"))
+    info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
+            "seconds": time.time() - started}
+    if len(files) != len(shards):
+        raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
+    common.mark_done(stage_dir, info)
+    return info
+
+
+def main() -> None:
+    common.setup_logging()
+    args = common.base_parser(__doc__).parse_args()
+    config, output = common.load(args)
+    print(json.dumps(run(config, output, force=args.force), indent=2))
+
+
+if __name__ == "__main__":
+    main()

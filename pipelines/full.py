@@ -1,0 +1,131 @@
+"""The whole PADing pipeline: prepare -> pretrain -> extract -> generator -> evaluate,
+under one MLflow parent run (one nested run per stage).
+
+    python pipelines/full.py                       # embedded default: configs/demo.yaml
+    python pipelines/full.py --config configs/zsp_coco.yaml --set ray.num_workers=8
+    ray job submit --working-dir . -- python pipelines/full.py --config ...
+
+Finished stages are skipped (``--force`` redoes them). Prints the Seen/Unseen/HM table
+and writes ``<output>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+try:
+    from pipelines import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+from pading import tracking
+from pading.config import ExperimentConfig, save_config
+
+logger = logging.getLogger("pipelines.full")
+
+STAGES = ("prepare", "pretrain", "extract", "generator", "evaluate")
+
+
+def _stage_module(name: str):
+    import importlib
+
+    module = {"generator": "train_generator"}.get(name, name)
+    try:
+        return importlib.import_module(f"pipelines.{module}")
+    except ImportError:
+        return importlib.import_module(module)
+
+
+def _history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
+    tracking.log_params({"stage": name, "skipped": skipped})
+    numbers = {k: v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_metrics(numbers)
+    if name == "prepare":
+        tracking.log_metrics(info.get("counts", {}))
+        rejects = output / "manifest" / "rejects.parquet"
+        if rejects.is_file():
+            import mlflow
+
+            mlflow.log_artifact(str(rejects))
+    if name == "pretrain":
+        tracking.log_metric_history(_history(output / "pretrain" / "history.jsonl"))
+    if name == "generator":
+        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in _history(output / "generator" / "history.jsonl")]
+        tracking.log_metric_history(rows)
+    if name == "evaluate":
+        tracking.log_metrics(info.get("results", {}))
+        import mlflow
+
+        for path in info.get("overlays", []):
+            mlflow.log_artifact(path, artifact_path="overlays")
+        reports = output / "evaluate" / "reports.json"
+        if reports.is_file():
+            mlflow.log_artifact(str(reports))
+
+
+def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
+    mlflow = tracking.setup(config.tracking)
+    save_config(config, output / "config.yaml")
+    wall: dict[str, float] = {}
+    infos: dict[str, dict] = {}
+    with tracking.run(config.name, tags={"pipeline": "full", "output": str(output)}) as parent:
+        tracking.log_params(config.flat())
+        mlflow.log_artifact(str(output / "config.yaml"))
+        for name in stages:
+            stage_dir = output / {"prepare": "manifest", "extract": "features"}.get(name, name)
+            skipped = common.stage_done(stage_dir) is not None and not force
+            started = time.time()
+            with tracking.run(name, nested=True):
+                logger.info("=== stage %s%s ===", name, " (done before, skipping)" if skipped else "")
+                info = _stage_module(name).run(config, output, force=force)
+                _log_stage(name, info, output, skipped)
+            wall[name] = round(time.time() - started, 2)
+            infos[name] = info
+        results = dict(infos.get("evaluate", {}).get("results", {}))
+        results["wall_seconds"] = wall
+        (output / "results.json").write_text(json.dumps(results, indent=2))
+        mlflow.log_artifact(str(output / "results.json"))
+        tracking.log_metrics({k: v for k, v in results.items() if k != "wall_seconds"})
+        tracking.log_metrics({"wall_seconds": wall})
+        bundle = output / "generator" / "bundle"
+        if bundle.is_dir():
+            mlflow.log_artifacts(str(bundle), artifact_path="bundle")
+        results["mlflow_run_id"] = parent.info.run_id
+    return results
+
+
+def main() -> None:
+    common.setup_logging()
+    parser = common.base_parser(__doc__)
+    args = parser.parse_args()
+    config, output = common.load(args)
+    started = time.time()
+    results = run_all(config, output, force=args.force)
+    try:
+        from pipelines.evaluate import format_table
+    except ImportError:
+        from evaluate import format_table  # type: ignore[no-redef]
+    print()
+    print(f"PADing ({config.losses.variant}) on {config.data.root} — Seen / Unseen / HM (percent)")
+    print(format_table(results))
+    print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
+    print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "
+          f"MLflow run {results['mlflow_run_id']} at {tracking.tracking_uri(config.tracking)}")
+    bad = [k for k, v in json.loads((output / "results.json").read_text()).items()
+           if k != "wall_seconds" and any(not math.isfinite(x) for g in v.values() for x in g.values())]
+    if bad:
+        logger.warning("non-finite results in %s", bad)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Stage 1, prepare: annotation index -> validated, seen-only manifest Parquet + rejects.
+
+Ray Data shards the image records, every shard decodes its images and targets
+(``pading.manifest.validate_rows``); unusable ones go to ``rejects/`` with the reason.
+The seen-only filter then drops every train image with an unseen segment.
+
+    python pipelines/prepare.py [--config configs/demo.yaml] [--set ...] [--force]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+try:
+    from pipelines import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pading.classes import ClassTable
+from pading.config import ExperimentConfig
+from pading.manifest import (
+    MANIFEST_SCHEMA,
+    REJECTS_SCHEMA,
+    apply_seen_only_filter,
+    class_table_for,
+    read_split_index,
+    rejects_to_table,
+    rows_to_table,
+    to_rows,
+    validate_rows,
+)
+
+logger = logging.getLogger("pipelines.prepare")
+
+MANIFEST_ROWS_PER_FILE = 10000
+
+
+def ensure_dataset(config: ExperimentConfig) -> None:
+    """Write the synthetic dataset if the config asks for one and it is not there yet."""
+    synthetic = config.data.synthetic
+    root = Path(config.data.root)
+    if synthetic is None or (root / config.data.val_panoptic_json).is_file():
+        return
+    from pading.data import write_synthetic_dataset
+
+    logger.info("writing the synthetic dataset to %s", root)
+    write_synthetic_dataset(root, num_train=synthetic.num_train, num_val=synthetic.num_val,
+                            image_size=synthetic.image_size, seed=synthetic.seed, split=synthetic.split)
+
+
+class _Validate:
+    """Ray Data UDF: keep rows whose image and targets load; the rest become rejects."""
+
+    def __init__(self, table_records: list[dict], data_format: str):
+        self.table = ClassTable.from_records(table_records)
+        self.data_format = data_format
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good, bad = validate_rows(batch.to_pylist(), self.table, self.data_format)
+        bad_by_id = {b["key"]: b for b in bad}
+        rows = []
+        for row in batch.to_pylist():
+            reject = bad_by_id.get(f"image_id={row['image_id']}")
+            rows.append({**row, "reject_source": reject["source"] if reject else "",
+                         "reject_reason": reject["reason"] if reject else ""})
+        schema = MANIFEST_SCHEMA.append(pa.field("reject_source", pa.string())).append(pa.field("reject_reason", pa.string()))
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
+    import ray
+
+    stage_dir = output / "manifest"
+    done = common.stage_done(stage_dir)
+    if done and not force:
+        logger.info("prepare: already done (%s), skipping", stage_dir)
+        return done
+    started = time.time()
+    ensure_dataset(config)
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    common.init_ray()
+
+    table = None
+    all_rejects, rows_by_split = [], {}
+    for split in ("train", "val"):
+        records, categories, rejects = read_split_index(config.data, split)
+        all_rejects.extend(r.to_row() for r in rejects)
+        if table is None:
+            table = class_table_for(config.data, categories)
+        rows_by_split[split] = to_rows(records, table)
+        logger.info("prepare: %s: %d records, %d rejected while indexing", split, len(records), len(rejects))
+
+    # One Ray Data pass decodes every image and its targets, in parallel shards.
+    everything = rows_by_split["train"] + rows_by_split["val"]
+    checked_rows: list[dict] = []
+    if everything:
+        blocks = max(1, min(200, len(everything) // 32))
+        checked = ray.data.from_arrow(rows_to_table(everything)).repartition(blocks).map_batches(
+            _Validate, fn_constructor_kwargs={"table_records": table.to_records(), "data_format": config.data.format},
+            batch_format="pyarrow", batch_size=32, concurrency=(1, max(1, config.ray.extract_concurrency * 2)),
+        ).to_arrow_refs()
+        checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
+    counts = {}
+    for split in ("train", "val"):
+        mine = [r for r in checked_rows if r["split"] == split]
+        bad = [r for r in mine if r["reject_reason"]]
+        all_rejects.extend({"source": r["reject_source"], "key": f"image_id={r['image_id']}", "reason": r["reject_reason"]}
+                           for r in bad)
+        good = [{k: v for k, v in r.items() if not k.startswith("reject_")} for r in mine if not r["reject_reason"]]
+        filtered = 0
+        if split == "train":
+            good, dropped = apply_seen_only_filter(good, table)
+            filtered = len(dropped)
+        good.sort(key=lambda r: r["image_id"])
+        (stage_dir / split).mkdir(parents=True)
+        for part, first in enumerate(range(0, max(1, len(good)), MANIFEST_ROWS_PER_FILE)):
+            pq.write_table(rows_to_table(good[first : first + MANIFEST_ROWS_PER_FILE]),
+                           stage_dir / split / f"part-{part:05d}.parquet")
+        counts[split] = {"images": len(good), "rejected": len(bad), "seen_only_filtered": filtered}
+        logger.info("prepare: %s: %d usable images, %d rejected%s", split, len(good), len(bad),
+                    f", {filtered} dropped by the seen-only filter" if split == "train" else "")
+    pq.write_table(rejects_to_table(all_rejects), stage_dir / "rejects.parquet")
+    (stage_dir / "classes.json").write_text(json.dumps(table.to_records(), indent=1))
+    for reject in all_rejects:
+        logger.warning("reject: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
+    info = {"counts": counts, "rejects": len(all_rejects), "num_classes": table.num_classes,
+            "unseen": [c.name for c in table if c.unseen], "seconds": time.time() - started}
+    common.mark_done(stage_dir, info)
+    return info
+
+
+def load_table(output: Path) -> ClassTable:
+    return ClassTable.from_records(json.loads((output / "manifest" / "classes.json").read_text()))
+
+
+def read_manifest(output: Path, split: str) -> list[dict]:
+    return pq.read_table(output / "manifest" / split, schema=MANIFEST_SCHEMA).to_pylist()
+
+
+def read_rejects(output: Path) -> list[dict]:
+    rows = pq.read_table(output / "manifest" / "rejects.parquet", schema=REJECTS_SCHEMA).to_pylist()
+    for extra in sorted((output / "features_rejects").glob("*.parquet")):
+        rows.extend(pq.read_table(extra, schema=REJECTS_SCHEMA).to_pylist())
+    return rows
+
+
+def main() -> None:
+    common.setup_logging()
+    args = common.base_parser(__doc__).parse_args()
+    config, output = common.load(args)
+    print(json.dumps(run(config, output, force=args.force), indent=2))
+
+
+if __name__ == "__main__":
+    main()

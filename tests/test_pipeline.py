@@ -1,0 +1,187 @@
+"""End-to-end runs of the Ray pipeline on the smoke config (marked slow; run in CI).
+
+One module fixture writes a small synthetic dataset with one corrupt image and one
+broken annotation, then runs ``python pipelines/full.py`` on it through a local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+               PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _run(args: list[str], tmp: Path, timeout: int = 900, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = _env(tmp)
+    env.update(extra_env or {})
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:], proc.stderr[-8000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """The smoke dataset with a corrupt val image and an unknown category in one train annotation."""
+    from pading.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("data") / "coco"
+    write_synthetic_dataset(root, num_train=40, num_val=16, image_size=64, seed=0)
+    val_images = sorted((root / "val2017").glob("*.jpg"))
+    corrupt = val_images[3]
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated JPEG
+    train_json = root / "annotations" / "panoptic_train2017.json"
+    data = json.loads(train_json.read_text())
+    broken = data["annotations"][5]
+    broken["segments_info"][0]["category_id"] = 9999
+    train_json.write_text(json.dumps(data))
+    return {"root": root, "corrupt": corrupt, "broken_image_id": broken["image_id"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("run")
+    output = tmp / "out"
+    started = time.time()
+    proc = _run(["pipelines/full.py", "--config", str(SMOKE), "--output", str(output), "--set", f"data.root={dataset['root']}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"tmp": tmp, "output": output, "stdout": proc.stdout, "stderr": proc.stderr, "seconds": time.time() - started}
+
+
+def test_results_json_has_finite_tables(full_run):
+    results = json.loads((full_run["output"] / "results.json").read_text())
+    for task, metrics in (("panoptic", ("pq", "sq", "rq")), ("instance", ("map50", "recall100")), ("semantic", ("miou",))):
+        for group in ("seen", "unseen", "hm"):
+            for metric in metrics:
+                value = results[task][group][metric]
+                assert math.isfinite(value) and 0.0 <= value <= 100.0, (task, group, metric, value)
+    assert set(results["wall_seconds"]) == {"prepare", "pretrain", "extract", "generator", "evaluate"}
+    assert "ZSP" in full_run["stdout"] and "HM" in full_run["stdout"]  # the printed table
+    bundle = full_run["output"] / "generator" / "bundle"
+    assert (bundle / "classifier.safetensors").is_file() and (bundle / "segmenter" / "segmenter.safetensors").is_file()
+    assert list((full_run["output"] / "evaluate" / "overlays").glob("*.png"))
+
+
+def test_bad_inputs_are_rejected_and_nothing_else_is_lost(full_run, dataset):
+    output = full_run["output"]
+    rejects = pq.read_table(output / "manifest" / "rejects.parquet").to_pylist()
+    sources = " ".join(r["source"] + " " + r["key"] + " " + r["reason"] for r in rejects)
+    assert dataset["corrupt"].name in sources
+    assert f"{dataset['broken_image_id']}" in sources and "9999" in sources
+    assert len(rejects) == 2, rejects
+    info = json.loads((output / "manifest" / "_SUCCESS.json").read_text())["counts"]
+    assert info["val"]["images"] == 15  # 16 - the corrupt one
+    assert info["train"]["images"] + info["train"]["seen_only_filtered"] == 39  # 40 - the broken one
+    assert info["train"]["seen_only_filtered"] > 0
+
+
+def test_mlflow_has_parent_and_stage_runs(full_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{full_run['tmp'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["pading-smoke"], output_format="list")
+    names = {r.info.run_name for r in runs}
+    assert {"pading-smoke", "prepare", "pretrain", "extract", "generator", "evaluate"} <= names
+    parent = next(r for r in runs if r.info.run_name == "pading-smoke")
+    assert "panoptic.hm.pq" in parent.data.metrics and parent.data.params["generator.num_primitives"] == "32"
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain")
+    history = mlflow.tracking.MlflowClient().get_metric_history(pretrain.info.run_id, "loss")
+    assert len(history) == 6  # one point per pretraining step
+
+
+def test_second_run_skips_finished_stages(full_run, dataset):
+    before = (full_run["output"] / "results.json").read_text()
+    proc = _run(["pipelines/full.py", "--config", str(SMOKE), "--output", str(full_run["output"]),
+                 "--set", f"data.root={dataset['root']}"], full_run["tmp"])
+    assert proc.returncode == 0
+    log = proc.stdout + proc.stderr
+    for stage in ("prepare", "pretrain", "extract", "generator", "evaluate"):
+        assert f"{stage}: already done" in log, stage
+    after = json.loads((full_run["output"] / "results.json").read_text())
+    assert {k: v for k, v in after.items() if k != "wall_seconds"} == {
+        k: v for k, v in json.loads(before).items() if k != "wall_seconds"}
+
+
+def test_extract_is_idempotent(full_run, dataset):
+    features = full_run["output"] / "features"
+    before = pq.read_table(features).select(["image_id", "query"]).to_pylist()
+    shards = sorted(features.glob("shard-*.parquet"))
+    assert len(shards) >= 2
+    shards[1].unlink()  # as if interrupted before this shard was written
+    (features / "_SUCCESS.json").unlink()
+    args = ["pipelines/extract.py", "--config", str(SMOKE), "--output", str(full_run["output"]),
+            "--set", f"data.root={dataset['root']}"]
+    proc = _run(args, full_run["tmp"])
+    assert proc.returncode == 0
+    assert f"{len(shards)} shards of 8 images, 1 to do" in proc.stdout + proc.stderr
+    after = pq.read_table(features).select(["image_id", "query"]).to_pylist()
+    assert sorted((r["image_id"], r["query"]) for r in after) == sorted((r["image_id"], r["query"]) for r in before)
+    assert len({(r["image_id"], r["query"]) for r in after}) == len(after)  # no duplicates
+    proc = _run(args, full_run["tmp"])  # complete output: nothing to do
+    assert "extract: already done" in proc.stdout + proc.stderr
+
+
+def test_pretrain_survives_a_worker_failure_and_resumes(full_run, dataset, tmp_path):
+    output = tmp_path / "resume"
+    shutil.copytree(full_run["output"] / "manifest", output / "manifest")
+    proc = _run(["pipelines/pretrain.py", "--config", str(SMOKE), "--output", str(output),
+                 "--set", f"data.root={dataset['root']}", "--set", "pretrain.checkpoint_every=3"],
+                tmp_path, extra_env={"PADING_TEST_FAIL_AT_STEP": "4"})
+    assert proc.returncode == 0
+    log = proc.stdout + proc.stderr
+    assert "injected failure at step 4" in log
+    assert "resumed from checkpoint at step 3" in log
+    history = [json.loads(line) for line in (output / "pretrain" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(dataset, tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = _env(tmp_path)
+    gcs, dashboard = _free_port(), _free_port()
+    start = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr
+    try:
+        output = tmp_path / "out"
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--", "python", "pipelines/full.py", "--config", "configs/smoke.yaml", "--output", str(output),
+             "--set", f"data.root={dataset['root']}"],
+            env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in (submit.stdout + submit.stderr).lower()
+        assert json.loads((output / "results.json").read_text())["panoptic"]["hm"]["pq"] >= 0
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env={**env, "RAY_TMPDIR": str(tmp_path / "ray")},
+                       capture_output=True, timeout=120)
