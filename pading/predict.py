@@ -17,6 +17,7 @@ from PIL import Image
 
 from pading.bundle import Bundle
 from pading.classes import ClassTable
+from pading.config import InferenceConfig
 from pading.data import ImageRecord, load_image, panoptic_to_instances, panoptic_to_semantic, read_panoptic_png
 from pading.errors import DataError
 from pading.evaluation import evaluate_instance, evaluate_panoptic, evaluate_semantic
@@ -89,9 +90,11 @@ class EvaluationPredictor:
     GT instances, or the error that made it unusable."""
 
     def __init__(self, bundle_dir: str, output_dir: str, data_format: str, device: str | None = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, inference: InferenceConfig | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.bundle = Bundle.load(bundle_dir, map_location=self.device)
+        if inference is not None:  # post-processing settings of this run, not the training run's
+            self.bundle.config.inference = inference
         self.output = Path(output_dir)
         self.data_format = data_format
         self.batch_size = batch_size

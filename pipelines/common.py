@@ -115,6 +115,33 @@ def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / SUCCESS).unlink(missing_ok=True)
 
 
+def begin_stage(name: str, stage_dir: Path, force: bool, clean: bool = False) -> dict | None:
+    """The finished stage's record if it can be skipped; otherwise None after removing
+    the stage's old output (always when ``clean``, else only under ``force``)."""
+    import shutil
+
+    done = stage_done(stage_dir)
+    if done and not force:
+        logger.info("%s: already done (%s), skipping", name, stage_dir)
+        return done
+    if stage_dir.exists() and (force or clean):
+        shutil.rmtree(stage_dir)
+    return None
+
+
+def stage_main(run, description: str, configure=None) -> dict:
+    """The command line of one stage: parse, load the config, ``run(config, output, force)``,
+    print its record as JSON. ``configure(parser)`` adds stage options; they are passed to run."""
+    setup_logging()
+    parser = base_parser(description)
+    extra = configure(parser) if configure else {}
+    args = parser.parse_args()
+    config, output = load(args)
+    info = run(config, output, force=args.force, **{k: getattr(args, k) for k in (extra or {})})
+    print(json.dumps(info, indent=2, default=str))
+    return info
+
+
 def epoch_batches(shard, batch_size: int, seed: int, cache: bool = True):
     """Endless pyarrow batches from a Ray Train dataset shard.
 

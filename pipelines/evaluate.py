@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -58,12 +57,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         import prepare  # type: ignore[no-redef]
 
     stage_dir = output / stage_name
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("%s: already done (%s), skipping", stage_name, stage_dir)
+    done = common.begin_stage(stage_name, stage_dir, force, clean=True)
+    if done:
         return done
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
     started = time.time()
     common.init_ray()
     bundle_dir = Path(bundle_dir or output / "generator" / "bundle")
@@ -74,7 +70,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     result_rows = dataset.map_batches(
         EvaluationPredictor,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),
-                               "data_format": config.data.format, "batch_size": config.ray.extract_batch_size},
+                               "data_format": config.data.format, "batch_size": config.ray.extract_batch_size,
+                               "inference": config.inference},
         batch_size=16, batch_format="pyarrow", concurrency=config.ray.extract_concurrency,
         num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
     ).take_all()
@@ -115,13 +112,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _options(parser) -> dict:
+    parser.add_argument("--bundle", dest="bundle_dir", type=Path, default=None,
+                        help="model bundle directory (default: <output>/generator/bundle)")
+    return {"bundle_dir": None}
+
+
 def main() -> None:
-    common.setup_logging()
-    parser = common.base_parser(__doc__)
-    parser.add_argument("--bundle", default=None, help="model bundle directory (default: <output>/generator/bundle)")
-    args = parser.parse_args()
-    config, output = common.load(args)
-    info = run(config, output, force=args.force, bundle_dir=Path(args.bundle) if args.bundle else None)
+    info = common.stage_main(run, __doc__, _options)
     print(format_table(info["results"]))
 
 

@@ -12,7 +12,6 @@ interruption finishes the missing shards without duplicate rows.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -47,12 +46,11 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         import prepare  # type: ignore[no-redef]
 
     stage_dir = output / "features"
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("extract: already done (%s), skipping", stage_dir)
+    done = common.begin_stage("extract", stage_dir, force)
+    if done:
         return done
-    if force and stage_dir.exists():
-        shutil.rmtree(stage_dir)
+    if force:
+        shutil.rmtree(output / "features_rejects", ignore_errors=True)
     started = time.time()
     common.init_ray()
     table = prepare.load_table(output)
@@ -86,12 +84,5 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     return info
 
 
-def main() -> None:
-    common.setup_logging()
-    args = common.base_parser(__doc__).parse_args()
-    config, output = common.load(args)
-    print(json.dumps(run(config, output, force=args.force), indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    common.stage_main(run, __doc__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -78,14 +77,11 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
     stage_dir = output / "manifest"
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("prepare: already done (%s), skipping", stage_dir)
+    done = common.begin_stage("prepare", stage_dir, force, clean=True)
+    if done:
         return done
     started = time.time()
     ensure_dataset(config)
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     common.init_ray()
 
@@ -153,12 +149,5 @@ def read_rejects(output: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    common.setup_logging()
-    args = common.base_parser(__doc__).parse_args()
-    config, output = common.load(args)
-    print(json.dumps(run(config, output, force=args.force), indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    common.stage_main(run, __doc__)

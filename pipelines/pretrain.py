@@ -133,12 +133,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         import prepare  # type: ignore[no-redef]
 
     stage_dir = output / "pretrain"
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("pretrain: already done (%s), skipping", stage_dir)
+    done = common.begin_stage("pretrain", stage_dir, force)
+    if done:
         return done
-    if force and stage_dir.exists():
-        shutil.rmtree(stage_dir)
     started = time.time()
     common.init_ray()
     table = prepare.load_table(output)
@@ -172,12 +169,5 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     return info
 
 
-def main() -> None:
-    common.setup_logging()
-    args = common.base_parser(__doc__).parse_args()
-    config, output = common.load(args)
-    print(json.dumps(run(config, output, force=args.force), indent=2, default=str))
-
-
 if __name__ == "__main__":
-    main()
+    common.stage_main(run, __doc__)

@@ -145,12 +145,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
         import prepare  # type: ignore[no-redef]
 
     stage_dir = output / stage_name
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("%s: already done (%s), skipping", stage_name, stage_dir)
+    done = common.begin_stage(stage_name, stage_dir, force)
+    if done:
         return done
-    if force and stage_dir.exists():
-        shutil.rmtree(stage_dir)
     started = time.time()
     common.init_ray()
     table = prepare.load_table(output)
@@ -183,12 +180,5 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     return info
 
 
-def main() -> None:
-    common.setup_logging()
-    args = common.base_parser(__doc__).parse_args()
-    config, output = common.load(args)
-    print(json.dumps(run(config, output, force=args.force), indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    common.stage_main(run, __doc__)
