@@ -298,6 +298,104 @@ class ServeConfig:
             raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
 
 
+#: Sampling kinds of a ``tune.search_space`` entry (pipelines/tune.py maps them to Ray Tune domains).
+SEARCH_SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+def _default_search_space() -> dict:
+    return {
+        "losses.disentangle_weight": {"loguniform": [1e-5, 1e-2]},  # λ
+        "losses.alignment_temperature": {"loguniform": [0.03, 1.0]},  # τ
+        "generator.num_primitives": {"choice": [100, 200, 300, 400, 500]},  # K
+        "generator_training.generator_lr": {"loguniform": [1e-4, 2e-3]},
+    }
+
+
+@dataclass
+class TuneConfig:
+    """The Ray Tune search (pipelines/tune.py, pading.search). Added for the tuning issue.
+
+    ``protocol``: ``pseudo_unseen`` (default) scores on ``pseudo_unseen_count`` seen classes
+    that play unseen (their features are withheld from training) and never reads real unseen
+    classes; ``paper`` scores on the val images' real unseen classes (peeks; runs are tagged).
+    ``search_space``: ``"section.key" -> {kind: args}`` with kind in :data:`SEARCH_SPACE_KINDS`
+    (``loguniform``/``uniform``/``randint``: ``[low, high]``; ``choice``/``grid``: a list).
+    ``max_iterations`` 0 means ``generator_training.iterations``.
+    """
+
+    num_samples: int = 16
+    max_iterations: int = 0
+    report_every: int = 200
+    grace_period: int = 400  # iterations a trial runs before ASHA may stop it
+    reduction_factor: int = 3
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    protocol: str = "pseudo_unseen"
+    pseudo_unseen_count: int = 4
+    holdout_fraction: float = 0.2  # of the training images, by a stable hash of image_id
+    search_space: dict = field(default_factory=_default_search_space)
+    max_failures: int = 1  # retries of a crashed trial; a failed trial never stops the search
+
+    def __post_init__(self):
+        if self.protocol not in ("pseudo_unseen", "paper"):
+            raise ConfigError(f"tune.protocol must be pseudo_unseen or paper, not {self.protocol!r}")
+        if self.num_samples < 1 or self.report_every < 1 or self.max_iterations < 0:
+            raise ConfigError("tune.num_samples and tune.report_every must be >= 1, tune.max_iterations >= 0")
+        if self.pseudo_unseen_count < 1 or not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError("tune.pseudo_unseen_count must be >= 1 and tune.holdout_fraction in (0, 1)")
+        if self.reduction_factor < 2 or self.grace_period < 1:
+            raise ConfigError("tune.reduction_factor must be >= 2 and tune.grace_period >= 1")
+        if not isinstance(self.search_space, dict) or not self.search_space:
+            raise ConfigError("tune.search_space must be a non-empty mapping of 'section.key' -> {kind: args}")
+        for key, spec in self.search_space.items():
+            where = f"tune.search_space[{key!r}]"
+            if not isinstance(key, str) or key.count(".") != 1:
+                raise ConfigError(f"{where}: keys are 'section.key', e.g. 'losses.disentangle_weight'")
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_SPACE_KINDS:
+                raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_SPACE_KINDS)}: ...}}, got {spec!r}")
+            kind, args = next(iter(spec.items()))
+            if not isinstance(args, (list, tuple)) or not args:
+                raise ConfigError(f"{where}: {kind} needs a non-empty list, got {args!r}")
+            if kind in ("loguniform", "uniform", "randint"):
+                if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
+                    raise ConfigError(f"{where}: {kind} needs [low, high] with low < high, got {args!r}")
+                if kind == "loguniform" and args[0] <= 0:
+                    raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
+
+
+@dataclass
+class TablesConfig:
+    """The paper's tables (pipelines/tables.py, pading.tables). Added for the tuning issue.
+
+    Rows are the ablation ``variants`` at ``generator.num_primitives`` and the full method at
+    each of ``primitive_counts``; every row is trained once per seed. ``iterations`` 0 means
+    ``generator_training.iterations``.
+    """
+
+    seeds: tuple = (0, 1, 2)
+    variants: tuple = ("projection", "gmmn", "primitive", "alignment", "full")
+    primitive_counts: tuple = (100, 200, 300, 400, 500)
+    iterations: int = 0
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    tsne_per_class: int = 60  # synthetic embeddings per unseen class in the t-SNE figure
+
+    def __post_init__(self):
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.variants = tuple(str(v) for v in self.variants)
+        self.primitive_counts = tuple(int(k) for k in self.primitive_counts)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"tables.seeds must be distinct and non-empty, got {self.seeds}")
+        unknown = [v for v in self.variants if v not in ABLATION_VARIANTS]
+        if unknown:
+            raise ConfigError(f"tables.variants: unknown {unknown} (allowed: {ABLATION_VARIANTS})")
+        if any(k < 1 for k in self.primitive_counts):
+            raise ConfigError(f"tables.primitive_counts must be >= 1, got {self.primitive_counts}")
+        if self.iterations < 0 or self.tsne_per_class < 1:
+            raise ConfigError("tables.iterations must be >= 0 and tables.tsne_per_class >= 1")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "pading"
@@ -314,6 +412,8 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # the Serve endpoint (pipelines/serve.py)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # the Ray Tune search (pipelines/tune.py)
+    tables: TablesConfig = field(default_factory=TablesConfig)  # the paper's tables (pipelines/tables.py)
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -4,6 +4,7 @@ under one MLflow parent run (one nested run per stage).
     python pipelines/full.py                       # embedded default: configs/demo.yaml
     python pipelines/full.py --config configs/zsp_coco.yaml --set ray.num_workers=8
     ray job submit --working-dir . -- python pipelines/full.py --config ...
+    python pipelines/full.py --serve               # then serve the bundle (pipelines/serve.py)
 
 Finished stages are skipped (``--force`` redoes them). Prints the Seen/Unseen/HM table
 and writes ``<output>/results.json``.
@@ -107,6 +108,9 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
 def main() -> None:
     common.setup_logging()
     parser = common.base_parser(__doc__)
+    parser.add_argument("--serve", action="store_true",
+                        help="after the run, deploy its bundle with Ray Serve (pipelines/serve.py), print the URL "
+                             "and serve until Ctrl-C")
     args = parser.parse_args()
     config, output = common.load(args)
     started = time.time()
@@ -125,6 +129,14 @@ def main() -> None:
            if k != "wall_seconds" and any(not math.isfinite(x) for g in v.values() for x in g.values())]
     if bad:
         logger.warning("non-finite results in %s", bad)
+    if args.serve:
+        try:
+            from pipelines import serve as serving
+        except ImportError:
+            import serve as serving  # type: ignore[no-redef]
+        url = serving.deploy(output / "generator" / "bundle", config)
+        print(f"PADing segmentation endpoint: {url}  (API docs: {url}docs; Ctrl-C to stop)", flush=True)
+        serving.block_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,24 +165,64 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit(dataset, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit -- python pipelines/full.py`."""
     ray_bin = Path(sys.executable).with_name("ray")
     env = _env(tmp_path)
+    env["RAY_AUTH_MODE"] = "token"  # Ray >= 2.5x starts clusters with token auth; the CLI sends ~/.ray/auth_token
     gcs, dashboard = _free_port(), _free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
     start = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}"],
+                            f"--dashboard-port={dashboard}", f"--temp-dir={ray_tmp}",
+                            # own ports: another Ray on the machine may hold the defaults (the job agent's 52365)
+                            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                            f"--ray-client-server-port={_free_port()}"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr
     try:
         output = tmp_path / "out"
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "pipelines/full.py", "--config", "configs/smoke.yaml", "--output", str(output),
-             "--set", f"data.root={dataset['root']}"],
-            env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        command = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                   "--", "python", "pipelines/full.py", "--config", "configs/smoke.yaml", "--output", str(output),
+                   "--set", f"data.root={dataset['root']}"]
+        for _ in range(24):  # the job agent comes up a little after `ray start` returns
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+            if submit.returncode == 0 or "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
         assert json.loads((output / "results.json").read_text())["panoptic"]["hm"]["pq"] >= 0
-    finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env={**env, "RAY_TMPDIR": str(tmp_path / "ray")},
-                       capture_output=True, timeout=120)
+    finally:  # stop this cluster only (its processes name its temp dir), not every Ray on the machine
+        subprocess.run(["pkill", "-f", str(ray_tmp)], capture_output=True, timeout=60)
+        time.sleep(2)
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], capture_output=True, timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_zsi_path_on_real_coco_tiny(coco_tiny, tmp_path):
+    """configs/zsi_coco_tiny.yaml end to end on 100 real COCO images (crowd, polygons, RLE,
+    grayscale): the seen-only filter on instances, every stage, instance Seen/Unseen/HM."""
+    output = tmp_path / "zsi"
+    proc = _run(["pipelines/full.py", "--config", "configs/zsi_coco_tiny.yaml", "--output", str(output),
+                 "--set", f"data.root={coco_tiny}", "--set", "data.max_val_images=20"], tmp_path)
+    assert proc.returncode == 0
+    results = json.loads((output / "results.json").read_text())
+    assert set(results) == {"instance", "wall_seconds"}
+    for group in ("seen", "unseen", "hm"):
+        assert all(math.isfinite(v) for v in results["instance"][group].values())
+    counts = json.loads((output / "manifest" / "_SUCCESS.json").read_text())["counts"]
+    assert counts["train"]["seen_only_filtered"] > 0  # 17 unseen classes occur in COCO train images
+    assert counts["train"]["images"] + counts["train"]["seen_only_filtered"] + counts["train"]["rejected"] == 50
+    grayscale = [p for p in (coco_tiny / "val2017").glob("*.jpg") if _mode(p) == "L"]
+    features = pq.read_table(output / "features")
+    assert features.num_rows == counts["train"]["images"] * 16  # every usable image, 16 queries each
+    if grayscale:
+        assert counts["val"]["rejected"] == 0  # grayscale images are converted, not rejected
+
+
+def _mode(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.mode

@@ -1,0 +1,448 @@
+"""The serving logic behind the HTTP endpoint (pipelines/serve.py), without Ray or HTTP.
+
+:class:`SegmentationService` wraps a :class:`~pading.bundle.Bundle`:
+
+- :func:`decode_image` turns request bytes into an (H, W, 3) uint8 RGB array (JPEG, PNG,
+  WebP; any mode), refusing empty bodies, non-images, truncated files and images above
+  the pixel limit with errors that :func:`http_status` maps to 4xx codes.
+- :meth:`SegmentationService.segment` runs the segmenter once per batch and returns, per
+  image, JSON-able segments (class id/name/thing/unseen/added, score, area, bbox, COCO
+  RLE mask) or an id PNG.
+- :meth:`SegmentationService.add_classes` / :meth:`~SegmentationService.delete_class`
+  change the vocabulary at run time: new names are encoded, the classifier is expanded
+  and re-fitted on the bundle's reference embeddings plus generator features of the
+  unseen and new classes, and a *new* bundle is swapped in under a lock. A request holds
+  the state it started with, so it is never served by a half-updated model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from torch import nn
+
+from pading.bundle import Bundle
+from pading.classes import ClassInfo, ClassTable, clean_name
+from pading.classifier import (
+    Classifier,
+    ProjectionClassifier,
+    class_weights,
+    expand_classifier,
+)
+from pading.config import ServeConfig
+from pading.errors import (
+    ConfigError,
+    CorruptImageError,
+    DataError,
+    MissingWeightsError,
+    UnknownClassError,
+)
+from pading.inference import (
+    instance_inference,
+    panoptic_inference,
+    panoptic_to_rgb,
+    semantic_inference,
+)
+from pading.segmenter import postprocess_mask_logits, prepare_batch
+from pading.semantics import encode_with_config
+from pading.training import fit_classifier
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("panoptic", "instance", "semantic")
+TASK_CHOICES = TASKS + ("all",)
+OUTPUT_FORMATS = ("json", "png")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+_EIGHT_BIT_MAX = 255
+_SIXTEEN_BIT_MAX = 65535
+
+
+class RequestError(DataError):
+    """A request parameter or body that is invalid (HTTP 400)."""
+
+
+class ImageTooLargeError(DataError):
+    """An image or body above the configured limits (HTTP 413)."""
+
+
+class TruncatedImageError(CorruptImageError):
+    """An image whose header is valid but whose data ends early or is corrupt (HTTP 422)."""
+
+
+class UnprocessableError(DataError):
+    """A valid request the model cannot carry out (HTTP 422): e.g. a name without a vector."""
+
+
+class ClassConflictError(DataError):
+    """A class that already exists, or that may not be removed (HTTP 409)."""
+
+
+#: First match wins: subclasses before their bases.
+_STATUS_BY_ERROR = ((ImageTooLargeError, 413), (TruncatedImageError, 422), (UnprocessableError, 422),
+                    (ClassConflictError, 409), (UnknownClassError, 404), (DataError, 400), (ConfigError, 422))
+
+
+def http_status(error: Exception) -> int:
+    """The HTTP status of a library error (500 for anything that is not bad input)."""
+    for error_type, status in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return status
+    return 500
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB (16-bit/float grayscale scaled to 8 bits)."""
+    if image.mode in _HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)  # (H, W)
+        peak = max(float(values.max()), 1.0) if values.size else 1.0
+        scale = _EIGHT_BIT_MAX / peak if peak > _EIGHT_BIT_MAX else 1.0
+        gray = np.clip(values * scale, 0, _EIGHT_BIT_MAX).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
+    if image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()  # (H, W, 3)
+
+
+def decode_image(data: bytes, *, max_pixels: int, source: str = "request body") -> np.ndarray:
+    """JPEG/PNG/WebP bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied.
+
+    Raises RequestError (empty), CorruptImageError (not a JPEG/PNG/WebP image),
+    ImageTooLargeError (more than ``max_pixels`` pixels; checked before decoding the
+    pixels) or TruncatedImageError (the data ends early or is corrupt)."""
+    if not data:
+        raise RequestError(source, "empty body: send a JPEG, PNG or WebP image")
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise CorruptImageError(source, f"not a JPEG, PNG or WebP image ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(source, f"image too large ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise CorruptImageError(source, f"cannot read the image header ({err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(source, f"image is {width}x{height} = {width * height} pixels, above the limit of "
+                                 f"{max_pixels}")
+    if width == 0 or height == 0:
+        raise RequestError(source, f"image has no pixels ({width}x{height})")
+    try:
+        image.load()  # full decode: truncated data fails here
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise TruncatedImageError(source, f"{image.format} image is truncated or corrupt ({err})") from None
+    return _to_rgb(image)
+
+
+def check_request(task: str, output_format: str = "json") -> tuple[str, ...]:
+    """The tasks ``task`` names; RequestError for an unknown task or format, or for
+    ``format=png`` with more than one task."""
+    if task not in TASK_CHOICES:
+        raise RequestError("task", f"unknown task {task!r} (expected one of {', '.join(TASK_CHOICES)})")
+    if output_format not in OUTPUT_FORMATS:
+        raise RequestError("format", f"unknown format {output_format!r} (expected one of {', '.join(OUTPUT_FORMATS)})")
+    if output_format == "png" and task == "all":
+        raise RequestError("format", "format=png gives one id image: pick a single task, not 'all'")
+    return TASKS if task == "all" else (task,)
+
+
+def _class_fields(info: ClassInfo) -> dict:
+    return {"class_id": info.id, "class_name": info.name, "isthing": info.isthing, "unseen": info.unseen,
+            "added": info.added}
+
+
+def _mask_fields(mask: np.ndarray, with_rle: bool) -> dict:
+    """Area, XYWH bbox and (``with_rle``) the COCO RLE ``{"size": [H, W], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    fields = {"area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+    if with_rle:
+        fields["mask"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return fields
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 RGB or (H, W) non-negative ids (8-bit when they fit, else 16-bit) -> PNG."""
+    if array.ndim == 2:
+        peak = int(array.max()) if array.size else 0
+        if peak > _SIXTEEN_BIT_MAX:
+            raise DataError("id png", f"ids up to {peak} do not fit a 16-bit PNG")
+        array = array.astype(np.uint8 if peak <= _EIGHT_BIT_MAX else np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What one request is served by: a bundle and its vocabulary version."""
+
+    bundle: Bundle
+    version: int
+
+
+EncodeFn = Callable[[Sequence[str]], np.ndarray]
+
+
+class SegmentationService:
+    """Segmentation and run-time vocabulary changes over one bundle.
+
+    Args:
+        bundle: the trained model (on the device it should run on).
+        config: request limits and re-fit settings (default: ``bundle.config.serve``).
+        encode_fn: class names (M,) -> (M, S) semantic embeddings; default: the bundle's
+            encoder (:func:`pading.semantics.encode_with_config`).
+    """
+
+    def __init__(self, bundle: Bundle, config: ServeConfig | None = None, *, encode_fn: EncodeFn | None = None):
+        self.config = config or bundle.config.serve
+        self._encode_fn = encode_fn
+        self._state = ServiceState(bundle=bundle, version=0)
+        self._update_lock = threading.Lock()
+        self._next_added_id = max(bundle.table.ids) + 1  # run-time ids are never reused, even after a removal
+
+    # ---- state ----------------------------------------------------------------------
+    @property
+    def state(self) -> ServiceState:
+        """The current (bundle, version); read once per request and keep using it."""
+        return self._state
+
+    bundle = property(lambda self: self._state.bundle, doc="The current bundle.")
+
+    def decode(self, data: bytes, source: str = "request body") -> np.ndarray:
+        return decode_image(data, max_pixels=self.config.max_image_pixels, source=source)
+
+    def classes(self) -> dict:
+        """``{"vocabulary_version", "num_classes", "classes": [{index, id, name, isthing,
+        unseen, added}, ...]}``."""
+        state = self._state
+        return {"vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
+                "classes": state.bundle.table.to_records()}
+
+    # ---- segmentation ---------------------------------------------------------------
+    @torch.no_grad()
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        task: str | Sequence[str] = "panoptic",
+        output_format: str | Sequence[str] = "json",
+        *,
+        min_score: float | Sequence[float] = 0.0,
+        state: ServiceState | None = None,
+    ) -> list[dict]:
+        """Segment a batch of (H, W, 3) uint8 RGB images with one segmenter pass.
+
+        ``task``, ``output_format`` and ``min_score`` are one value for all images or one
+        per image. Returns per image ``{"width", "height", "task", "vocabulary_version",
+        <task>: [...]}``; panoptic/instance entries are segments with ``id``, class fields,
+        ``score``, ``area``, ``bbox`` and ``mask`` (COCO RLE), semantic entries one per
+        class present. With ``format=png`` the masks are left out and ``png`` holds an id
+        image: panoptic = COCO RGB segment ids, instance = instance ids (0 = none),
+        semantic = class ids.
+        """
+        count = len(images)
+        tasks, formats, scores = (
+            [value] * count if isinstance(value, (str, int, float)) else list(value)
+            for value in (task, output_format, min_score))
+        if not (len(tasks) == len(formats) == len(scores) == count):
+            raise RequestError("segment", f"{count} images but {len(tasks)} tasks, {len(formats)} formats")
+        wanted = [check_request(t, f) for t, f in zip(tasks, formats)]
+        state = state or self._state
+        if count == 0:
+            return []
+        bundle = state.bundle
+        batch = prepare_batch(list(images), bundle.config.data.image_size)
+        output = bundle.segmenter(batch["pixel_values"].to(bundle.device))
+        results = []
+        for i, meta in enumerate(batch["meta"]):
+            mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
+            class_logits = output.class_logits[i]  # (Q, C+1)
+            result = {"height": int(meta["original_size"][0]), "width": int(meta["original_size"][1]),
+                      "task": tasks[i], "vocabulary_version": state.version}
+            for name in wanted[i]:
+                result.update(self._postprocess(name, mask_logits, class_logits, bundle, formats[i], float(scores[i])))
+            results.append(result)
+        return results
+
+    def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, bundle: Bundle,
+                     output_format: str, min_score: float) -> dict:
+        table, inference = bundle.table, bundle.config.inference
+        with_rle = output_format == "json"
+        if task == "panoptic":
+            segment_ids, segments = panoptic_inference(mask_logits, class_logits, table=table, config=inference)
+            entries = [{"id": s["id"], **_class_fields(table[s["class_index"]]), "score": float(s["score"]),
+                        **_mask_fields(segment_ids == s["id"], with_rle)}
+                       for s in segments if s["score"] >= min_score]
+            kept = np.isin(segment_ids, [e["id"] for e in entries])
+            png = panoptic_to_rgb(np.where(kept, segment_ids, 0)) if not with_rle else None
+        elif task == "instance":
+            instances = [d for d in instance_inference(mask_logits, class_logits, table=table, config=inference)
+                         if d["score"] >= min_score]
+            entries = [{"id": k + 1, **_class_fields(table[d["class_index"]]), "score": float(d["score"]),
+                        **_mask_fields(d["mask"], with_rle)} for k, d in enumerate(instances)]
+            png = None
+            if not with_rle:
+                ids = np.zeros(mask_logits.shape[-2:], dtype=np.int64)  # (H, W)
+                for k in reversed(range(len(instances))):  # highest score painted last, on top
+                    ids[instances[k]["mask"]] = k + 1
+                png = ids
+        else:
+            index_map = semantic_inference(mask_logits, class_logits, table=table)  # (H, W)
+            entries = [{**_class_fields(table[int(c)]), **_mask_fields(index_map == c, with_rle)}
+                       for c in np.unique(index_map)]
+            png = np.asarray(table.ids, dtype=np.int64)[index_map] if not with_rle else None
+        return {task: entries, **({"png": _png_bytes(png)} if png is not None else {})}
+
+    # ---- run-time classes -----------------------------------------------------------
+    def _encode(self, names: Sequence[str], bundle: Bundle) -> np.ndarray:
+        """(M,) names -> (M, S) float32 with the bundle's encoder (or ``encode_fn``)."""
+        encode = self._encode_fn or (lambda texts: encode_with_config(texts, bundle.config.semantics))
+        try:
+            vectors = np.asarray(encode(list(names)), dtype=np.float32)
+        except (UnknownClassError, MissingWeightsError, ValueError) as err:
+            raise UnprocessableError("names", f"cannot encode the class names: {err}") from None
+        if vectors.shape != (len(names), bundle.class_semantics.shape[1]):
+            raise UnprocessableError("names", f"the encoder gave {vectors.shape} for {len(names)} names; the bundle's "
+                                     f"semantics are {bundle.class_semantics.shape[1]}-d ({bundle.encoder})")
+        return vectors
+
+    def _check_new_names(self, names: Sequence[str], isthing: bool | Sequence[bool],
+                         table: ClassTable) -> list[tuple[str, bool]]:
+        names = list(names) if not isinstance(names, str) else [names]
+        if not names:
+            raise RequestError("names", "give at least one class name")
+        if len(names) > self.config.max_new_classes:
+            raise RequestError("names", f"{len(names)} names; at most {self.config.max_new_classes} per request")
+        things = [bool(isthing)] * len(names) if isinstance(isthing, bool) else [bool(t) for t in isthing]
+        if len(things) != len(names):
+            raise RequestError("isthing", f"{len(things)} isthing values for {len(names)} names")
+        known = {key.lower(): c for c in table for key in (c.name, c.text)}
+        seen: set[str] = set()
+        cleaned = []
+        for i, raw in enumerate(names):
+            name = " ".join(raw.split()) if isinstance(raw, str) else ""
+            if not clean_name(name):
+                raise RequestError(f"names[{i}]", f"class name {raw!r} is empty")
+            key = clean_name(name).lower()
+            if key in seen or name.lower() in seen:
+                raise RequestError(f"names[{i}]", f"class name {name!r} is given twice")
+            existing = known.get(key) or known.get(name.lower())
+            if existing is not None:
+                raise ClassConflictError(name, f"already in the vocabulary as {existing.name!r} (id {existing.id})")
+            seen.update((key, name.lower()))
+            cleaned.append((name, things[i]))
+        return cleaned
+
+    def _refit(self, bundle: Bundle, table: ClassTable, semantics: np.ndarray) -> tuple[nn.Module, int]:
+        """The bundle's classifier expanded to ``table`` and re-fitted; (classifier, steps)."""
+        old = bundle.classifier
+        device = bundle.device
+        semantic_tensor = torch.as_tensor(semantics, dtype=torch.float32, device=device)  # (C', S)
+        if isinstance(old, ProjectionClassifier):  # projection baseline: new rows are the semantics
+            new_rows = semantic_tensor[old.num_classes:]  # (added, S)
+            return expand_classifier(old, table.num_classes, new_class_semantics=new_rows).eval(), 0
+        if bundle.generator is None or bundle.reference_embeddings is None or bundle.reference_labels is None:
+            raise UnprocessableError(
+                "bundle", "cannot add classes: re-fitting the classifier needs the bundle's generator and "
+                "reference features (reference_features.safetensors)")
+        seed = bundle.config.seed
+        expanded = expand_classifier(old, table.num_classes, generator=torch.Generator().manual_seed(seed))
+        real_embeddings = torch.as_tensor(bundle.reference_embeddings, dtype=torch.float32, device=device)  # (N, D)
+        real_labels = torch.as_tensor(bundle.reference_labels, dtype=torch.long, device=device)  # (N,)
+        real_labels = torch.where(real_labels == bundle.table.no_object_index, table.no_object_index, real_labels)
+        generator = bundle.generator
+        noise = torch.Generator(device=device).manual_seed(seed)
+
+        def synthesize(class_indices: torch.Tensor, per_class: int) -> torch.Tensor:
+            semantic = semantic_tensor[class_indices.to(device)].repeat_interleave(per_class, dim=0)  # (M*k, S)
+            return generator(semantic, generator=noise)  # (M*k, D)
+
+        fit_classifier(
+            expanded, real_embeddings, real_labels, synthesize, torch.as_tensor(table.unseen_indices),
+            steps=self.config.fit_steps, weights=class_weights(table, bundle.config.generator_training),
+            config=bundle.config.generator_training, per_class=self.config.fit_per_class,
+            batch_size=self.config.fit_batch_size, seed=seed,
+        )
+        return expanded.eval(), self.config.fit_steps
+
+    def _swap(self, bundle: Bundle, table: ClassTable, semantics: np.ndarray, classifier: nn.Module) -> ServiceState:
+        new_bundle = bundle.with_classifier(table, semantics, classifier)
+        new_bundle.segmenter.eval()
+        self._state = ServiceState(bundle=new_bundle, version=self._state.version + 1)  # one atomic assignment
+        return self._state
+
+    def add_classes(self, names: Sequence[str], isthing: bool | Sequence[bool] = True) -> dict:
+        """Add run-time classes (unseen, ``added``), re-fit the classifier and swap it in.
+
+        Returns ``{"added": [records], "seconds", "fit_steps", "vocabulary_version",
+        "num_classes"}``. RequestError for empty/duplicate names, ClassConflictError for
+        names already in the vocabulary, UnprocessableError when they cannot be encoded."""
+        with self._update_lock:
+            started = time.perf_counter()
+            bundle = self._state.bundle
+            table = bundle.table
+            new = self._check_new_names(names, isthing, table)
+            vectors = self._encode([name for name, _ in new], bundle)  # (M, S)
+            next_id = max(self._next_added_id, max(table.ids) + 1)
+            infos = [ClassInfo(id=next_id + k, name=name, isthing=thing, unseen=True, added=True)
+                     for k, (name, thing) in enumerate(new)]
+            new_table = table.with_classes(infos)
+            semantics = np.concatenate([np.asarray(bundle.class_semantics, np.float32), vectors], axis=0)  # (C', S)
+            classifier, steps = self._refit(bundle, new_table, semantics)
+            state = self._swap(bundle, new_table, semantics, classifier)
+            self._next_added_id = next_id + len(infos)
+            seconds = time.perf_counter() - started
+        logger.info("added %d class(es) %s in %.2f s (%d fit steps); vocabulary version %d, %d classes",
+                    len(infos), [i.name for i in infos], seconds, steps, state.version, new_table.num_classes)
+        records = new_table.to_records()[table.num_classes:]
+        return {"added": records, "seconds": round(seconds, 4), "fit_steps": steps,
+                "vocabulary_version": state.version, "num_classes": new_table.num_classes}
+
+    def delete_class(self, name: str) -> dict:
+        """Remove a run-time class (its classifier row is dropped; no re-fit).
+        UnknownClassError when absent, ClassConflictError for a trained class."""
+        with self._update_lock:
+            started = time.perf_counter()
+            bundle = self._state.bundle
+            table = bundle.table
+            index = table.index_of_name(" ".join(str(name).split()))
+            info = table[index]
+            if not info.added:
+                raise ClassConflictError(info.name, "is part of the trained vocabulary; only classes added at run "
+                                         "time can be removed")
+            keep = [i for i in range(table.num_classes) if i != index]
+            semantics = np.asarray(bundle.class_semantics, np.float32)[keep]  # (C-1, S)
+            classifier = _drop_class_row(bundle.classifier, index)
+            state = self._swap(bundle, table.without(info.name), semantics, classifier)
+            seconds = time.perf_counter() - started
+        logger.info("removed class %r in %.3f s; vocabulary version %d", info.name, seconds, state.version)
+        return {"removed": table.to_records()[index], "seconds": round(seconds, 4),
+                "vocabulary_version": state.version, "num_classes": table.num_classes - 1}
+
+
+def _drop_class_row(classifier: nn.Module, index: int) -> nn.Module:
+    """A copy of ``classifier`` without class ``index`` (other logits unchanged)."""
+    keep = [i for i in range(classifier.num_classes + 1) if i != index]  # classes + no object
+    if isinstance(classifier, ProjectionClassifier):
+        smaller = copy.deepcopy(classifier)
+        smaller.class_semantics = classifier.class_semantics[keep[:-1]].clone()  # (C-1, S) buffer
+        return smaller.eval()
+    if not isinstance(classifier, Classifier):
+        raise UnprocessableError("classifier", f"cannot remove a class from a {type(classifier).__name__}")
+    weight = classifier.linear.weight.detach()  # (C+1, D)
+    smaller = Classifier(classifier.embed_dim, classifier.num_classes - 1).to(weight.device)
+    with torch.no_grad():
+        smaller.linear.weight.copy_(weight[keep])
+        smaller.linear.bias.copy_(classifier.linear.bias.detach()[keep])
+    return smaller.eval()

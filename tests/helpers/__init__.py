@@ -1,0 +1,1 @@
+"""Shared builders for tests (not fixtures: plain functions the test modules call)."""

@@ -1,0 +1,83 @@
+"""One Ray + Serve deployment of a tiny bundle per pytest session, shared by
+tests/test_serve.py and tests/test_page.py (each wraps :func:`start` in a session fixture
+and calls :func:`stop` at the end; the second call of either is a no-op)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from helpers.tiny_bundle import build_tiny_bundle
+
+READY_TIMEOUT_S = 120
+MAX_IMAGE_PIXELS = 400_000  # the COCO samples (640x480) fit, a 1000x500 image does not
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+_running: dict = {}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(workdir: Path) -> dict:
+    """``{"url", "bundle_dir"}`` of the running app, starting Ray (own local instance,
+    2 CPUs) and Serve on a free 127.0.0.1 port the first time."""
+    if _running:
+        return _running
+    import ray
+
+    from pading.config import load_config
+    from pipelines import serve as serve_module
+
+    bundle_dir = Path(workdir) / "bundle"
+    build_tiny_bundle(bundle_dir)
+    overrides = [f"serve.port={free_port()}", "serve.num_cpus=1", f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
+                 f"serve.max_body_bytes={MAX_BODY_BYTES}", "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02"]
+    config = load_config(bundle_dir / "config.yaml", overrides)
+    env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars},
+             log_to_driver=False)
+    try:
+        url = serve_module.deploy(bundle_dir, config)
+        deadline = time.time() + READY_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(url + "healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"{url}healthz did not answer within {READY_TIMEOUT_S} s")
+            time.sleep(0.5)
+    except BaseException:
+        stop(force=True)
+        raise
+    _running.update(url=url, bundle_dir=bundle_dir)
+    return _running
+
+
+def stop(force: bool = False) -> None:
+    """Shut Serve and this process's Ray down (only what :func:`start` started)."""
+    if not _running and not force:
+        return
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        _running.clear()
