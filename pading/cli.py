@@ -1,12 +1,102 @@
-"""The ``pading`` command line: ``pading evaluate {panoptic,instance,semantic} ...``."""
+"""The ``pading`` command line.
+
+    pading data synth --out DIR --train N --val M --size S [--seed K]
+    pading evaluate {panoptic,instance,semantic} ...   (one JSON report on stdout)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from pading.classes import cocostuff_categories
 from pading.data.synthetic import add_data_cli
-from pading.evaluation import add_evaluate_cli
+from pading.errors import AnnotationError, DataError, UnknownClassError
+from pading.evaluation import (
+    _check_keys,
+    _load_coco,
+    _load_json,
+    evaluate_instance,
+    evaluate_panoptic,
+    evaluate_semantic,
+    resolve_unseen_ids,
+)
+
+
+def _categories_from_file(path) -> list[dict]:
+    try:
+        with Path(path).open("r", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise AnnotationError(str(path), f"cannot read categories JSON ({err})") from None
+    categories = data.get("categories") if isinstance(data, dict) else data
+    if not isinstance(categories, list):
+        raise AnnotationError(str(path), "expected a list of categories or an object with 'categories'")
+    for index, category in enumerate(categories):
+        _check_keys(category, ("id", "name"), f"{path}: categories[{index}]")
+    return categories
+
+
+def _unseen_names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        names = _unseen_names(args.unseen)
+        if args.task == "panoptic":
+            categories = _load_json(args.gt_json, ("categories",))["categories"]
+            unseen_ids = resolve_unseen_ids(categories, names)
+            report = evaluate_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, unseen_ids=unseen_ids)
+        elif args.task == "instance":
+            coco_gt = _load_coco(args.gt_json)
+            unseen_ids = resolve_unseen_ids(coco_gt.dataset["categories"], names)
+            report = evaluate_instance(coco_gt, args.pred_json, unseen_ids=unseen_ids)
+        else:
+            categories = _categories_from_file(args.categories) if args.categories else cocostuff_categories()
+            unseen_ids = resolve_unseen_ids(categories, names)
+            report = evaluate_semantic(args.gt_dir, args.pred_dir, categories=categories, unseen_ids=unseen_ids)
+    except UnknownClassError as err:
+        sys.stderr.write(f"pading evaluate: error: {err}\n")
+        return 2
+    except DataError as err:
+        sys.stderr.write(f"pading evaluate: error: {err}\n")
+        return 1
+    text = json.dumps(report, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def add_evaluate_cli(subparsers) -> None:
+    """Add ``evaluate {panoptic,instance,semantic}`` to an argparse subparsers object."""
+    evaluate = subparsers.add_parser("evaluate", help="GZSL metrics (seen/unseen/HM) of COCO-format predictions")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    unseen_help = "comma-separated unseen class names (cleaned names like 'tree' accepted); default: none"
+
+    panoptic = tasks.add_parser("panoptic", help="PQ/SQ/RQ of COCO panoptic predictions (JSON + PNGs)")
+    panoptic.add_argument("--gt-json", required=True)
+    panoptic.add_argument("--gt-dir", required=True)
+    panoptic.add_argument("--pred-json", required=True)
+    panoptic.add_argument("--pred-dir", required=True)
+
+    instance = tasks.add_parser("instance", help="mAP@0.5 and Recall@100 of COCO results (segm)")
+    instance.add_argument("--gt-json", required=True)
+    instance.add_argument("--pred-json", required=True)
+
+    semantic = tasks.add_parser("semantic", help="mIoU of label PNGs (category_id - 1, 255 = ignore)")
+    semantic.add_argument("--gt-dir", required=True)
+    semantic.add_argument("--pred-dir", required=True)
+    semantic.add_argument("--categories", default=None, help="COCO-format JSON (default: the 171 COCO-Stuff classes)")
+
+    for sub in (panoptic, instance, semantic):
+        sub.add_argument("--unseen", default=None, help=unseen_help)
+        sub.add_argument("--output", default=None, help="also write the JSON report here")
+        sub.set_defaults(func=_run_evaluate)
 
 
 def main(argv=None) -> int:

@@ -15,12 +15,10 @@ arrays: they pickle, and ``merge`` reduces partial results from several workers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -28,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pading.classes import ClassTable, cocostuff_categories
-from pading.errors import AnnotationError, CorruptImageError, DataError, UnknownClassError
+from pading.errors import AnnotationError, CorruptImageError, UnknownClassError
 
 logger = logging.getLogger(__name__)
 
@@ -506,78 +504,3 @@ def evaluate_semantic(
             raise AnnotationError(str(pred_path), f"prediction for {gt_path.name} is missing")
         evaluator.add(read_label_png(gt_path), read_label_png(pred_path), source=str(pred_path))
     return evaluator.summarize()
-
-
-# ---------------------------------------------------------------------------- CLI
-def _categories_from_file(path) -> list[dict]:
-    try:
-        with Path(path).open("r", encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise AnnotationError(str(path), f"cannot read categories JSON ({err})") from None
-    categories = data.get("categories") if isinstance(data, dict) else data
-    if not isinstance(categories, list):
-        raise AnnotationError(str(path), "expected a list of categories or an object with 'categories'")
-    for index, category in enumerate(categories):
-        _check_keys(category, ("id", "name"), f"{path}: categories[{index}]")
-    return categories
-
-
-def _unseen_names(text: str | None) -> list[str]:
-    return [name.strip() for name in (text or "").split(",") if name.strip()]
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    try:
-        names = _unseen_names(args.unseen)
-        if args.task == "panoptic":
-            categories = _load_json(args.gt_json, ("categories",))["categories"]
-            unseen_ids = resolve_unseen_ids(categories, names)
-            report = evaluate_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, unseen_ids=unseen_ids)
-        elif args.task == "instance":
-            coco_gt = _load_coco(args.gt_json)
-            unseen_ids = resolve_unseen_ids(coco_gt.dataset["categories"], names)
-            report = evaluate_instance(coco_gt, args.pred_json, unseen_ids=unseen_ids)
-        else:
-            categories = _categories_from_file(args.categories) if args.categories else cocostuff_categories()
-            unseen_ids = resolve_unseen_ids(categories, names)
-            report = evaluate_semantic(args.gt_dir, args.pred_dir, categories=categories, unseen_ids=unseen_ids)
-    except UnknownClassError as err:
-        sys.stderr.write(f"pading evaluate: error: {err}\n")
-        return 2
-    except DataError as err:
-        sys.stderr.write(f"pading evaluate: error: {err}\n")
-        return 1
-    text = json.dumps(report, indent=2)
-    sys.stdout.write(text + "\n")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    return 0
-
-
-def add_evaluate_cli(subparsers) -> None:
-    """Add ``evaluate {panoptic,instance,semantic}`` to an argparse subparsers object."""
-    evaluate = subparsers.add_parser("evaluate", help="GZSL metrics (seen/unseen/HM) of COCO-format predictions")
-    tasks = evaluate.add_subparsers(dest="task", required=True)
-    unseen_help = "comma-separated unseen class names (cleaned names like 'tree' accepted); default: none"
-
-    panoptic = tasks.add_parser("panoptic", help="PQ/SQ/RQ of COCO panoptic predictions (JSON + PNGs)")
-    panoptic.add_argument("--gt-json", required=True)
-    panoptic.add_argument("--gt-dir", required=True)
-    panoptic.add_argument("--pred-json", required=True)
-    panoptic.add_argument("--pred-dir", required=True)
-
-    instance = tasks.add_parser("instance", help="mAP@0.5 and Recall@100 of COCO results (segm)")
-    instance.add_argument("--gt-json", required=True)
-    instance.add_argument("--pred-json", required=True)
-
-    semantic = tasks.add_parser("semantic", help="mIoU of label PNGs (category_id - 1, 255 = ignore)")
-    semantic.add_argument("--gt-dir", required=True)
-    semantic.add_argument("--pred-dir", required=True)
-    semantic.add_argument("--categories", default=None, help="COCO-format JSON (default: the 171 COCO-Stuff classes)")
-
-    for sub in (panoptic, instance, semantic):
-        sub.add_argument("--unseen", default=None, help=unseen_help)
-        sub.add_argument("--output", default=None, help="also write the JSON report here")
-        sub.set_defaults(func=_run_evaluate)
