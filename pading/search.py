@@ -1,0 +1,367 @@
+"""Hyper-parameter search without peeking at unseen classes (library side of pipelines/tune.py).
+
+A trial re-trains only the generator and the classifier on the cached query embeddings
+(the features table of stage 2), so it is cheap. Its score comes from a validation
+protocol:
+
+- ``pseudo_unseen`` (default): ``tune.pseudo_unseen_count`` seen classes, chosen from the
+  seed, play "unseen". Every training image with a query matched to one of them is
+  withheld from generator and classifier training (the seen-only filter of stage 1, applied
+  to the pseudo-unseen classes), and so is a ``tune.holdout_fraction`` of the other images
+  (stable hash of ``image_id``). The matched queries of the withheld images are the
+  validation set. Real unseen classes stay unseen (synthesised, never read: the training
+  features contain none, and any image that has one is dropped).
+- ``paper``: the paper's protocol, train on all features and validate on the matched
+  queries of the val images, real unseen classes included. It peeks at unseen labels.
+
+The score is the harmonic mean of the mean per-class accuracy (percent) over the scored
+seen classes and over the scored (pseudo-)unseen classes; a query counts as correct when
+the classifier's best class (the "no object" column left out) is its matched class.
+
+Caveat: the segmenter was pretrained with the pseudo-unseen classes labelled, so their
+query embeddings are more separable than a truly unseen class's; the pseudo-unseen
+accuracy is optimistic in absolute terms, and the protocol ranks settings, it does not
+predict the test numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from pading.classes import ClassTable
+from pading.config import ExperimentConfig, from_dict, to_dict
+from pading.errors import ConfigError, DataError
+from pading.evaluation import harmonic_mean
+from pading.training import GeneratorTrainer
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("pseudo_unseen", "paper")
+PERCENT = 100.0
+#: Rows per forward pass when scoring the classifier.
+SCORE_BATCH_ROWS = 8192
+#: Divisor mapping a 64-bit hash to [0, 1).
+_HASH_RANGE = float(2**64)
+
+TrialCallback = Callable[[dict, GeneratorTrainer], None]
+
+
+@dataclass
+class FeatureArrays:
+    """Rows of a features table as arrays (picklable; zero-copy in Ray's object store).
+
+    Attributes:
+        embeddings: (N, D) float32 query embeddings.
+        labels: (N,) int64 matched class index, ``table.no_object_index`` for no object.
+        image_ids: (N,) int64 image of each row.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    image_ids: np.ndarray
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 2 or self.labels.shape != self.embeddings.shape[:1] or \
+                self.image_ids.shape != self.labels.shape:
+            raise DataError("features", f"expected embeddings (N, D), labels (N,) and image_ids (N,), got "
+                                        f"{self.embeddings.shape}, {self.labels.shape}, {self.image_ids.shape}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, rows: np.ndarray) -> "FeatureArrays":
+        """The rows where the boolean mask (N,) (or index array) ``rows`` selects."""
+        return FeatureArrays(self.embeddings[rows], self.labels[rows], self.image_ids[rows])
+
+
+def read_features(directory: str | Path) -> FeatureArrays:
+    """Read every ``shard-*.parquet`` of a features directory (pading.extraction's schema)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("shard-*.parquet"))
+    if not files:
+        raise DataError(str(directory), "no features shards (shard-*.parquet); run the extract stage first")
+    table = pq.read_table(files, columns=["image_id", "embedding", "label"])
+    embedding_column = table.column("embedding").combine_chunks()
+    embed_dim = embedding_column.type.list_size
+    flat = embedding_column.flatten().to_numpy(zero_copy_only=False)
+    return FeatureArrays(
+        embeddings=np.asarray(flat, dtype=np.float32).reshape(-1, embed_dim),  # (N, D)
+        labels=table.column("label").to_numpy().astype(np.int64),
+        image_ids=table.column("image_id").to_numpy().astype(np.int64),
+    )
+
+
+def features_from_rows(rows: Sequence[dict]) -> FeatureArrays:
+    """Feature rows of :func:`pading.extraction.extract_features` -> arrays."""
+    if not rows:
+        raise DataError("features", "no feature rows")
+    return FeatureArrays(
+        embeddings=np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows]),
+        labels=np.asarray([r["label"] for r in rows], dtype=np.int64),
+        image_ids=np.asarray([r["image_id"] for r in rows], dtype=np.int64),
+    )
+
+
+@dataclass
+class SearchSplit:
+    """What a trial trains on and is scored on.
+
+    Attributes:
+        protocol: ``pseudo_unseen`` or ``paper``.
+        table: the vocabulary trials train with (pseudo-unseen classes marked unseen).
+        train: rows the generator and classifier see.
+        validation: matched query rows the score is computed on.
+        seen_indices / unseen_indices: the classes averaged into the seen / unseen accuracy.
+    """
+
+    protocol: str
+    table: ClassTable
+    train: FeatureArrays
+    validation: FeatureArrays
+    seen_indices: tuple
+    unseen_indices: tuple
+
+
+# ---- the pseudo-unseen protocol ---------------------------------------------------------
+
+
+def stable_fraction(image_id: int, seed: int) -> float:
+    """A number in [0, 1) fixed by ``(seed, image_id)`` (same on every machine and run)."""
+    digest = hashlib.blake2b(f"{seed}:{int(image_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / _HASH_RANGE
+
+
+def holdout_rows(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(N,) bool: the rows of the images held out for validation (about ``fraction`` of them)."""
+    unique = np.unique(image_ids)
+    held = np.array([stable_fraction(i, seed) < fraction for i in unique], dtype=bool)
+    return np.isin(image_ids, unique[held])
+
+
+def choose_pseudo_unseen(table: ClassTable, labels: np.ndarray, count: int, seed: int) -> list[int]:
+    """``count`` seen classes that occur in ``labels``, chosen by ``seed`` (sorted indices)."""
+    matched = labels[labels < table.no_object_index]
+    present = set(np.unique(matched).tolist())
+    candidates = [i for i in table.seen_indices if i in present]
+    if count >= len(candidates):
+        raise ConfigError(
+            f"tune.pseudo_unseen_count={count} but only {len(candidates)} seen classes occur in the features; "
+            "at least one must stay seen"
+        )
+    chosen = np.random.default_rng(seed).choice(len(candidates), size=count, replace=False)
+    return sorted(candidates[int(i)] for i in chosen)
+
+
+def _rows_of_images_with(features: FeatureArrays, classes: Sequence[int]) -> np.ndarray:
+    """(N,) bool: rows of images that have at least one query matched to ``classes``."""
+    images = np.unique(features.image_ids[np.isin(features.labels, np.asarray(list(classes), dtype=np.int64))])
+    return np.isin(features.image_ids, images)
+
+
+def pseudo_unseen_split(
+    features: FeatureArrays, table: ClassTable, *, count: int, holdout_fraction: float, seed: int
+) -> SearchSplit:
+    """The default protocol (module docstring). ``features``: the training features table."""
+    real_unseen = table.unseen_indices
+    with_real_unseen = _rows_of_images_with(features, real_unseen)
+    if with_real_unseen.any():
+        logger.warning("%d feature rows belong to images with real unseen classes; they are not used",
+                       int(with_real_unseen.sum()))
+    usable = features.select(~with_real_unseen)
+    pseudo = choose_pseudo_unseen(table, usable.labels, count, seed)
+    search_table = table.with_unseen([table[i].name for i in real_unseen + pseudo])
+    withheld = _rows_of_images_with(usable, pseudo) | holdout_rows(usable.image_ids, holdout_fraction, seed)
+    train = usable.select(~withheld)
+    candidates = usable.select(withheld)
+    validation = candidates.select(candidates.labels < table.no_object_index)
+    seen = tuple(sorted(set(validation.labels.tolist()) - set(pseudo)))
+    if len(train) == 0 or not seen:
+        raise DataError("features", f"too few images to split: {len(train)} training rows, "
+                                    f"{len(seen)} seen classes in the validation images")
+    logger.info("pseudo-unseen protocol: classes %s play unseen; %d training rows, %d validation queries",
+                [table[i].name for i in pseudo], len(train), len(validation))
+    return SearchSplit("pseudo_unseen", search_table, train, validation, seen, tuple(pseudo))
+
+
+def paper_split(train: FeatureArrays, validation: FeatureArrays, table: ClassTable) -> SearchSplit:
+    """The paper's protocol: all training features; the val images' matched queries,
+    scored over the real seen and unseen classes. Selecting on it peeks at unseen labels."""
+    matched = validation.select(validation.labels < table.no_object_index)
+    present = set(matched.labels.tolist())
+    seen = tuple(i for i in table.seen_indices if i in present)
+    unseen = tuple(i for i in table.unseen_indices if i in present)
+    if not seen or not unseen:
+        raise DataError("val features", f"the val images must contain seen and unseen classes "
+                                        f"({len(seen)} seen, {len(unseen)} unseen found)")
+    return SearchSplit("paper", table, train, matched, seen, unseen)
+
+
+# ---- scoring ------------------------------------------------------------------------------
+
+
+def mean_class_accuracy(predictions: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> float:
+    """Mean over ``classes`` that occur in ``labels`` of the fraction (percent) of their rows
+    predicted correctly; 0 when none occurs."""
+    accuracies = [float((predictions[labels == c] == c).mean()) for c in classes if (labels == c).any()]
+    return PERCENT * float(np.mean(accuracies)) if accuracies else 0.0
+
+
+@torch.no_grad()
+def score_classifier(classifier: nn.Module, split: SearchSplit) -> dict[str, float]:
+    """``{"seen_accuracy", "unseen_accuracy", "score"}`` (percent; score = their HM)."""
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    predictions = []
+    embeddings = split.validation.embeddings
+    for start in range(0, embeddings.shape[0], SCORE_BATCH_ROWS):
+        batch = torch.as_tensor(np.array(embeddings[start : start + SCORE_BATCH_ROWS]), device=device)  # (n, D)
+        logits = classifier(batch)[:, :-1]  # (n, C): "no object" left out
+        predictions.append(logits.argmax(1).cpu().numpy())
+    classifier.train(was_training)
+    predicted = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+    seen = mean_class_accuracy(predicted, split.validation.labels, split.seen_indices)
+    unseen = mean_class_accuracy(predicted, split.validation.labels, split.unseen_indices)
+    return {"seen_accuracy": seen, "unseen_accuracy": unseen, "score": harmonic_mean(seen, unseen)}
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def step_rows(num_rows: int, rows_per_step: int, step: int, seed: int) -> np.ndarray:
+    """The row indices of training step ``step``: a fixed function of ``(seed, step)``, so a
+    resumed run sees the same batches."""
+    rng = np.random.default_rng([seed, step])
+    return np.sort(rng.choice(num_rows, size=min(rows_per_step, num_rows), replace=False))
+
+
+def train_generator(
+    features: FeatureArrays,
+    table: ClassTable,
+    class_semantics: np.ndarray,
+    config: ExperimentConfig,
+    *,
+    iterations: int,
+    class_head: Optional[nn.Linear] = None,
+    device: Optional[torch.device] = None,
+    callback: Optional[Callable[[GeneratorTrainer, dict], None]] = None,
+    callback_every: int = 0,
+    resume_state: Optional[dict] = None,
+) -> GeneratorTrainer:
+    """Train a :class:`~pading.training.GeneratorTrainer` for ``iterations`` steps.
+
+    Each step takes ``generator_training.batch_images × segmenter.num_queries`` rows (the
+    queries of that many images, drawn at random). The learning-rate schedule is laid over
+    ``iterations``. ``callback(trainer, last_step_metrics)`` runs every ``callback_every`` steps
+    (0: never) and after the last one.
+
+    Args:
+        features: training rows; class_semantics: (C, S) table-order semantic embeddings.
+        class_head: the segmenter's pretrained ``Linear(D, C+1)`` to start the classifier from.
+        resume_state: a :meth:`GeneratorTrainer.state_dict` to continue from.
+    """
+    if len(features) == 0:
+        raise DataError("features", "no training rows")
+    config = apply_overrides(config, {"generator_training.iterations": iterations})
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    semantics = torch.tensor(np.asarray(class_semantics, dtype=np.float32), device=device)  # (C, S), a copy
+    trainer = GeneratorTrainer(table, semantics, int(features.embeddings.shape[1]), config,
+                               class_head=class_head, device=device)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+    rows_per_step = config.generator_training.batch_images * config.segmenter.num_queries
+    metrics: dict = {}
+    while trainer.step_count < iterations:
+        rows = step_rows(len(features), rows_per_step, trainer.step_count, config.seed)
+        embeddings = torch.from_numpy(features.embeddings[rows])  # (n, D), a copy
+        labels = torch.from_numpy(features.labels[rows])  # (n,)
+        metrics = trainer.step(embeddings.to(device), labels.to(device))
+        last = trainer.step_count == iterations
+        if callback is not None and ((callback_every and trainer.step_count % callback_every == 0) or last):
+            callback(trainer, metrics)
+    return trainer
+
+
+def train_and_score(
+    split: SearchSplit,
+    class_semantics: np.ndarray,
+    config: ExperimentConfig,
+    *,
+    iterations: int,
+    report_every: int,
+    callback: Optional[TrialCallback] = None,
+    class_head: Optional[nn.Linear] = None,
+    device: Optional[torch.device] = None,
+    resume_state: Optional[dict] = None,
+) -> dict[str, float]:
+    """One trial: train on ``split.train`` and score on ``split.validation`` every
+    ``report_every`` steps and at the end. ``callback(metrics, trainer)`` receives
+    ``{"step", "score", "seen_accuracy", "unseen_accuracy", "classifier_loss", ...}``
+    (ASHA stops a trial by not returning from it). Returns the last metrics."""
+    if split.train.embeddings.shape[0] and split.validation.embeddings.shape[1] != split.train.embeddings.shape[1]:
+        raise DataError("features", "training and validation embeddings differ in size")
+    last: dict[str, float] = {}
+
+    def report(trainer: GeneratorTrainer, step_metrics: dict) -> None:
+        metrics = {"step": float(trainer.step_count), **score_classifier(trainer.classifier, split)}
+        metrics.update({k.replace("/", "_"): float(v) for k, v in step_metrics.items() if k != "step"})
+        last.clear()
+        last.update(metrics)
+        logger.info("step %d: score %.2f (seen %.2f, unseen %.2f)", trainer.step_count, metrics["score"],
+                    metrics["seen_accuracy"], metrics["unseen_accuracy"])
+        if callback is not None:
+            callback(metrics, trainer)
+
+    train_generator(split.train, split.table, class_semantics, config, iterations=iterations,
+                    class_head=class_head, device=device, callback=report, callback_every=report_every,
+                    resume_state=resume_state)
+    return last
+
+
+# ---- configs ------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (as Tune samples them) -> Python numbers."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def validate_search_space(space: Mapping[str, Any]) -> None:
+    """Every ``"section.key"`` of a search space must name a config field."""
+    defaults = to_dict(ExperimentConfig())
+    for key in space:
+        section, _, name = key.partition(".")
+        if not isinstance(defaults.get(section), dict) or name not in defaults[section]:
+            raise ConfigError(f"tune.search_space: {key!r} is not a config key (section.key)")
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """A new config with ``{"section.key": value}`` applied, validated like YAML
+    (unknown keys and bad values raise :class:`~pading.errors.ConfigError`)."""
+    data = to_dict(config)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        cursor = data
+        for part in parts[:-1]:
+            if not isinstance(cursor.get(part), dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a config section")
+            cursor = cursor[part]
+        if parts[-1] not in cursor:
+            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
+        cursor[parts[-1]] = _plain(value)
+    return from_dict(ExperimentConfig, data)
+
+
+def replace_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """``config`` with another ``seed`` (a shallow copy; sections are shared, read-only)."""
+    return dataclasses.replace(config, seed=int(seed))

@@ -1,0 +1,241 @@
+"""The paper's tables on the configured data: the ablation (projection baseline, GMMN
+generator, primitive generator, + alignment, + alignment and disentanglement) and the
+primitive count (K = 100 … 500), each as ZSP Seen/Unseen/HM PQ, SQ, RQ, ZSI mAP@0.5 and
+ZSS mIoU, mean ± std over seeds. Plus the t-SNE of synthetic unseen features (the paper's
+Fig. 5) and a bar chart of the ablation's HM-PQ.
+
+    python pipelines/tables.py --config configs/demo.yaml [--seeds 0,1,2] [--variants gmmn,full]
+                               [--primitive-counts 100,400] [--set tables.iterations=500]
+
+Every row × seed is a Ray task (``tables.cpus_per_task`` CPUs, ``tables.gpus_per_task`` GPUs);
+the rows share the segmenter and the features: the val images go through the frozen
+segmenter once and each row only swaps the classifier. Writes ``<output>/tables/``:
+``ablation.md/.csv``, ``primitives.md/.csv``, ``tsne.png``, ``ablation_hm_pq.png``,
+``results.json``; one MLflow run per row nested under a ``tables`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+try:
+    from pipelines import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+from pading import tracking
+from pading.config import ExperimentConfig
+from pading.tables import (
+    ABLATION_LABELS,
+    RowSpec,
+    aggregate,
+    flatten_results,
+    format_markdown,
+    table_rows,
+    write_csv,
+)
+
+logger = logging.getLogger("pipelines.tables")
+
+#: The t-SNE panels: variant -> title (the paper's Fig. 5 compares these generators).
+TSNE_PANELS = {"gmmn": "GMMN generator", "primitive": "primitive generator", "full": "PADing (full)"}
+HM_PQ = "panoptic.hm.pq"
+
+
+def stage_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"pipelines.{name}")
+    except ImportError:
+        return importlib.import_module(name)
+
+
+def _segmenter_cache(config: ExperimentConfig, segmenter_dir: str, rows: list[dict]):
+    import torch
+
+    from pading.segmenter import Segmenter
+    from pading.tables import cache_segmenter_outputs
+
+    device = "cuda" if config.tables.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
+    segmenter = Segmenter.load(segmenter_dir, map_location=device)
+    return cache_segmenter_outputs(segmenter, rows, image_size=config.data.image_size,
+                                   batch_size=config.ray.extract_batch_size)
+
+
+def _train_row(features, table, semantics, config: ExperimentConfig, cache, class_head, *, variant: str,
+               num_primitives: int, seed: int, iterations: int, tsne_per_class: int) -> dict:
+    import torch
+
+    from pading.tables import train_row
+
+    torch.set_num_threads(max(1, int(config.tables.cpus_per_task)))
+    device = torch.device("cuda" if config.tables.gpus_per_task > 0 and torch.cuda.is_available() else "cpu")
+    return train_row(features, table, semantics, config, cache, variant=variant, num_primitives=num_primitives,
+                     seed=seed, iterations=iterations, class_head=class_head, tsne_per_class=tsne_per_class,
+                     device=device)
+
+
+def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds: tuple) -> tuple[dict, list[dict]]:
+    """Train and evaluate every distinct (variant, K) × seed as a Ray task.
+
+    Returns ``({row key: [per-seed outputs]}, failures)``."""
+    import ray
+
+    from pading.search import read_features
+    from pading.segmenter import Segmenter
+    from pading.semantics import class_embeddings
+
+    prepare = stage_module("prepare")
+    table = prepare.load_table(output)
+    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
+    segmenter_dir = str(output / "pretrain" / "segmenter")
+    settings = config.tables
+    resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
+    cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
+        config, segmenter_dir, prepare.read_manifest(output, "val"))
+    shared = [ray.put(read_features(output / "features")), ray.put(table), ray.put(semantics), ray.put(config),
+              cache_ref, ray.put(Segmenter.load(segmenter_dir, map_location="cpu").class_head)]
+    iterations = settings.iterations or config.generator_training.iterations
+    task = ray.remote(_train_row).options(**resources)
+    pending = {}
+    for spec in {r.key: r for r in rows}.values():
+        for seed in seeds:
+            draw = settings.tsne_per_class if (spec.variant in TSNE_PANELS and seed == seeds[0]
+                                               and spec.num_primitives == config.generator.num_primitives) else 0
+            ref = task.remote(*shared, variant=spec.variant, num_primitives=spec.num_primitives, seed=seed,
+                              iterations=iterations, tsne_per_class=draw)
+            pending[ref] = (spec.key, seed)
+    logger.info("tables: %d tasks (%d models × %d seeds), %d iterations each", len(pending),
+                len(pending) // len(seeds), len(seeds), iterations)
+    done: dict[str, list[dict]] = {}
+    failures = []
+    remaining = list(pending)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        key, seed = pending[ready[0]]
+        try:
+            done.setdefault(key, []).append(ray.get(ready[0]))
+            logger.info("tables: %s seed %d done (%d left)", key, seed, len(remaining))
+        except ray.exceptions.RayError as err:  # a failed row (task error, dead worker) must not lose the others
+            logger.error("tables: %s seed %d failed: %s", key, seed, err)
+            failures.append({"row": key, "seed": seed, "error": str(err)[:2000]})
+    for outputs in done.values():
+        outputs.sort(key=lambda o: o["seed"])
+    return {"outputs": done, "table": table}, failures
+
+
+def write_outputs(config: ExperimentConfig, out_dir: Path, rows: list[RowSpec], trained: dict, seeds: tuple) -> dict:
+    """Markdown, CSV, figures and results.json; returns what was written."""
+    from pading.table_figures import bar_chart, tsne_figure
+
+    outputs, table = trained["outputs"], trained["table"]
+    aggregated = {key: aggregate([flatten_results(o["results"]) for o in runs]) for key, runs in outputs.items()}
+    written: dict = {"markdown": {}, "csv": {}, "figures": []}
+    for name in ("ablation", "primitives"):
+        table_rows_ = [(spec, aggregated[spec.key]) for spec in rows if spec.table == name and spec.key in aggregated]
+        if not table_rows_:
+            continue
+        markdown = format_markdown(table_rows_, seeds=seeds)
+        (out_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
+        write_csv(out_dir / f"{name}.csv", table_rows_, seeds=seeds)
+        written["markdown"][name] = markdown
+        written["csv"][name] = str(out_dir / f"{name}.csv")
+    panels = {}
+    for variant, title in TSNE_PANELS.items():
+        key = f"{variant}-K{config.generator.num_primitives}"
+        draws = [o for o in outputs.get(key, []) if o.get("synthetic_unseen") is not None]
+        if draws:
+            panels[title] = (draws[0]["synthetic_unseen"], draws[0]["synthetic_labels"])
+    if panels:
+        names = {i: table[i].name for i in table.unseen_indices}
+        written["figures"].append(str(tsne_figure(panels, names, out_dir / "tsne.png", seed=seeds[0])))
+    ablation = [spec for spec in rows if spec.table == "ablation" and HM_PQ in aggregated.get(spec.key, {})]
+    if ablation:
+        written["figures"].append(str(bar_chart([s.label for s in ablation],
+                                                [aggregated[s.key][HM_PQ]["mean"] for s in ablation],
+                                                [aggregated[s.key][HM_PQ]["std"] for s in ablation],
+                                                out_dir / "ablation_hm_pq.png")))
+    results = {"seeds": list(seeds), "rows": [
+        {"table": s.table, "label": s.label, "variant": s.variant, "num_primitives": s.num_primitives,
+         "seeds_done": [o["seed"] for o in outputs.get(s.key, [])], "metrics": aggregated.get(s.key, {}),
+         "per_seed": [flatten_results(o["results"]) for o in outputs.get(s.key, [])]} for s in rows]}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    written["results"] = results
+    return written
+
+
+def log_to_mlflow(config: ExperimentConfig, out_dir: Path, written: dict, failures: list[dict]) -> str:
+    import mlflow
+
+    tracking.setup(config.tracking)
+    with tracking.run(f"{config.name}-tables", tags={"pipeline": "tables"}) as parent:
+        tracking.log_params({**config.flat(), "tables.failures": len(failures)})
+        for row in written["results"]["rows"]:
+            with tracking.run(f"{row['table']}: {row['label']}", nested=True,
+                              tags={"pipeline": "tables", "table": row["table"]}):
+                tracking.log_params({"variant": row["variant"], "num_primitives": row["num_primitives"],
+                                     "seeds": row["seeds_done"]})
+                tracking.log_metrics({f"{k}.{stat}": v for k, stats in row["metrics"].items() for stat, v in stats.items()})
+                for step, seed_metrics in zip(row["seeds_done"], row["per_seed"]):
+                    tracking.log_metrics({f"seed.{k}": v for k, v in seed_metrics.items()}, step=step)
+        for path in sorted(out_dir.glob("*.md")) + sorted(out_dir.glob("*.csv")) + sorted(out_dir.glob("*.png")):
+            mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(out_dir / "results.json"))
+        return parent.info.run_id
+
+
+def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None, variants=None,
+        primitive_counts=None) -> dict:
+    stage_dir = output / "tables"
+    done = common.stage_done(stage_dir)
+    if done and not force:
+        logger.info("tables: already done (%s), skipping", stage_dir)
+        return done
+    started = time.time()
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else config.tables.seeds))
+    rows = table_rows(config, variants, primitive_counts)
+    common.init_ray()
+    for name in ("prepare", "pretrain", "extract"):
+        stage_module(name).run(config, output)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trained, failures = run_rows(config, output, rows, seeds)
+    if not trained["outputs"]:
+        raise RuntimeError(f"tables: every task failed: {failures[:3]}")
+    written = write_outputs(config, stage_dir, rows, trained, seeds)
+    run_id = log_to_mlflow(config, stage_dir, written, failures)
+    info = {"markdown": written["markdown"], "csv": written["csv"], "figures": written["figures"],
+            "failures": failures, "seeds": list(seeds), "mlflow_run_id": run_id, "seconds": time.time() - started}
+    common.mark_done(stage_dir, info)
+    return info
+
+
+def main() -> None:
+    common.setup_logging()
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: tables.seeds)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated ablation variants (default: tables.variants; {', '.join(ABLATION_LABELS)})")
+    parser.add_argument("--primitive-counts", default=None, help="comma-separated K values (default: tables.primitive_counts)")
+    args = parser.parse_args()
+    for flag, key in ((args.seeds, "seeds"), (args.variants, "variants"), (args.primitive_counts, "primitive_counts")):
+        if flag is not None:
+            values = [v.strip() for v in flag.split(",") if v.strip()]
+            args.overrides.append(f"tables.{key}=[{', '.join(values)}]")
+    config, output = common.load(args)
+    info = run(config, output, force=args.force)
+    for name, title in (("ablation", "Ablation"), ("primitives", "Primitive count (full PADing)")):
+        if name in info["markdown"]:
+            print(f"\n{title} on {config.data.root}\n")
+            print(info["markdown"][name])
+    print(f"\nwritten to {output / 'tables'}: " + ", ".join(Path(p).name for p in [*info["csv"].values(), *info["figures"]]))
+    if info["failures"]:
+        print(f"WARNING: {len(info['failures'])} task(s) failed: " + "; ".join(f"{f['row']} seed {f['seed']}"
+                                                                           for f in info["failures"]))
+
+
+if __name__ == "__main__":
+    main()
