@@ -20,9 +20,11 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,7 @@ from pading.classifier import (
     expand_classifier,
 )
 from pading.config import ServeConfig
+from pading.data import to_rgb
 from pading.errors import (
     ConfigError,
     CorruptImageError,
@@ -63,7 +66,6 @@ TASKS = ("panoptic", "instance", "semantic")
 TASK_CHOICES = TASKS + ("all",)
 OUTPUT_FORMATS = ("json", "png")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
-_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 _EIGHT_BIT_MAX = 255
 _SIXTEEN_BIT_MAX = 65535
 
@@ -101,21 +103,6 @@ def http_status(error: Exception) -> int:
     return 500
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> (H, W, 3) uint8 RGB (16-bit/float grayscale scaled to 8 bits)."""
-    if image.mode in _HIGH_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)  # (H, W)
-        peak = max(float(values.max()), 1.0) if values.size else 1.0
-        scale = _EIGHT_BIT_MAX / peak if peak > _EIGHT_BIT_MAX else 1.0
-        gray = np.clip(values * scale, 0, _EIGHT_BIT_MAX).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
-    if image.mode in ("P", "PA") and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8).copy()  # (H, W, 3)
-
-
 def decode_image(data: bytes, *, max_pixels: int, source: str = "request body") -> np.ndarray:
     """JPEG/PNG/WebP bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied.
 
@@ -143,7 +130,7 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "request body") 
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise TruncatedImageError(source, f"{image.format} image is truncated or corrupt ({err})") from None
-    return _to_rgb(image)
+    return to_rgb(image)
 
 
 def check_request(task: str, output_format: str = "json") -> tuple[str, ...]:
@@ -264,16 +251,26 @@ class SegmentationService:
         bundle = state.bundle
         batch = prepare_batch(list(images), bundle.config.data.image_size)
         output = bundle.segmenter(batch["pixel_values"].to(bundle.device))
-        results = []
-        for i, meta in enumerate(batch["meta"]):
+
+        @torch.no_grad()  # grad mode is per thread
+        def one_image(i: int) -> dict:
+            meta = batch["meta"][i]
             mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
             class_logits = output.class_logits[i]  # (Q, C+1)
             result = {"height": int(meta["original_size"][0]), "width": int(meta["original_size"][1]),
                       "task": tasks[i], "vocabulary_version": state.version}
             for name in wanted[i]:
                 result.update(self._postprocess(name, mask_logits, class_logits, bundle, formats[i], float(scores[i])))
-            results.append(result)
-        return results
+            return result
+
+        # The per-image work (upsampling to the original size, the panoptic merge, RLE) is
+        # most of a request's time with a small network; torch and pycocotools release the
+        # GIL there, so the images of a batch are post-processed on parallel threads.
+        workers = min(count, os.cpu_count() or 1)
+        if workers <= 1:
+            return [one_image(i) for i in range(count)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pading-post") as pool:
+            return list(pool.map(one_image, range(count)))
 
     def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, bundle: Bundle,
                      output_format: str, min_score: float) -> dict:

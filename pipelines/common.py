@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,43 @@ def setup_logging() -> None:
     )
     for noisy in ("urllib3", "filelock", "httpx", "alembic", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_module(name: str):
+    """The pipeline module of stage ``name`` ("generator" is train_generator.py), imported
+    as ``pipelines.X`` or, when run as a script, as ``X``."""
+    import importlib
+
+    module = {"generator": "train_generator"}.get(name, name)
+    try:
+        return importlib.import_module(f"pipelines.{module}")
+    except ImportError:
+        return importlib.import_module(module)
+
+
+def copy_from_checkpoint(result, name: str, history_file: str, stage_dir: Path) -> Path:
+    """Copy directory ``name`` and the loss history out of a Ray Train result's final
+    checkpoint into ``stage_dir`` (replacing an older copy); returns the copied directory."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (no {name} to copy)")
+    target = stage_dir / name
+    with result.checkpoint.as_directory() as directory:
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(Path(directory) / name, target)
+        shutil.copy(Path(directory) / history_file, stage_dir / history_file)
+    return target
+
+
+def worker_logger(name: str) -> logging.Logger:
+    """A logger for progress lines inside Ray Train workers. Ray Train echoes a worker's
+    ``print`` twice to the driver, its log records once; without any handler (Ray Train
+    v1 workers) the records get this module's format."""
+    log = logging.getLogger(name)
+    if not log.hasHandlers():
+        setup_logging()
+    log.setLevel(os.environ.get("PADING_LOG_LEVEL", "INFO"))
+    return log
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -31,16 +31,6 @@ logger = logging.getLogger("pipelines.full")
 STAGES = ("prepare", "pretrain", "extract", "generator", "evaluate")
 
 
-def _stage_module(name: str):
-    import importlib
-
-    module = {"generator": "train_generator"}.get(name, name)
-    try:
-        return importlib.import_module(f"pipelines.{module}")
-    except ImportError:
-        return importlib.import_module(module)
-
-
 def _history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -88,7 +78,7 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
             started = time.time()
             with tracking.run(name, nested=True):
                 logger.info("=== stage %s%s ===", name, " (done before, skipping)" if skipped else "")
-                info = _stage_module(name).run(config, output, force=force)
+                info = common.stage_module(name).run(config, output, force=force)
                 _log_stage(name, info, output, skipped)
             wall[name] = round(time.time() - started, 2)
             infos[name] = info

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ def _maybe_fail(step: int, storage: Path) -> None:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
+    log = common.worker_logger("pipelines.pretrain")
     import ray.train
     import ray.train.torch
 
@@ -78,7 +78,7 @@ def train_loop(loop_config: dict) -> None:
             if history_path.is_file():
                 history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
         if rank == 0:
-            print(f"[pretrain] resumed from checkpoint at step {step}", flush=True)
+            log.info(f"[pretrain] resumed from checkpoint at step {step}")
 
     iterations = config.pretrain.iterations
     per_worker = max(1, config.pretrain.batch_size // world)
@@ -114,9 +114,9 @@ def train_loop(loop_config: dict) -> None:
         history.append({"step": step, **losses})
         if rank == 0 and (step % config.pretrain.log_every == 0 or step == 1):
             rate = (time.time() - started) / max(1, len(history))
-            print(f"[pretrain] step {step}/{iterations} loss {losses['loss']:.4f} "
-                  f"(ce {losses.get('loss_cross_entropy', 0):.3f} mask {losses.get('loss_mask', 0):.3f} "
-                  f"dice {losses.get('loss_dice', 0):.3f}) {rate:.2f}s/step", flush=True)
+            log.info(f"[pretrain] step {step}/{iterations} loss {losses['loss']:.4f} "
+                     f"(ce {losses.get('loss_cross_entropy', 0):.3f} mask {losses.get('loss_mask', 0):.3f} "
+                     f"dice {losses.get('loss_dice', 0):.3f}) {rate:.2f}s/step")
         if step % config.pretrain.checkpoint_every == 0 or step == iterations:
             save_and_report({"step": step, **losses})
     if step < iterations:
@@ -155,14 +155,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("pretraining finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        final = stage_dir / "segmenter"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(Path(directory) / "segmenter", final)
-        shutil.copy(Path(directory) / HISTORY_FILE, stage_dir / HISTORY_FILE)
+    common.copy_from_checkpoint(result, "segmenter", HISTORY_FILE, stage_dir)
     info = {"segmenter": str(stage_dir / "segmenter"), "final_metrics": result.metrics,
             "checkpoint": result.checkpoint.path, "seconds": time.time() - started}
     common.mark_done(stage_dir, info)

@@ -282,7 +282,13 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
 
 
 def block_until_interrupted() -> None:
-    """Sleep until Ctrl-C, then shut Serve down."""
+    """Sleep until Ctrl-C or SIGTERM (e.g. `kill`, a container stop), then shut Serve down."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(1)

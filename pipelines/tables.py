@@ -45,15 +45,6 @@ TSNE_PANELS = {"gmmn": "GMMN generator", "primitive": "primitive generator", "fu
 HM_PQ = "panoptic.hm.pq"
 
 
-def stage_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"pipelines.{name}")
-    except ImportError:
-        return importlib.import_module(name)
-
-
 def _segmenter_cache(config: ExperimentConfig, segmenter_dir: str, rows: list[dict]):
     import torch
 
@@ -89,7 +80,7 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    prepare = stage_module("prepare")
+    prepare = common.stage_module("prepare")
     table = prepare.load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
     segmenter_dir = str(output / "pretrain" / "segmenter")
@@ -200,7 +191,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None,
     rows = table_rows(config, variants, primitive_counts)
     common.init_ray()
     for name in ("prepare", "pretrain", "extract"):
-        stage_module(name).run(config, output)
+        common.stage_module(name).run(config, output)
     stage_dir.mkdir(parents=True, exist_ok=True)
     trained, failures = run_rows(config, output, rows, seeds)
     if not trained["outputs"]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ def _all_reduce_mean(parameters) -> None:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
+    log = common.worker_logger("pipelines.train_generator")
     import ray.train
     import ray.train.torch
 
@@ -84,7 +84,7 @@ def train_loop(loop_config: dict) -> None:
             if history_path.is_file():
                 history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
         if rank == 0:
-            print(f"[generator] resumed from checkpoint at step {trainer.step_count}", flush=True)
+            log.info(f"[generator] resumed from checkpoint at step {trainer.step_count}")
 
     training = config.generator_training
     rows_per_step = max(1, training.batch_images * config.segmenter.num_queries // world)
@@ -122,10 +122,10 @@ def train_loop(loop_config: dict) -> None:
         if step % training.log_every == 0 or step == 1:
             history.append(metrics)
             if rank == 0:
-                print(f"[generator] step {step}/{training.iterations} mmd {metrics.get('generator/mmd', float('nan')):.4f} "
-                      f"total {metrics.get('generator/total', float('nan')):.4f} "
-                      f"classifier {metrics['classifier/loss']:.4f} "
-                      f"({(time.time() - started) / max(1, step):.3f}s/step)", flush=True)
+                log.info(f"[generator] step {step}/{training.iterations} mmd {metrics.get('generator/mmd', float('nan')):.4f} "
+                         f"total {metrics.get('generator/total', float('nan')):.4f} "
+                         f"classifier {metrics['classifier/loss']:.4f} "
+                         f"({(time.time() - started) / max(1, step):.3f}s/step)")
         if step % training.checkpoint_every == 0 and step < training.iterations:
             save_and_report({k.replace("/", "_"): v for k, v in metrics.items()})
     if trainer.step_count < training.iterations:
@@ -169,12 +169,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        bundle_dir = stage_dir / "bundle"
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
-        shutil.copytree(Path(directory) / "bundle", bundle_dir)
-        shutil.copy(Path(directory) / HISTORY_FILE, stage_dir / HISTORY_FILE)
+    common.copy_from_checkpoint(result, "bundle", HISTORY_FILE, stage_dir)
     info = {"bundle": str(stage_dir / "bundle"), "variant": config.losses.variant, "seconds": time.time() - started}
     common.mark_done(stage_dir, info)
     return info

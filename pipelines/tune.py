@@ -46,21 +46,10 @@ PAPER_WARNING = ("protocol=paper: settings were selected on the real unseen clas
 PREREQUISITE_STAGES = ("prepare", "pretrain", "extract")
 
 
-def stage_module(name: str):
-    """The pipeline module of stage ``name`` (as pipelines/full.py finds it)."""
-    import importlib
-
-    module = {"generator": "train_generator"}.get(name, name)
-    try:
-        return importlib.import_module(f"pipelines.{module}")
-    except ImportError:
-        return importlib.import_module(module)
-
-
 def ensure_features(config: ExperimentConfig, output: Path) -> None:
     """Run prepare, pretrain and extract unless finished (their run() skips when done)."""
     for name in PREREQUISITE_STAGES:
-        stage_module(name).run(config, output)
+        common.stage_module(name).run(config, output)
 
 
 def search_space(space: dict) -> dict:
@@ -80,7 +69,7 @@ def load_inputs(config: ExperimentConfig, output: Path) -> dict:
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    prepare = stage_module("prepare")
+    prepare = common.stage_module("prepare")
     table = prepare.load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
     segmenter = Segmenter.load(output / "pretrain" / "segmenter", map_location="cpu")
@@ -106,7 +95,7 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
             logger.warning("val image rejected: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
         return features_from_rows(found)
 
-    rows = stage_module("prepare").read_manifest(output, "val")
+    rows = common.stage_module("prepare").read_manifest(output, "val")
     return ray.get(extract.remote(rows))
 
 

@@ -27,6 +27,7 @@ from pading.data.targets import (
     read_label_png,
     read_panoptic_png,
     semantic_segments,
+    to_rgb,
 )
 from pading.data.synthetic import add_data_cli, synthetic_table, write_synthetic_dataset
 
@@ -55,6 +56,7 @@ __all__ = [
     "seen_only_filter",
     "semantic_categories",
     "semantic_segments",
+    "to_rgb",
     "synthetic_table",
     "write_synthetic_dataset",
 ]

@@ -361,7 +361,6 @@ def read_semantic_index(
     with a value whose category (value + 1) is not in ``categories`` (default:
     :func:`semantic_categories`) is rejected, as is one without an image.
     """
-    from pading.data.targets import read_label_png, semantic_segments
 
     label_dir = Path(label_dir)
     if not label_dir.is_dir():

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 #: Panoptic PNG colour -> id weights (COCO panoptic format: id = R + 256 G + 256² B).
 PANOPTIC_ID_WEIGHTS = np.array([1, 256, 256 * 256], dtype=np.int32)
 _EIGHT_BIT_MAX = 255
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
 
 def _open_decoded(path: str | Path) -> Image.Image:
@@ -46,13 +47,12 @@ def _open_decoded(path: str | Path) -> Image.Image:
     return image
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB; grayscale, RGBA, CMYK, palette and 16-bit
-    images are converted. Raises CorruptImageError for missing/empty/truncated/non-images."""
-    image = _open_decoded(path)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB: grayscale, RGBA, CMYK and palette images are
+    converted, 16-bit/float grayscale is scaled to 8 bits."""
+    if image.mode in _HIGH_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)  # (H, W)
-        peak = max(float(values.max()), 1.0)
+        peak = max(float(values.max()), 1.0) if values.size else 1.0
         scale = _EIGHT_BIT_MAX / peak if peak > _EIGHT_BIT_MAX else 1.0
         gray = np.clip(values * scale, 0, _EIGHT_BIT_MAX).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
@@ -61,6 +61,12 @@ def load_image(path: str | Path) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8).copy()  # (H, W, 3)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB (any mode, see ``to_rgb``). Raises
+    CorruptImageError for missing/empty/truncated/non-images."""
+    return to_rgb(_open_decoded(path))
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:
