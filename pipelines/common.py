@@ -121,6 +121,33 @@ def init_ray(num_cpus: int | None = None) -> None:
         pass
 
 
+def warn_if_short(what: str, cpus: float, gpus: float = 0.0) -> None:
+    """Log a warning when the cluster has fewer free CPUs/GPUs than ``what`` asks for:
+    Ray then waits (for other work to finish or the autoscaler to add nodes) without
+    saying so, which looks like a hang."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    if free.get("CPU", 0.0) + 1e-9 >= cpus and free.get("GPU", 0.0) + 1e-9 >= gpus:
+        return
+    logger.warning(
+        "%s need %g CPU and %g GPU; the cluster has %g of %g CPU and %g of %g GPU free. Ray will wait until "
+        "other work (another job, a Serve deployment) releases them or the autoscaler adds nodes; on a fixed "
+        "cluster lower ray.num_workers / ray.cpus_per_worker (or tune.cpus_per_trial).",
+        what, cpus, gpus, free.get("CPU", 0.0), total.get("CPU", 0.0), free.get("GPU", 0.0), total.get("GPU", 0.0))
+
+
+def train_scaling(config: ExperimentConfig):
+    """The Ray Train ScalingConfig of ``config.ray`` (both training stages use it)."""
+    import ray.train
+
+    settings = config.ray
+    warn_if_short(f"{settings.num_workers} Ray Train worker(s)", settings.num_workers * settings.cpus_per_worker,
+                  settings.num_workers if settings.use_gpu else 0)
+    return ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                   resources_per_worker={"CPU": settings.cpus_per_worker})
+
+
 def _dashboard_url() -> str | None:
     try:
         import ray

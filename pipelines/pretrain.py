@@ -144,8 +144,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir)},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
-                                               resources_per_worker={"CPU": config.ray.cpus_per_worker}),
+        scaling_config=common.train_scaling(config),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name="pretrain", storage_path=str(storage),

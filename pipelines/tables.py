@@ -86,6 +86,7 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     segmenter_dir = str(output / "pretrain" / "segmenter")
     settings = config.tables
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
+    common.warn_if_short("a table task", settings.cpus_per_task, settings.gpus_per_task)
     cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
         config, segmenter_dir, prepare.read_manifest(output, "val"))
     shared = [ray.put(read_features(output / "features")), ray.put(table), ray.put(semantics), ray.put(config),

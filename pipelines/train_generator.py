@@ -159,8 +159,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
             "config": config, "table": table.to_records(), "semantics": semantics.tolist(),
             "segmenter_dir": str(output / "pretrain" / "segmenter"), "encoder": encoder_id(config.semantics),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
-                                               resources_per_worker={"CPU": config.ray.cpus_per_worker}),
+        scaling_config=common.train_scaling(config),
         run_config=ray.train.RunConfig(
             name=stage_name, storage_path=str(stage_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),

@@ -25,15 +25,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_session():
+    """This module's own 2-CPU Ray. The session's Serve deployment (test_page, test_serve)
+    holds a CPU for its replica; on a 2-core machine the pipeline's Train workers and the
+    Tune trials would wait for it forever, so that deployment is stopped first (a later
+    module that needs it starts it again)."""
     import ray
+    from helpers import serve_app
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    if started:
+    serve_app.stop()
+    if ray.is_initialized():
         ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +214,15 @@ def test_paper_protocol_is_tagged_in_mlflow(pipeline_output):
     assert len(mine) == 2  # the search and its one trial
     for run in mine:
         assert run.data.tags["protocol"] == "paper" and "optimistic" in run.data.tags["warning"]
+
+
+def test_a_request_the_cluster_cannot_meet_is_logged(ray_session, caplog):
+    from pipelines import common
+
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        common.warn_if_short("the test's workers", cpus=1)
+    assert not caplog.records  # 2 CPUs free
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        common.warn_if_short("the test's workers", cpus=64, gpus=1)
+    message = caplog.records[-1].getMessage()
+    assert "the test's workers need 64 CPU and 1 GPU" in message and "2 of 2 CPU" in message
