@@ -207,31 +207,24 @@ def stage_main(run, description: str, configure=None) -> dict:
     return info
 
 
+ORDER_KEYS = ("image_id", "query")  # the manifest's and the features' row identity
+
+
 def epoch_batches(shard, batch_size: int, seed: int, cache: bool = True):
     """Endless pyarrow batches from a Ray Train dataset shard.
 
-    The first pass streams from Ray Data; with ``cache`` the worker keeps its shard in
-    memory and later epochs are shuffled slices of it (a new Ray Data execution per epoch
-    costs seconds, which dominates small datasets). Without ``cache`` every epoch streams.
+    With ``cache`` (the default) the worker reads its shard once, keeps it in memory, sorts
+    it by :data:`ORDER_KEYS` and serves every epoch, the first included, as a permutation
+    drawn from ``seed``: Ray Data's streaming order changes from run to run, so without the
+    sort a one-worker run would not be repeatable (and re-reading per epoch costs seconds,
+    which dominates small datasets). Without ``cache`` every epoch streams from Ray Data in
+    its own order, with a local shuffle buffer.
     """
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    cached: list = []
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * batch_size):
-        if cache:
-            cached.append(batch)
-        yield batch
-    rng = np.random.default_rng(seed)
-    if cache:
-        table = pa.concat_tables(cached) if cached else None
-        if table is None or table.num_rows == 0:
-            return
-        while True:
-            order = rng.permutation(table.num_rows)
-            for start in range(0, table.num_rows, batch_size):
-                yield table.take(pa.array(order[start : start + batch_size]))
-    else:
+    if not cache:
         while True:
             empty = True
             for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
@@ -240,3 +233,15 @@ def epoch_batches(shard, batch_size: int, seed: int, cache: bool = True):
                 yield batch
             if empty:
                 return
+    batches = [b for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow") if b.num_rows]
+    if not batches:
+        return
+    table = pa.concat_tables(batches)
+    keys = [(name, "ascending") for name in ORDER_KEYS if name in table.column_names]
+    if keys:
+        table = table.take(pc.sort_indices(table, sort_keys=keys))
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(table.num_rows)
+        for begin in range(0, table.num_rows, batch_size):
+            yield table.take(pa.array(order[begin : begin + batch_size]))
