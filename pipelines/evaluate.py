@@ -51,10 +51,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         stage_name: str = "evaluate") -> dict:
     import ray
 
-    try:
-        from pipelines import prepare
-    except ImportError:
-        import prepare  # type: ignore[no-redef]
+    prepare = common.stage_module("prepare")
 
     stage_dir = output / stage_name
     done = common.begin_stage(stage_name, stage_dir, force, clean=True)

@@ -40,10 +40,7 @@ def checkpoint_id(segmenter_dir: Path) -> str:
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
-    try:
-        from pipelines import prepare
-    except ImportError:
-        import prepare  # type: ignore[no-redef]
+    prepare = common.stage_module("prepare")
 
     stage_dir = output / "features"
     done = common.begin_stage("extract", stage_dir, force)

@@ -127,10 +127,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    try:
-        from pipelines import prepare
-    except ImportError:
-        import prepare  # type: ignore[no-redef]
+    prepare = common.stage_module("prepare")
 
     stage_dir = output / "pretrain"
     done = common.begin_stage("pretrain", stage_dir, force)

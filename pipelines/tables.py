@@ -27,6 +27,7 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 from pading import tracking
+from pading.classes import clean_name
 from pading.config import ExperimentConfig
 from pading.tables import (
     ABLATION_LABELS,
@@ -143,7 +144,7 @@ def write_outputs(config: ExperimentConfig, out_dir: Path, rows: list[RowSpec], 
         if draws:
             panels[title] = (draws[0]["synthetic_unseen"], draws[0]["synthetic_labels"])
     if panels:
-        names = {i: table[i].name for i in table.unseen_indices}
+        names = {i: clean_name(table[i].name) for i in table.unseen_indices}
         written["figures"].append(str(tsne_figure(panels, names, out_dir / "tsne.png", seed=seeds[0])))
     ablation = [spec for spec in rows if spec.table == "ablation" and HM_PQ in aggregated.get(spec.key, {})]
     if ablation:

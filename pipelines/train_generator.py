@@ -139,10 +139,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
 
     from pading.semantics import class_embeddings, encoder_id
 
-    try:
-        from pipelines import prepare
-    except ImportError:
-        import prepare  # type: ignore[no-redef]
+    prepare = common.stage_module("prepare")
 
     stage_dir = output / stage_name
     done = common.begin_stage(stage_name, stage_dir, force)
