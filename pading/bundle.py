@@ -32,7 +32,13 @@ from torch import nn
 
 from pading.classes import ClassTable
 from pading.classifier import Classifier, ProjectionClassifier
-from pading.config import ExperimentConfig, GeneratorConfig, from_dict, load_config, save_config
+from pading.config import (
+    ExperimentConfig,
+    GeneratorConfig,
+    from_dict,
+    load_config,
+    save_config,
+)
 from pading.errors import DataError
 from pading.generator import build_generator
 from pading.segmenter import Segmenter

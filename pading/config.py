@@ -133,12 +133,19 @@ class PretrainConfig:
     """Stage 1: segmenter pretraining on the seen-only set."""
 
     iterations: int = 140000
-    batch_size: int = 16
+    batch_size: int = 16  # images per step, over all workers (the global batch)
+    # Micro-batches per worker and step whose gradients are averaged: batch_size is split into
+    # num_workers x grad_accumulation equal micro-batches (it must divide evenly).
+    grad_accumulation: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.05
     grad_clip: float = 0.01
     checkpoint_every: int = 5000
     log_every: int = 50
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ConfigError("pretrain.iterations, batch_size and grad_accumulation must be >= 1")
 
 
 @dataclass
@@ -184,6 +191,7 @@ class LossConfig:
     unrelated_temperature: float = 0.1  # T
     # Seen features of the alignment/disentanglement terms: "synthetic" (default, METHOD.md) or "real".
     alignment_seen_features: str = "synthetic"
+    disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
 
     def __post_init__(self):
         if self.variant not in ABLATION_VARIANTS:
@@ -214,9 +222,6 @@ class GeneratorTrainingConfig:
     projection_temperature: float = 0.05
     log_every: int = 100
     checkpoint_every: int = 1000
-    # Each worker reads its features shard once and keeps it in memory (sorted, served in seeded
-    # permutations: repeatable). About 1 KB a row (D=256): set False to stream every epoch instead.
-    cache_features: bool = True
 
     def __post_init__(self):
         self.lr_decay_at = tuple(float(x) for x in self.lr_decay_at)
@@ -244,13 +249,22 @@ class RayConfig:
     extract_batch_size: int = 8
     extract_shard_size: int = 32  # images per features Parquet file (the unit of idempotent work)
     max_failures: int = 2
+    # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self):
+        if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:
+            raise ConfigError("ray.num_workers and ray.extract_concurrency must be >= 1, ray.cpus_per_worker >= 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"ray.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                              f"not {self.placement_strategy!r}")
 
 
 @dataclass
 class TrackingConfig:
     """MLflow; ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``."""
 
-    tracking_uri: Optional[str] = None  # default: sqlite:///<output>/mlflow.db
+    tracking_uri: Optional[str] = None  # default (set by the pipelines): sqlite:///<output>/mlruns/mlflow.db
     experiment: str = "pading"
 
 

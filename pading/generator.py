@@ -3,8 +3,9 @@
 :class:`PrimitiveGenerator` is PADing's generator: a class's semantic embedding a_c is
 projected to ã_c = W_p a_c, which is the single query token of a small stack of post-norm
 transformer decoder layers whose cross-attention memory is a bank of K learnable
-primitives. Gaussian noise is injected into the token after the cross-attention block of
-every layer, and a final LayerNorm gives the synthetic query embedding x'.
+primitives. Gaussian noise is added to the cross-attention residual sum of every layer
+(before that block's LayerNorm, as in the authors' release), and a final LayerNorm gives the
+synthetic query embedding x'.
 
 :class:`GMMNGenerator` is the ZS3Net-style baseline: x' = MLP([a_c, z]).
 
@@ -47,8 +48,11 @@ def _sample_noise(shape: tuple, *, like: torch.Tensor, generator: Optional[torch
 class PrimitiveDecoderLayer(nn.Module):
     """One post-norm transformer decoder layer with noise injection.
 
-    token -> norm1(token + SelfAttn(token)) -> norm2(. + CrossAttn(., primitives))
-          -> . + noise_std * z -> norm3(. + FFN(.))
+    token -> norm1(token + SelfAttn(token)) -> norm2(. + CrossAttn(., primitives) + noise_std * z)
+          -> norm3(. + FFN(.))
+
+    The noise enters the residual sum *before* the cross-attention LayerNorm, as in the
+    authors' release (docs/method.md, "Primitive generator").
 
     The self-attention runs over the sample's single token (so each sample only sees
     itself); the cross-attention lets every token attend to the whole primitive bank.
@@ -76,7 +80,7 @@ class PrimitiveDecoderLayer(nn.Module):
         Args:
             token: (N, D) one query token per sample.
             primitives: (K, D) the shared primitive bank (keys and values).
-            noise: (N, D) already scaled noise added after the cross-attention block, or None.
+            noise: (N, D) already scaled noise added to the cross-attention residual sum, or None.
         Returns:
             (N, D) the updated tokens.
         """
@@ -89,9 +93,10 @@ class PrimitiveDecoderLayer(nn.Module):
         queries = token.unsqueeze(0)  # (1, N, D)
         memory = primitives.unsqueeze(0)  # (1, K, D)
         assembled, _ = self.cross_attention(queries, memory, memory, need_weights=False)
-        token = self.cross_attention_norm(token + self.cross_attention_dropout(assembled.squeeze(0)))  # (N, D)
+        residual = token + self.cross_attention_dropout(assembled.squeeze(0))  # (N, D)
         if noise is not None:
-            token = token + noise  # (N, D) the stochastic input
+            residual = residual + noise  # (N, D) the stochastic input
+        token = self.cross_attention_norm(residual)  # (N, D)
         token = self.feedforward_norm(token + self.feedforward_dropout(self.feedforward(token)))  # (N, D)
         return token
 

@@ -285,7 +285,9 @@ class PadingLoss(nn.Module):
         self.config = config
         self.uses_alignment = config.variant in ("alignment", "full")
         self.uses_disentanglement = config.variant == "full"
-        self.disentangler = Disentangler(embed_dim) if self.uses_disentanglement else None
+        self.disentangler = (
+            Disentangler(embed_dim, dropout=config.disentangler_dropout) if self.uses_disentanglement else None
+        )
 
     def forward(
         self,

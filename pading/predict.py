@@ -18,7 +18,13 @@ from PIL import Image
 from pading.bundle import Bundle
 from pading.classes import ClassTable
 from pading.config import InferenceConfig
-from pading.data import ImageRecord, load_image, panoptic_to_instances, panoptic_to_semantic, read_panoptic_png
+from pading.data import (
+    ImageRecord,
+    load_image,
+    panoptic_to_instances,
+    panoptic_to_semantic,
+    read_panoptic_png,
+)
 from pading.errors import DataError
 from pading.evaluation import evaluate_instance, evaluate_panoptic, evaluate_semantic
 from pading.inference import (

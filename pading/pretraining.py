@@ -3,8 +3,10 @@ Ray Train worker (or a notebook loop) calls step by step."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +18,9 @@ from pading.manifest import load_sample
 from pading.segmenter import prepare_batch
 
 logger = logging.getLogger(__name__)
+
+#: Loss terms :func:`pretrain_step` returns (``loss`` is the weighted total).
+LOGGED_TERMS = ("loss", "loss_cross_entropy", "loss_mask", "loss_dice")
 
 
 def load_training_batch(
@@ -68,28 +73,64 @@ def build_pretrain_optimizer(model: nn.Module, config: PretrainConfig) -> torch.
     )
 
 
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The RNG seed of global micro-batch ``index`` of step ``step`` (point sampling and
+    dropout in the loss). A function of the global index only, so rank r of W workers with M
+    micro-batches each (indices r*M .. r*M+M-1) draws what one worker accumulating W*M
+    micro-batches draws for the same rows."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def pretrain_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: dict,
+    batches: dict | Sequence[dict],
     grad_clip: float | None = None,
+    seeds: Optional[Sequence[int]] = None,
 ) -> dict[str, float]:
-    """One optimisation step of the segmenter on ``batch`` (from :func:`load_training_batch`).
+    """One optimisation step of the segmenter on one batch or on micro-batches whose
+    gradients are averaged (gradient accumulation), each from :func:`load_training_batch`.
 
-    ``model`` is a :class:`SegmenterLoss` (or a DDP wrapper of one). Returns the loss
-    terms as floats (``loss`` is the weighted total).
+    ``model`` is a :class:`SegmenterLoss` or a DistributedDataParallel wrapper of one: DDP
+    averages the gradients over the workers in the last micro-batch's ``backward`` (the
+    others run under ``no_sync``), so W workers with M micro-batches each take the step one
+    worker takes accumulating the W*M micro-batches (BatchNorm statistics are per
+    micro-batch in both). ``seeds[m]`` seeds micro-batch m's randomness (see
+    :func:`micro_batch_seed`). Returns the loss terms averaged over the micro-batches
+    (``loss`` is the weighted total).
     """
+    micro_batches = [batches] if isinstance(batches, dict) else list(batches)
+    if not micro_batches:
+        raise DataError("pretrain_step", "no micro-batch")
+    if seeds is not None and len(seeds) != len(micro_batches):
+        raise DataError("pretrain_step", f"{len(seeds)} seeds for {len(micro_batches)} micro-batches")
     device = next(model.parameters()).device
     model.train()
-    pixel_values = batch["pixel_values"].to(device)  # (B, 3, S, S)
-    mask_labels = [m.to(device) for m in batch["mask_labels"]]  # B x (N_i, S, S)
-    class_labels = [c.to(device) for c in batch["class_labels"]]  # B x (N_i,)
-    losses = model(pixel_values, mask_labels, class_labels)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        rng = _seeded(seeds[index], device) if seeds is not None else contextlib.nullcontext()
+        with sync, rng:
+            pixel_values = batch["pixel_values"].to(device)  # (B, 3, S, S)
+            mask_labels = [m.to(device) for m in batch["mask_labels"]]  # B x (N_i, S, S)
+            class_labels = [c.to(device) for c in batch["class_labels"]]  # B x (N_i,)
+            losses = model(pixel_values, mask_labels, class_labels)
+            (losses["loss"] / len(micro_batches)).backward()
+        for key, value in losses.items():
+            if key in LOGGED_TERMS:
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_batches)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return {"loss": float(losses["loss"].detach()), **{
-        k: float(v.detach()) for k, v in losses.items() if k in ("loss_cross_entropy", "loss_mask", "loss_dice")
-    }}
+    return totals
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -30,11 +30,9 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -42,7 +40,8 @@ from pading.classes import ClassTable
 from pading.config import ExperimentConfig, from_dict, to_dict
 from pading.errors import ConfigError, DataError
 from pading.evaluation import harmonic_mean
-from pading.training import GeneratorTrainer
+from pading.features import FeatureArrays, feature_batches
+from pading.training import GeneratorTrainer, fit_generator
 
 logger = logging.getLogger(__name__)
 
@@ -54,62 +53,6 @@ SCORE_BATCH_ROWS = 8192
 _HASH_RANGE = float(2**64)
 
 TrialCallback = Callable[[dict, GeneratorTrainer], None]
-
-
-@dataclass
-class FeatureArrays:
-    """Rows of a features table as arrays (picklable; zero-copy in Ray's object store).
-
-    Attributes:
-        embeddings: (N, D) float32 query embeddings.
-        labels: (N,) int64 matched class index, ``table.no_object_index`` for no object.
-        image_ids: (N,) int64 image of each row.
-    """
-
-    embeddings: np.ndarray
-    labels: np.ndarray
-    image_ids: np.ndarray
-
-    def __post_init__(self):
-        if self.embeddings.ndim != 2 or self.labels.shape != self.embeddings.shape[:1] or \
-                self.image_ids.shape != self.labels.shape:
-            raise DataError("features", f"expected embeddings (N, D), labels (N,) and image_ids (N,), got "
-                                        f"{self.embeddings.shape}, {self.labels.shape}, {self.image_ids.shape}")
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def select(self, rows: np.ndarray) -> "FeatureArrays":
-        """The rows where the boolean mask (N,) (or index array) ``rows`` selects."""
-        return FeatureArrays(self.embeddings[rows], self.labels[rows], self.image_ids[rows])
-
-
-def read_features(directory: str | Path) -> FeatureArrays:
-    """Read every ``shard-*.parquet`` of a features directory (pading.extraction's schema)."""
-    directory = Path(directory)
-    files = sorted(directory.glob("shard-*.parquet"))
-    if not files:
-        raise DataError(str(directory), "no features shards (shard-*.parquet); run the extract stage first")
-    table = pq.read_table(files, columns=["image_id", "embedding", "label"])
-    embedding_column = table.column("embedding").combine_chunks()
-    embed_dim = embedding_column.type.list_size
-    flat = embedding_column.flatten().to_numpy(zero_copy_only=False)
-    return FeatureArrays(
-        embeddings=np.asarray(flat, dtype=np.float32).reshape(-1, embed_dim),  # (N, D)
-        labels=table.column("label").to_numpy().astype(np.int64),
-        image_ids=table.column("image_id").to_numpy().astype(np.int64),
-    )
-
-
-def features_from_rows(rows: Sequence[dict]) -> FeatureArrays:
-    """Feature rows of :func:`pading.extraction.extract_features` -> arrays."""
-    if not rows:
-        raise DataError("features", "no feature rows")
-    return FeatureArrays(
-        embeddings=np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows]),
-        labels=np.asarray([r["label"] for r in rows], dtype=np.int64),
-        image_ids=np.asarray([r["image_id"] for r in rows], dtype=np.int64),
-    )
 
 
 @dataclass
@@ -238,13 +181,6 @@ def score_classifier(classifier: nn.Module, split: SearchSplit) -> dict[str, flo
 # ---- training -----------------------------------------------------------------------------
 
 
-def step_rows(num_rows: int, rows_per_step: int, step: int, seed: int) -> np.ndarray:
-    """The row indices of training step ``step``: a fixed function of ``(seed, step)``, so a
-    resumed run sees the same batches."""
-    rng = np.random.default_rng([seed, step])
-    return np.sort(rng.choice(num_rows, size=min(rows_per_step, num_rows), replace=False))
-
-
 def train_generator(
     features: FeatureArrays,
     table: ClassTable,
@@ -258,12 +194,12 @@ def train_generator(
     callback_every: int = 0,
     resume_state: Optional[dict] = None,
 ) -> GeneratorTrainer:
-    """Train a :class:`~pading.training.GeneratorTrainer` for ``iterations`` steps.
-
-    Each step takes ``generator_training.batch_images × segmenter.num_queries`` rows (the
-    queries of that many images, drawn at random). The learning-rate schedule is laid over
-    ``iterations``. ``callback(trainer, last_step_metrics)`` runs every ``callback_every`` steps
-    (0: never) and after the last one.
+    """Train a :class:`~pading.training.GeneratorTrainer` for ``iterations`` steps in one
+    process, with the pipeline's loop and batch regime (:func:`~pading.training.fit_generator`
+    over :func:`~pading.features.feature_batches`: ``generator_training.batch_images ×
+    segmenter.num_queries`` rows a step, seeded epochs). The learning-rate schedule is laid
+    over ``iterations``. ``callback(trainer, last_step_metrics)`` runs every ``callback_every``
+    steps (0: never) and after the last one.
 
     Args:
         features: training rows; class_semantics: (C, S) table-order semantic embeddings.
@@ -280,15 +216,14 @@ def train_generator(
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
     rows_per_step = config.generator_training.batch_images * config.segmenter.num_queries
-    metrics: dict = {}
-    while trainer.step_count < iterations:
-        rows = step_rows(len(features), rows_per_step, trainer.step_count, config.seed)
-        embeddings = torch.from_numpy(features.embeddings[rows])  # (n, D), a copy
-        labels = torch.from_numpy(features.labels[rows])  # (n,)
-        metrics = trainer.step(embeddings.to(device), labels.to(device))
+
+    def on_step(trainer: GeneratorTrainer, metrics: dict) -> None:
         last = trainer.step_count == iterations
         if callback is not None and ((callback_every and trainer.step_count % callback_every == 0) or last):
             callback(trainer, metrics)
+
+    batches = feature_batches(features, rows_per_step, seed=config.seed, start_step=trainer.step_count)
+    fit_generator(trainer, batches, iterations, on_step=on_step)
     return trainer
 
 

@@ -26,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+from transformers import (
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    ResNetConfig,
+)
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from pading.config import SegmenterConfig, from_dict, to_dict

@@ -27,8 +27,15 @@ from torch import nn
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
-from pading.data import ImageRecord, load_image, panoptic_to_instances, panoptic_to_semantic, read_panoptic_png
+from pading.data import (
+    ImageRecord,
+    load_image,
+    panoptic_to_instances,
+    panoptic_to_semantic,
+    read_panoptic_png,
+)
 from pading.errors import DataError
+from pading.features import FeatureArrays
 from pading.inference import (
     instance_inference,
     instances_to_coco_results,
@@ -39,7 +46,7 @@ from pading.inference import (
 )
 from pading.manifest import resolve
 from pading.predict import summarize
-from pading.search import FeatureArrays, apply_overrides, train_generator
+from pading.search import apply_overrides, train_generator
 from pading.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,12 @@
 """MLflow tracking helpers (no Ray here: pipelines call these from the driver).
 
 The tracking store is ``$MLFLOW_TRACKING_URI`` if set, else ``tracking.tracking_uri``
-from the config, else a local SQLite store ``./mlruns/mlflow.db`` with artifacts
-under ``./mlruns/artifacts`` (view with ``mlflow ui --backend-store-uri
-sqlite:///mlruns/mlflow.db``).
+from the config. The pipelines set the latter, when it is empty, to the run's own store
+:func:`default_tracking_uri`: ``<output>/mlruns/mlflow.db`` (SQLite) with artifacts under
+``<output>/mlruns/artifacts``, so the record of a run lives with its outputs, on storage
+every node sees, and outlives a ``ray job submit`` working directory. View it with
+``mlflow ui --backend-store-uri sqlite:///<output>/mlruns/mlflow.db``. Without either
+(a notebook), ``./mlruns/mlflow.db``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,25 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from pading.config import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "mlruns"
+
+
+def default_tracking_uri(output: str | Path) -> str:
+    """The run's own store: ``sqlite:///<output>/mlruns/mlflow.db``."""
+    return f"sqlite:///{Path(output).resolve() / DEFAULT_STORE_DIR / 'mlflow.db'}"
+
+
+def _artifact_root(uri: str) -> Optional[Path]:
+    """``<store dir>/artifacts`` for a local SQLite store, else None (the server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).parent / "artifacts"
 
 
 def tracking_uri(config: TrackingConfig) -> str:
@@ -43,12 +58,12 @@ def setup(config: TrackingConfig):
 
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
+    root = _artifact_root(uri)
+    if root is not None:
+        root.parent.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is None:
-        artifact_location = None
-        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI") and not config.tracking_uri:
-            artifact_location = (Path(DEFAULT_STORE_DIR).resolve() / "artifacts").as_uri()
-        mlflow.create_experiment(config.experiment, artifact_location=artifact_location)
+        mlflow.create_experiment(config.experiment, artifact_location=root.as_uri() if root is not None else None)
     mlflow.set_experiment(config.experiment)
     logger.info("MLflow store %s, experiment %r", uri, config.experiment)
     return mlflow

@@ -8,9 +8,16 @@ embeddings, as the authors' release does (METHOD.md "The four stages").
 Everything here is plain PyTorch: the trainer is built from picklable arguments inside a
 Ray worker, and its :meth:`~GeneratorTrainer.state_dict` (tensors, numbers and dicts only,
 loadable with ``weights_only=True``) is the checkpoint. Randomness comes from one
-``torch.Generator`` seeded from ``config.seed``: it draws a seed per step, under which the
-step's noise, dropout and class choices run with the global RNG forked and restored, so a
-run repeats exactly and resumes identically from a checkpoint.
+``torch.Generator`` seeded from ``config.seed``: it draws a seed per step, from which the
+step's noise and class choices are drawn (dedicated generators, so they do not depend on how
+many rows a worker holds) and under which dropout runs with the global RNG forked and
+restored, so a run repeats exactly and resumes identically from a checkpoint.
+
+:func:`fit_generator` is *the* training loop: the Ray Train stage, Tune trials and the
+tables rows all call it. With W > 1 workers (a ``torch.distributed`` process group, e.g.
+Ray Train's), every step is synchronised through :mod:`pading.distributed` so that W
+workers compute exactly what one worker computes on the union of their batches (dropout
+masks aside, which each worker draws for its own rows).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pading.classes import ClassTable
@@ -32,8 +40,9 @@ from pading.classifier import (
     make_classifier_optimizer,
 )
 from pading.config import ExperimentConfig, GeneratorConfig, GeneratorTrainingConfig
+from pading.distributed import LocalCollective, default_collective
 from pading.errors import ConfigError, DataError
-from pading.generator import build_generator
+from pading.generator import GMMNGenerator, build_generator
 from pading.losses import PadingLoss
 
 logger = logging.getLogger(__name__)
@@ -134,6 +143,8 @@ class GeneratorTrainer:
         class_head: the segmenter's pretrained class head ``Linear(D, C+1)`` to initialise
             the classifier from; None starts from a fresh linear layer.
         device: where to train; default ``class_semantics.device``.
+        collective: how workers synchronise (:mod:`pading.distributed`); default
+            :func:`~pading.distributed.default_collective` (the process group, if any).
 
     The variant (``config.losses.variant``) picks the generator: ``gmmn`` forces the GMMN
     baseline, ``primitive`` the primitive generator, ``alignment``/``full`` use
@@ -150,6 +161,7 @@ class GeneratorTrainer:
         class_head: Optional[nn.Linear] = None,
         *,
         device: Optional[torch.device] = None,
+        collective: Optional[LocalCollective] = None,
     ):
         if class_semantics.dim() != 2 or class_semantics.shape[0] != table.num_classes:
             raise DataError(
@@ -159,6 +171,7 @@ class GeneratorTrainer:
             )
         self.table = table
         self.config = config
+        self.collective = collective if collective is not None else default_collective()
         self.embed_dim = embed_dim
         self.variant = config.losses.variant
         self.device = torch.device(device) if device is not None else class_semantics.device
@@ -246,6 +259,9 @@ class GeneratorTrainer:
     def step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One generator step, then one classifier step, on the same batch.
 
+        With W workers, every worker calls this with its own rows; the step is the one a
+        single worker would take on all of them (module docstring).
+
         Args:
             embeddings: (N, D) query embeddings of the batch's images (all queries).
             labels: (N,) matched class index, or ``table.no_object_index`` for unmatched queries.
@@ -257,42 +273,67 @@ class GeneratorTrainer:
         embeddings = embeddings.detach().to(self.device, torch.float32)
         labels = labels.to(self.device, torch.long)
         step_seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng))
+        all_labels = self.collective.gather(labels)  # (N_global,) every worker's labels, rank order
         metrics: dict[str, float] = {}
         with _seeded_global_rng(step_seed, self.device):
             if self.generator is not None:
-                metrics.update(self._generator_step(embeddings, labels))
-            metrics.update(self._classifier_step(embeddings, labels))
+                metrics.update(self._generator_step(embeddings, labels, all_labels, step_seed))
+            metrics.update(self._classifier_step(embeddings, labels, all_labels, step_seed))
         self.step_count += 1
         metrics["step"] = float(self.step_count)
         return metrics
 
-    def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        matched = labels < self.num_classes  # (N,)
+    def _seen_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: matched queries of seen classes."""
+        matched = labels < self.num_classes
         seen = matched.clone()
         seen[matched] = self.seen_mask[labels[matched]]
+        return seen
+
+    def _draw_noise(self, generator: torch.Generator, num_rows: int, rows: slice) -> torch.Tensor:
+        """Standard-normal generator noise for ``num_rows`` samples drawn from ``generator``,
+        of which the ``rows`` slice is returned: (L, n, D) for the primitive generator,
+        (n, S) for GMMN. Drawing for the global batch and slicing makes a worker's noise the
+        noise the one-worker run gives the same rows."""
+        if isinstance(self.generator, GMMNGenerator):
+            shape = (num_rows, self.generator.semantic_dim)
+            return torch.randn(shape, generator=generator)[rows].to(self.device)
+        shape = (self.generator.num_layers, num_rows, self.embed_dim)
+        return torch.randn(shape, generator=generator)[:, rows].to(self.device)
+
+    def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
+                        step_seed: int) -> dict[str, float]:
+        seen = self._seen_rows(labels)  # (N,)
+        all_seen_labels = all_labels[self._seen_rows(all_labels)]  # (n_global,)
         metrics = {"generator/lr": float(self.generator_optimizer.param_groups[0]["lr"])}
-        if not bool(seen.any()):
+        if all_seen_labels.numel() == 0:  # the same decision on every worker
             logger.debug("step %d: no matched seen queries, generator step skipped", self.step_count)
             return metrics
         self.generator.train()
         self.loss.train()
-        real_seen = embeddings[seen]  # (n, D)
-        seen_labels = labels[seen]  # (n,)
-        synthetic_seen = self.generator(self.class_semantics[seen_labels])  # (n, D)
+        seen_labels = labels[seen]  # (n,) this worker's
+        counts = self.collective.gather(torch.tensor([seen_labels.numel()], device=self.device))  # (W,)
+        offset = int(counts[: self.collective.rank].sum())
+        noise = torch.Generator().manual_seed(step_seed)
+        local_noise = self._draw_noise(noise, all_seen_labels.numel(), slice(offset, offset + seen_labels.numel()))
+        synthetic_local = self.generator(self.class_semantics[seen_labels], local_noise)  # (n, D)
+        real_seen = self.collective.gather(embeddings[seen])  # (n_global, D)
+        synthetic_seen = self.collective.gather(synthetic_local)  # (n_global, D), keeps the graph
         if self.loss.uses_alignment and self.unseen_indices.numel() > 0:
             unseen_labels = self.unseen_indices  # (U,) one synthetic sample per unseen class
-            synthetic_unseen = self.generator(self.class_semantics[unseen_labels])  # (U, D)
+            unseen_noise = self._draw_noise(noise, unseen_labels.numel(), slice(None))
+            synthetic_unseen = self.generator(self.class_semantics[unseen_labels], unseen_noise)  # (U, D)
         else:
             unseen_labels = self.unseen_indices[:0]
             synthetic_unseen = synthetic_seen[:0]
         class_embeddings = self.generator.project(self.class_semantics)  # (C, D)
         logits = None
         if self.config.losses.auxiliary_classification_weight > 0:
-            logits = self.classifier(synthetic_seen)  # (n, C+1)
+            logits = self.classifier(synthetic_seen)  # (n_global, C+1)
         total, terms = self.loss(
             real_seen=real_seen,
             synthetic_seen=synthetic_seen,
-            seen_labels=seen_labels,
+            seen_labels=all_seen_labels,
             synthetic_seen_logits=logits,
             synthetic_unseen=synthetic_unseen,
             unseen_labels=unseen_labels,
@@ -301,35 +342,60 @@ class GeneratorTrainer:
         )
         self.generator_optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.collective.average_gradients(self._generator_parameters())
         self.generator_optimizer.step()
         self.generator_scheduler.step()
         metrics.update({f"generator/{name}": value for name, value in terms.items()})
-        metrics["generator/num_real_seen"] = float(real_seen.shape[0])
+        metrics["generator/num_real_seen"] = float(all_seen_labels.numel())
         return metrics
 
-    def _synthetic_per_class(self, labels: torch.Tensor) -> int:
+    def _generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.generator.parameters()) + list(self.loss.parameters())
+
+    def _synthetic_per_class(self, all_labels: torch.Tensor) -> int:
         configured = self.config.generator_training.synthetic_per_unseen_class
         if configured > 0:
             return configured
-        matched = labels[labels < self.num_classes]
+        matched = all_labels[all_labels < self.num_classes]
         if matched.numel() == 0:
             return 1
         return max(1, matched.numel() // int(torch.unique(matched).numel()))
 
-    def _classifier_step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        features, targets = embeddings, labels
+    def _classifier_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
+                         step_seed: int) -> dict[str, float]:
+        """Weighted cross-entropy over the global batch (real rows of every worker plus the
+        synthetic unseen rows, which every worker draws identically):
+        sum_i w_i CE_i / sum_i w_i. A worker's share is its real rows' numerator plus 1/W
+        of the synthetic rows', over the global denominator, so summing the workers'
+        gradients gives the global gradient."""
+        world = self.collective.world_size
         num_unseen = self.unseen_indices.numel()
         count = min(self.config.generator_training.unseen_classes_per_step, num_unseen)
-        num_synthetic = 0
+        synthetic, synthetic_targets = embeddings[:0], labels[:0]
         if self.generator is not None and count > 0:
-            chosen = self.unseen_indices[torch.randperm(num_unseen, device=self.device)[:count]]  # (n,)
-            per_class = self._synthetic_per_class(labels)
-            synthetic = self.synthesize(chosen, per_class)  # (n*per_class, D)
-            features = torch.cat([embeddings, synthetic], dim=0)
-            targets = torch.cat([labels, chosen.repeat_interleave(per_class)], dim=0)
-            num_synthetic = synthetic.shape[0]
-        loss = classifier_step(self.classifier, self.classifier_optimizer, features, targets, self.class_weights)
-        return {"classifier/loss": loss, "classifier/num_synthetic": float(num_synthetic)}
+            choices = torch.Generator().manual_seed(step_seed + 1)
+            chosen = self.unseen_indices[torch.randperm(num_unseen, generator=choices)[:count].to(self.device)]  # (n,)
+            per_class = self._synthetic_per_class(all_labels)
+            noise = self._draw_noise(choices, count * per_class, slice(None))
+            with torch.no_grad():
+                synthetic = self.generator(self.class_semantics[chosen.repeat_interleave(per_class)], noise)
+            synthetic_targets = chosen.repeat_interleave(per_class)  # (n*per_class,)
+        self.classifier.train()
+        real_weights = self.class_weights[labels]  # (N,)
+        synthetic_weights = self.class_weights[synthetic_targets]  # (M,)
+        denominator = self.collective.all_reduce_sum(real_weights.sum()) + synthetic_weights.sum()
+        real_losses = F.cross_entropy(self.classifier(embeddings), labels, reduction="none")  # (N,)
+        numerator = (real_weights * real_losses).sum()
+        if synthetic.shape[0]:
+            synthetic_losses = F.cross_entropy(self.classifier(synthetic), synthetic_targets, reduction="none")
+            numerator = numerator + (synthetic_weights * synthetic_losses).sum() / world
+        loss = numerator / denominator
+        self.classifier_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.collective.sum_gradients(self.classifier.parameters())
+        self.classifier_optimizer.step()
+        global_loss = float(self.collective.all_reduce_sum(loss.detach()))
+        return {"classifier/loss": global_loss, "classifier/num_synthetic": float(synthetic.shape[0])}
 
     # ---- sampling ----------------------------------------------------------------------
 
@@ -393,3 +459,37 @@ class GeneratorTrainer:
             self.generator_scheduler.load_state_dict(state["generator_scheduler"])
         self.rng.set_state(state["rng_state"])
         self.step_count = int(state["step"])
+
+
+StepCallback = Callable[[GeneratorTrainer, dict], None]
+
+
+def fit_generator(
+    trainer: GeneratorTrainer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    iterations: int,
+    *,
+    on_step: Optional[StepCallback] = None,
+) -> dict[str, float]:
+    """The generator/classifier training loop: ``trainer.step`` on each batch until
+    ``trainer.step_count == iterations`` (a resumed trainer continues from its count);
+    ``on_step(trainer, metrics)`` after every step (logging, checkpoints, Tune reports).
+
+    Args:
+        trainer: the state to train; its collective synchronises the workers.
+        batches: ``(embeddings (n, D), labels (n,))`` of this worker, e.g.
+            :func:`pading.features.feature_batches` started at ``trainer.step_count``.
+        iterations: the step count to reach.
+    Returns:
+        the last step's metrics.
+    """
+    metrics: dict[str, float] = {}
+    if trainer.step_count >= iterations:
+        return metrics
+    for embeddings, labels in batches:
+        metrics = trainer.step(embeddings.to(trainer.device), labels.to(trainer.device))
+        if on_step is not None:
+            on_step(trainer, metrics)
+        if trainer.step_count >= iterations:
+            return metrics
+    raise DataError("generator training", f"the batches ran out at step {trainer.step_count} of {iterations}")

@@ -8,16 +8,20 @@ import json
 import logging
 import os
 import shutil
-import sys
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python pipelines/x.py` puts pipelines/ first, not the repo
-    sys.path.insert(0, str(REPO_ROOT))
+import pyarrow.parquet as pq
 
-from pading.config import ExperimentConfig, load_config  # noqa: E402
+from pading import tracking
+from pading.classes import ClassTable
+from pading.config import ExperimentConfig, load_config
+from pading.errors import ConfigError
+from pading.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 SUCCESS = "_SUCCESS.json"
@@ -33,18 +37,6 @@ def setup_logging() -> None:
     )
     for noisy in ("urllib3", "filelock", "httpx", "alembic", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def stage_module(name: str):
-    """The pipeline module of stage ``name`` ("generator" is train_generator.py), imported
-    as ``pipelines.X`` or, when run as a script, as ``X``."""
-    import importlib
-
-    module = {"generator": "train_generator"}.get(name, name)
-    try:
-        return importlib.import_module(f"pipelines.{module}")
-    except ImportError:
-        return importlib.import_module(module)
 
 
 def copy_from_checkpoint(result, name: str, history_file: str, stage_dir: Path) -> Path:
@@ -84,17 +76,49 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a ``ray job submit`` (its working directory is a temporary copy
+    that Ray deletes, on the head node's local disk)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _absolute(value: str, setting: str, *, base: Path | None = None) -> str:
+    """``value`` as an absolute path (relative to ``base``, else the working directory).
+    Inside a Ray job a path relative to the working directory is refused: it would land in
+    the job's temporary copy, which other nodes cannot see and Ray deletes."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if base is not None:
+        return str((base / path).resolve())
+    if in_ray_job():
+        raise ConfigError(
+            f"{setting}={value!r} is a relative path: under `ray job submit` it would resolve inside the job's "
+            f"temporary working directory ({Path.cwd()}), which other nodes do not see and Ray deletes. "
+            f"Give an absolute path on storage every node sees, e.g. --set {setting}=/shared/...")
+    return str(path.resolve())
+
+
 def load(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """The config with every path absolute (Ray workers run elsewhere): ``--output`` (else
+    ``output_dir``) against the working directory, a synthetic dataset's relative
+    ``data.root`` under the output directory (so every node that sees the outputs sees the
+    data), other relative paths against the working directory."""
     config = load_config(args.config, args.overrides)
-    output = Path(args.output or config.output_dir).resolve()
+    if args.output:
+        output = Path(_absolute(args.output, "--output"))
+    else:
+        output = Path(_absolute(config.output_dir, "output_dir (or --output)"))
     config.output_dir = str(output)
-    # Ray workers run elsewhere: every path they read must be absolute.
-    config.data.root = str(Path(config.data.root).expanduser().resolve())
+    data_base = output if config.data.synthetic is not None else None
+    config.data.root = _absolute(config.data.root, "data.root", base=data_base)
     for section, key in (("semantics", "clip_weights"), ("semantics", "file"), ("semantics", "cache_dir"),
                          ("segmenter", "weights"), ("segmenter", "backbone_weights")):
         value = getattr(getattr(config, section), key)
         if value:
-            setattr(getattr(config, section), key, str(Path(value).expanduser().resolve()))
+            setattr(getattr(config, section), key, _absolute(value, f"{section}.{key}"))
+    if config.tracking.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        config.tracking.tracking_uri = tracking.default_tracking_uri(output)
     output.mkdir(parents=True, exist_ok=True)
     return config, output
 
@@ -121,6 +145,36 @@ def init_ray(num_cpus: int | None = None) -> None:
         pass
 
 
+class ClusterTooSmall(RuntimeError):
+    """The cluster can never run what a stage asks for (Ray would wait forever)."""
+
+
+def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0) -> None:
+    """Stop with :class:`ClusterTooSmall` when ``count`` actors or workers of ``cpus`` CPUs and
+    ``gpus`` GPUs each can never be placed on the cluster's alive nodes (Ray would wait
+    without saying so; a 0-CPU head node offers nothing). Only warn when they fit but are
+    not free now (another job or a Serve deployment holds them; the autoscaler may add nodes)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    capacity = sorted(((r.get("CPU", 0.0), r.get("GPU", 0.0)) for r in nodes), reverse=True)
+    placed = 0
+    for node_cpus, node_gpus in capacity:  # how many fit, one node after another
+        per_node = [node_cpus // cpus if cpus > 0 else count, node_gpus // gpus if gpus > 0 else count]
+        placed += int(min(per_node))
+    if placed < count:
+        listing = ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in capacity) or "none"
+        raise ClusterTooSmall(
+            f"{what}: {count} x ({cpus:g} CPU, {gpus:g} GPU) cannot be placed on this cluster's nodes ({listing}); "
+            f"only {placed} fit. Lower {setting} or add nodes.")
+    free = ray.available_resources()
+    if free.get("CPU", 0.0) + 1e-9 < count * cpus or free.get("GPU", 0.0) + 1e-9 < count * gpus:
+        logger.warning(
+            "%s need %g CPU and %g GPU; %g CPU and %g GPU are free now. Ray will wait until other work (another "
+            "job, a Serve deployment) releases them or the autoscaler adds nodes.",
+            what, count * cpus, count * gpus, free.get("CPU", 0.0), free.get("GPU", 0.0))
+
+
 def warn_if_short(what: str, cpus: float, gpus: float = 0.0) -> None:
     """Log a warning when the cluster has fewer free CPUs/GPUs than ``what`` asks for:
     Ray then waits (for other work to finish or the autoscaler to add nodes) without
@@ -138,14 +192,16 @@ def warn_if_short(what: str, cpus: float, gpus: float = 0.0) -> None:
 
 
 def train_scaling(config: ExperimentConfig):
-    """The Ray Train ScalingConfig of ``config.ray`` (both training stages use it)."""
+    """The Ray Train ScalingConfig of ``config.ray`` (both training stages use it), after
+    checking that the cluster can place the workers."""
     import ray.train
 
     settings = config.ray
-    warn_if_short(f"{settings.num_workers} Ray Train worker(s)", settings.num_workers * settings.cpus_per_worker,
-                  settings.num_workers if settings.use_gpu else 0)
+    check_resources(f"{settings.num_workers} Ray Train worker(s)", "ray.num_workers / ray.cpus_per_worker",
+                    settings.num_workers, settings.cpus_per_worker, 1.0 if settings.use_gpu else 0.0)
     return ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                   resources_per_worker={"CPU": settings.cpus_per_worker})
+                                   resources_per_worker={"CPU": settings.cpus_per_worker},
+                                   placement_strategy=settings.placement_strategy)
 
 
 def _dashboard_url() -> str | None:
@@ -207,41 +263,63 @@ def stage_main(run, description: str, configure=None) -> dict:
     return info
 
 
-ORDER_KEYS = ("image_id", "query")  # the manifest's and the features' row identity
+# ---- reading what earlier stages wrote ------------------------------------------------------
 
 
-def epoch_batches(shard, batch_size: int, seed: int, cache: bool = True):
-    """Endless pyarrow batches from a Ray Train dataset shard.
+def load_table(output: Path) -> ClassTable:
+    """The class table prepare wrote (``manifest/classes.json``)."""
+    return ClassTable.from_records(json.loads((Path(output) / "manifest" / "classes.json").read_text()))
 
-    With ``cache`` (the default) the worker reads its shard once, keeps it in memory, sorts
-    it by :data:`ORDER_KEYS` and serves every epoch, the first included, as a permutation
-    drawn from ``seed``: Ray Data's streaming order changes from run to run, so without the
-    sort a one-worker run would not be repeatable (and re-reading per epoch costs seconds,
-    which dominates small datasets). Without ``cache`` every epoch streams from Ray Data in
-    its own order, with a local shuffle buffer.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    if not cache:
-        while True:
-            empty = True
-            for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                            local_shuffle_buffer_size=4 * batch_size):
-                empty = False
-                yield batch
-            if empty:
-                return
-    batches = [b for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow") if b.num_rows]
-    if not batches:
-        return
-    table = pa.concat_tables(batches)
-    keys = [(name, "ascending") for name in ORDER_KEYS if name in table.column_names]
-    if keys:
-        table = table.take(pc.sort_indices(table, sort_keys=keys))
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(table.num_rows)
-        for begin in range(0, table.num_rows, batch_size):
-            yield table.take(pa.array(order[begin : begin + batch_size]))
+def read_manifest(output: Path, split: str) -> list[dict]:
+    """The manifest rows of ``split`` (train: seen-only), sorted by image_id."""
+    return pq.read_table(Path(output) / "manifest" / split, schema=MANIFEST_SCHEMA).to_pylist()
+
+
+def read_rejects(output: Path) -> list[dict]:
+    """Every reject row of the run: prepare's and extract's."""
+    output = Path(output)
+    rows = pq.read_table(output / "manifest" / "rejects.parquet", schema=REJECTS_SCHEMA).to_pylist()
+    for extra in sorted((output / "features_rejects").glob("*.parquet")):
+        rows.extend(pq.read_table(extra, schema=REJECTS_SCHEMA).to_pylist())
+    return rows
+
+
+def read_history(path: Path) -> list[dict]:
+    """A JSONL loss history (empty when the file is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- inside Ray Train workers -------------------------------------------------------------
+
+
+def prepare_model(model, world: int):
+    """DDP-wrap ``model`` for a multi-worker run (Ray Train's ``prepare_model``: gradients are
+    averaged over the workers in ``backward``), or just move it to the worker's device."""
+    import ray.train.torch
+
+    if world > 1:
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    return model.to(ray.train.torch.get_device())
+
+
+def log_worker_node(stage_dir: Path, stage: str, rank: int, world: int, log: logging.Logger) -> None:
+    """Log which node worker ``rank`` runs on and record it in ``<stage_dir>/workers/``
+    (``worker_nodes`` reads it back into the stage's record)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    record = {"rank": rank, "world_size": world, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid()}
+    log.info(f"[{stage}] worker {rank}/{world} on node {node} ({record['hostname']}, pid {record['pid']})")
+    directory = Path(stage_dir) / "workers"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def worker_nodes(stage_dir: Path) -> list[dict]:
+    """The records :func:`log_worker_node` wrote, by rank."""
+    files = sorted((Path(stage_dir) / "workers").glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [json.loads(p.read_text()) for p in files]

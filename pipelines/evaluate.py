@@ -13,14 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 from pading.config import ExperimentConfig
 from pading.manifest import resolve, rows_to_table
 from pading.predict import EvaluationPredictor, summarize
+from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
 
@@ -51,7 +47,6 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         stage_name: str = "evaluate") -> dict:
     import ray
 
-    prepare = common.stage_module("prepare")
 
     stage_dir = output / stage_name
     done = common.begin_stage(stage_name, stage_dir, force, clean=True)
@@ -60,8 +55,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     started = time.time()
     common.init_ray()
     bundle_dir = Path(bundle_dir or output / "generator" / "bundle")
-    table = prepare.load_table(output)
-    rows = prepare.read_manifest(output, "val")
+    table = common.load_table(output)
+    rows = common.read_manifest(output, "val")
     predictions = stage_dir / "predictions"
     dataset = ray.data.from_arrow(rows_to_table(rows)).repartition(max(1, min(32, len(rows) // 16)))
     result_rows = dataset.map_batches(

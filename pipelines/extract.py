@@ -17,14 +17,12 @@ import shutil
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
+import numpy as np
 
 from pading.config import ExperimentConfig
 from pading.extraction import FeatureExtractor
 from pading.manifest import shard_rows
+from pipelines import common
 
 logger = logging.getLogger("pipelines.extract")
 
@@ -37,10 +35,28 @@ def checkpoint_id(segmenter_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+class NodeRecordingExtractor(FeatureExtractor):
+    """The library's extractor, with one torch thread per reserved CPU, and the node each
+    actor ran on in its output rows (the stage record lists them)."""
+
+    def __init__(self, *args, **kwargs):
+        import ray
+        import torch
+
+        super().__init__(*args, **kwargs)
+        torch.set_num_threads(max(1, int(self.config.ray.cpus_per_worker)))
+        self.node_id = ray.get_runtime_context().get_node_id()
+        logger.info("extract: actor on node %s", self.node_id)
+
+    def __call__(self, batch: dict) -> dict:
+        out = super().__call__(batch)
+        out["node_id"] = np.array([self.node_id] * len(out["shard"]))
+        return out
+
+
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
-    prepare = common.stage_module("prepare")
 
     stage_dir = output / "features"
     done = common.begin_stage("extract", stage_dir, force)
@@ -50,20 +66,23 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         shutil.rmtree(output / "features_rejects", ignore_errors=True)
     started = time.time()
     common.init_ray()
-    table = prepare.load_table(output)
-    rows = prepare.read_manifest(output, "train")
+    table = common.load_table(output)
+    rows = common.read_manifest(output, "train")
     segmenter_dir = output / "pretrain" / "segmenter"
     ckpt = checkpoint_id(segmenter_dir)
     shard_size = config.ray.extract_shard_size
     shards = shard_rows(rows, shard_size)
     pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
-    total_rows = 0
+    total_rows, nodes = 0, []
     if pending:
+        common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
+                               "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
+                               config.ray.extract_concurrency, config.ray.cpus_per_worker, config.ray.extract_gpus)
         stage_dir.mkdir(parents=True, exist_ok=True)
         work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
         results = work.map_batches(
-            FeatureExtractor,
+            NodeRecordingExtractor,
             fn_constructor_kwargs={
                 "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
                 "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
@@ -72,9 +91,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             num_cpus=config.ray.cpus_per_worker,
         ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
+        nodes = sorted({str(r["node_id"]) for r in results})
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "seconds": time.time() - started}
+            "actor_nodes": nodes, "seconds": time.time() - started}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
     common.mark_done(stage_dir, info)

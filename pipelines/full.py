@@ -18,23 +18,21 @@ import math
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 from pading import tracking
 from pading.config import ExperimentConfig, save_config
+from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")
 
-STAGES = ("prepare", "pretrain", "extract", "generator", "evaluate")
+#: The stages in order, each a module with ``run(config, output, force=False) -> dict``.
+STAGE_MODULES = {"prepare": prepare, "pretrain": pretrain, "extract": extract, "generator": train_generator,
+                 "evaluate": evaluate}
+STAGES = tuple(STAGE_MODULES)
 
 
-def _history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def run_stages(config: ExperimentConfig, output: Path, names=STAGES, force: bool = False) -> dict[str, dict]:
+    """Run (or skip, when finished) the named stages in order, without MLflow runs."""
+    return {name: STAGE_MODULES[name].run(config, output, force=force) for name in names}
 
 
 def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
@@ -49,9 +47,9 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
 
             mlflow.log_artifact(str(rejects))
     if name == "pretrain":
-        tracking.log_metric_history(_history(output / "pretrain" / "history.jsonl"))
+        tracking.log_metric_history(common.read_history(output / "pretrain" / "history.jsonl"))
     if name == "generator":
-        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in _history(output / "generator" / "history.jsonl")]
+        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in common.read_history(output / "generator" / "history.jsonl")]
         tracking.log_metric_history(rows)
     if name == "evaluate":
         tracking.log_metrics(info.get("results", {}))
@@ -78,7 +76,7 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
             started = time.time()
             with tracking.run(name, nested=True):
                 logger.info("=== stage %s%s ===", name, " (done before, skipping)" if skipped else "")
-                info = common.stage_module(name).run(config, output, force=force)
+                info = STAGE_MODULES[name].run(config, output, force=force)
                 _log_stage(name, info, output, skipped)
             wall[name] = round(time.time() - started, 2)
             infos[name] = info
@@ -105,13 +103,9 @@ def main() -> None:
     config, output = common.load(args)
     started = time.time()
     results = run_all(config, output, force=args.force)
-    try:
-        from pipelines.evaluate import format_table
-    except ImportError:
-        from evaluate import format_table  # type: ignore[no-redef]
     print()
     print(f"PADing ({config.losses.variant}) on {config.data.root} — Seen / Unseen / HM (percent)")
-    print(format_table(results))
+    print(evaluate.format_table(results))
     print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
     print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "
           f"MLflow run {results['mlflow_run_id']} at {tracking.tracking_uri(config.tracking)}")
@@ -120,10 +114,8 @@ def main() -> None:
     if bad:
         logger.warning("non-finite results in %s", bad)
     if args.serve:
-        try:
-            from pipelines import serve as serving
-        except ImportError:
-            import serve as serving  # type: ignore[no-redef]
+        from pipelines import serve as serving
+
         url = serving.deploy(output / "generator" / "bundle", config)
         print(f"PADing segmentation endpoint: {url}  (API docs: {url}docs; Ctrl-C to stop)", flush=True)
         serving.block_until_interrupted()

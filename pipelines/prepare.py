@@ -12,12 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
-
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +22,6 @@ from pading.classes import ClassTable
 from pading.config import ExperimentConfig
 from pading.manifest import (
     MANIFEST_SCHEMA,
-    REJECTS_SCHEMA,
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
@@ -35,6 +30,7 @@ from pading.manifest import (
     to_rows,
     validate_rows,
 )
+from pipelines import common
 
 logger = logging.getLogger("pipelines.prepare")
 
@@ -71,6 +67,24 @@ class _Validate:
                          "reject_reason": reject["reason"] if reject else ""})
         schema = MANIFEST_SCHEMA.append(pa.field("reject_source", pa.string())).append(pa.field("reject_reason", pa.string()))
         return pa.Table.from_pylist(rows, schema=schema)
+
+
+class EmptySplitError(RuntimeError):
+    """A split has no usable image: nothing can be trained or evaluated."""
+
+
+def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], stage_dir: Path) -> str:
+    """What went wrong, with the counts and the most common reject reasons."""
+    reasons = Counter(r["reason"].split(":")[0][:120] for r in rejects).most_common(3)
+    lines = [f"prepare: no usable image in the {' and '.join(empty)} split(s)."]
+    for split, c in counts.items():
+        lines.append(f"  {split}: {c['images']} usable, {c['rejected']} rejected"
+                     + (f", {c['seen_only_filtered']} dropped by the seen-only filter" if split == "train" else ""))
+    if reasons:
+        lines.append("  most common reject reasons: " + "; ".join(f"{n} x {reason}" for reason, n in reasons))
+    lines.append(f"  every reject with its file: {stage_dir / 'rejects.parquet'}. Check data.root and the "
+                 "annotation paths of the config.")
+    return "\n".join(lines)
 
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
@@ -128,25 +142,13 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     (stage_dir / "classes.json").write_text(json.dumps(table.to_records(), indent=1))
     for reject in all_rejects:
         logger.warning("reject: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
+    empty = [split for split in ("train", "val") if counts[split]["images"] == 0]
+    if empty:  # the stage is not marked finished: a rerun (after fixing the data) redoes it
+        raise EmptySplitError(empty_split_message(empty, counts, all_rejects, stage_dir))
     info = {"counts": counts, "rejects": len(all_rejects), "num_classes": table.num_classes,
             "unseen": [c.name for c in table if c.unseen], "seconds": time.time() - started}
     common.mark_done(stage_dir, info)
     return info
-
-
-def load_table(output: Path) -> ClassTable:
-    return ClassTable.from_records(json.loads((output / "manifest" / "classes.json").read_text()))
-
-
-def read_manifest(output: Path, split: str) -> list[dict]:
-    return pq.read_table(output / "manifest" / split, schema=MANIFEST_SCHEMA).to_pylist()
-
-
-def read_rejects(output: Path) -> list[dict]:
-    rows = pq.read_table(output / "manifest" / "rejects.parquet", schema=REJECTS_SCHEMA).to_pylist()
-    for extra in sorted((output / "features_rejects").glob("*.parquet")):
-        rows.extend(pq.read_table(extra, schema=REJECTS_SCHEMA).to_pylist())
-    return rows
 
 
 if __name__ == "__main__":

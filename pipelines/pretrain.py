@@ -15,15 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
+from pading.errors import ConfigError
+from pipelines import common
 
 logger = logging.getLogger("pipelines.pretrain")
 
@@ -43,13 +40,38 @@ def _maybe_fail(step: int, storage: Path) -> None:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
 
 
+def micro_batch_rows(config: ExperimentConfig, world: int) -> int:
+    """Images per micro-batch: the global ``pretrain.batch_size`` over ``world`` workers x
+    ``pretrain.grad_accumulation`` micro-batches (must divide evenly)."""
+    parts = world * config.pretrain.grad_accumulation
+    if config.pretrain.batch_size % parts:
+        raise ConfigError(
+            f"pretrain.batch_size={config.pretrain.batch_size} does not split into ray.num_workers={world} x "
+            f"pretrain.grad_accumulation={config.pretrain.grad_accumulation} equal micro-batches")
+    return config.pretrain.batch_size // parts
+
+
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker.
+
+    Every worker reads the (small) train manifest from the output directory and draws the
+    same global batch of images per step (seeded epochs, :func:`pading.features.epoch_indices`);
+    worker r trains on its slice, M micro-batches of it, and DDP averages the gradients. So
+    the global batches, and the step, do not depend on the number of workers
+    (docs/architecture.md, "Distributed training"; tests/test_distributed.py)."""
     log = common.worker_logger("pipelines.pretrain")
     import ray.train
     import ray.train.torch
+    import torch.distributed as dist
 
-    from pading.pretraining import SegmenterLoss, build_pretrain_optimizer, load_training_batch, pretrain_step
+    from pading.features import epoch_indices
+    from pading.pretraining import (
+        SegmenterLoss,
+        build_pretrain_optimizer,
+        load_training_batch,
+        micro_batch_seed,
+        pretrain_step,
+    )
     from pading.segmenter import Segmenter
 
     config: ExperimentConfig = loop_config["config"]
@@ -57,59 +79,62 @@ def train_loop(loop_config: dict) -> None:
     storage = Path(loop_config["storage"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config.seed + rank)
+    accumulation = config.pretrain.grad_accumulation
+    rows_per_micro_batch = micro_batch_rows(config, world)
+    common.log_worker_node(storage, "pretrain", rank, world, log)
+    torch.manual_seed(config.seed)  # the same initial weights on every worker
 
     segmenter = Segmenter(config.segmenter, table.num_classes)
-    model = SegmenterLoss(segmenter)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    else:
-        model = model.to(ray.train.torch.get_device())
+    model = common.prepare_model(SegmenterLoss(segmenter), world)
     optimizer = build_pretrain_optimizer(model, config.pretrain)
-    step, history = 0, []
+    step, drawn, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
             segmenter.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            step = int(state["step"])
-            history_path = Path(directory) / HISTORY_FILE
-            if history_path.is_file():
-                history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
+            step, drawn = int(state["step"]), int(state.get("batches_drawn", state["step"]))
+            history = common.read_history(Path(directory) / HISTORY_FILE)
         if rank == 0:
             log.info(f"[pretrain] resumed from checkpoint at step {step}")
 
     iterations = config.pretrain.iterations
-    per_worker = max(1, config.pretrain.batch_size // world)
-    shard = ray.train.get_dataset_shard("train")
+    rows = common.read_manifest(Path(loop_config["output"]), "train")
     started = time.time()
 
     def save_and_report(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                           Path(tmp) / STATE_FILE)
+                torch.save({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "batches_drawn": drawn}, Path(tmp) / STATE_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
                 segmenter.save(Path(tmp) / "segmenter")
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    batches = common.epoch_batches(shard, per_worker, seed=config.seed + rank + step)
     failures_in_a_row = 0
-    for arrow_batch in batches:
+    for global_batch in epoch_indices(len(rows), config.pretrain.batch_size, seed=config.seed, start_step=drawn,
+                                      drop_last=True):
         if step >= iterations:
             break
-        batch, rejects = load_training_batch(arrow_batch.to_pylist(), table, config.data.format, config.data.image_size)
-        if batch is None:
+        drawn += 1
+        mine = global_batch[rank * accumulation * rows_per_micro_batch:][: accumulation * rows_per_micro_batch]
+        micro = [load_training_batch([rows[i] for i in mine[m * rows_per_micro_batch:][:rows_per_micro_batch]],
+                                     table, config.data.format, config.data.image_size)[0] for m in range(accumulation)]
+        usable = torch.tensor([float(all(b is not None for b in micro))])
+        if world > 1:  # every worker must take (or skip) the same steps
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if usable.item() == 0:
             failures_in_a_row += 1
             if failures_in_a_row > MAX_EMPTY_BATCHES:
                 raise RuntimeError("pretrain: no usable image in the last batches (see the worker log for reasons)")
             continue
         failures_in_a_row = 0
         _maybe_fail(step, storage)
-        losses = pretrain_step(model, optimizer, batch, grad_clip=config.pretrain.grad_clip)
+        seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
+        losses = pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
         step += 1
         history.append({"step": step, **losses})
         if rank == 0 and (step % config.pretrain.log_every == 0 or step == 1):
@@ -119,28 +144,25 @@ def train_loop(loop_config: dict) -> None:
                      f"dice {losses.get('loss_dice', 0):.3f}) {rate:.2f}s/step")
         if step % config.pretrain.checkpoint_every == 0 or step == iterations:
             save_and_report({"step": step, **losses})
-    if step < iterations:
-        raise RuntimeError(f"pretrain: the training shard is empty (stopped at step {step})")
 
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    prepare = common.stage_module("prepare")
-
     stage_dir = output / "pretrain"
     done = common.begin_stage("pretrain", stage_dir, force)
     if done:
         return done
     started = time.time()
+    micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker
     common.init_ray()
-    table = prepare.load_table(output)
-    dataset = ray.data.read_parquet(str(output / "manifest" / "train"))
+    table = common.load_table(output)
     storage = stage_dir / "ray"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir)},
+        train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir),
+                           "output": str(output)},
         scaling_config=common.train_scaling(config),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -148,12 +170,12 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
     )
     result = trainer.fit()
     common.copy_from_checkpoint(result, "segmenter", HISTORY_FILE, stage_dir)
     info = {"segmenter": str(stage_dir / "segmenter"), "final_metrics": result.metrics,
-            "checkpoint": result.checkpoint.path, "seconds": time.time() - started}
+            "checkpoint": result.checkpoint.path, "workers": common.worker_nodes(stage_dir),
+            "seconds": time.time() - started}
     common.mark_done(stage_dir, info)
     return info
 

@@ -21,11 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -44,6 +39,7 @@ from pading.service import (
     check_request,
     http_status,
 )
+from pipelines import common
 
 logger = logging.getLogger("pipelines.serve")
 

@@ -21,11 +21,6 @@ import logging
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 from pading import tracking
 from pading.classes import clean_name
 from pading.config import ExperimentConfig
@@ -38,6 +33,7 @@ from pading.tables import (
     table_rows,
     write_csv,
 )
+from pipelines import common
 
 logger = logging.getLogger("pipelines.tables")
 
@@ -77,19 +73,18 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     Returns ``({row key: [per-seed outputs]}, failures)``."""
     import ray
 
-    from pading.search import read_features
+    from pading.features import read_features
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    prepare = common.stage_module("prepare")
-    table = prepare.load_table(output)
+    table = common.load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
     segmenter_dir = str(output / "pretrain" / "segmenter")
     settings = config.tables
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
     common.warn_if_short("a table task", settings.cpus_per_task, settings.gpus_per_task)
     cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
-        config, segmenter_dir, prepare.read_manifest(output, "val"))
+        config, segmenter_dir, common.read_manifest(output, "val"))
     shared = [ray.put(read_features(output / "features")), ray.put(table), ray.put(semantics), ray.put(config),
               cache_ref, ray.put(Segmenter.load(segmenter_dir, map_location="cpu").class_head)]
     iterations = settings.iterations or config.generator_training.iterations
@@ -192,8 +187,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None,
     seeds = tuple(int(s) for s in (seeds if seeds is not None else config.tables.seeds))
     rows = table_rows(config, variants, primitive_counts)
     common.init_ray()
-    for name in ("prepare", "pretrain", "extract"):
-        common.stage_module(name).run(config, output)
+    from pipelines.full import run_stages
+
+    run_stages(config, output, ("prepare", "pretrain", "extract"))
     stage_dir.mkdir(parents=True, exist_ok=True)
     trained, failures = run_rows(config, output, rows, seeds)
     if not trained["outputs"]:

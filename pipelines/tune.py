@@ -26,17 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    from pipelines import common
-except ImportError:  # run as a script
-    import common  # type: ignore[no-redef]
-
 import torch
 import yaml
 
 from pading import tracking
 from pading.config import ExperimentConfig, save_config
 from pading.search import SearchSplit, apply_overrides, validate_search_space
+from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")
 
@@ -48,8 +44,9 @@ PREREQUISITE_STAGES = ("prepare", "pretrain", "extract")
 
 def ensure_features(config: ExperimentConfig, output: Path) -> None:
     """Run prepare, pretrain and extract unless finished (their run() skips when done)."""
-    for name in PREREQUISITE_STAGES:
-        common.stage_module(name).run(config, output)
+    from pipelines.full import run_stages
+
+    run_stages(config, output, PREREQUISITE_STAGES)
 
 
 def search_space(space: dict) -> dict:
@@ -65,12 +62,11 @@ def search_space(space: dict) -> dict:
 
 def load_inputs(config: ExperimentConfig, output: Path) -> dict:
     """Class table, semantics, class head and features of a finished extract stage."""
-    from pading.search import read_features
+    from pading.features import read_features
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    prepare = common.stage_module("prepare")
-    table = prepare.load_table(output)
+    table = common.load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
     segmenter = Segmenter.load(output / "pretrain" / "segmenter", map_location="cpu")
     return {"table": table, "semantics": semantics, "class_head": segmenter.class_head,
@@ -82,7 +78,7 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
     import ray
 
     from pading.extraction import extract_features
-    from pading.search import features_from_rows
+    from pading.features import features_from_rows
     from pading.segmenter import Segmenter
 
     @ray.remote(num_cpus=config.tune.cpus_per_trial, num_gpus=config.tune.gpus_per_trial)
@@ -95,7 +91,7 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
             logger.warning("val image rejected: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
         return features_from_rows(found)
 
-    rows = common.stage_module("prepare").read_manifest(output, "val")
+    rows = common.read_manifest(output, "val")
     return ray.get(extract.remote(rows))
 
 

@@ -1,63 +1,77 @@
-"""pipelines/common.py pieces that need no Ray: the epoch order of a training shard."""
+"""Pieces of the run layer that need no Ray: paths resolved at load, the batch regime of
+the training stages, the features reader."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
-from pipelines.common import epoch_batches
+from pading.config import load_config
+from pading.errors import ConfigError
+from pading.features import epoch_indices, read_features
+from pipelines import common
+from pipelines.pretrain import micro_batch_rows
 
-
-class StreamingShard:
-    """Serves ``table`` through ``iter_batches`` the way a Ray Train shard does, in a
-    different row order on every call (as Ray Data's streaming execution may)."""
-
-    def __init__(self, table: pa.Table, seed: int):
-        self.table, self.rng, self.calls = table, np.random.default_rng(seed), 0
-
-    def iter_batches(self, batch_size: int, batch_format: str = "pyarrow", local_shuffle_buffer_size=None):
-        assert batch_format == "pyarrow"
-        self.calls += 1
-        shuffled = self.table.take(pa.array(self.rng.permutation(self.table.num_rows)))
-        for begin in range(0, shuffled.num_rows, batch_size):
-            yield shuffled.slice(begin, batch_size)
+SMOKE = common.REPO_ROOT / "configs" / "smoke.yaml"
 
 
-def rows(n: int = 23) -> pa.Table:
-    image_id = np.repeat(np.arange(n // 2 + 1), 2)[:n]
-    return pa.table({"image_id": image_id, "query": np.arange(n) % 2, "value": np.arange(n) * 10})
+def _args(output=None, overrides=()):
+    return argparse.Namespace(config=str(SMOKE), output=output, overrides=list(overrides))
 
 
-def take(shard, count: int, seed: int, cache: bool = True) -> list[list[int]]:
-    return [b.column("value").to_pylist() for b in itertools.islice(epoch_batches(shard, 5, seed=seed, cache=cache), count)]
+def test_synthetic_data_and_mlflow_store_live_under_the_output(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, output = common.load(_args(str(tmp_path / "out")))
+    assert output == tmp_path / "out"
+    assert config.data.root == str(tmp_path / "out" / "datasets" / "synthetic-coco-smoke")  # every node sees it
+    assert config.tracking.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlruns' / 'mlflow.db'}"
 
 
-def test_cached_epochs_do_not_depend_on_the_streaming_order():
-    first = take(StreamingShard(rows(), seed=1), 12, seed=7)
-    second = take(StreamingShard(rows(), seed=2), 12, seed=7)
-    assert first == second
-    assert take(StreamingShard(rows(), seed=1), 12, seed=8) != first  # the seed picks the order
+def test_relative_paths_are_refused_inside_a_ray_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what the job supervisor sets for the driver
+    with pytest.raises(ConfigError, match="--output"):
+        common.load(_args("outputs/x"))
+    with pytest.raises(ConfigError, match="output_dir"):
+        common.load(_args())  # smoke.yaml's output_dir is relative
+    with pytest.raises(ConfigError, match="data.root"):
+        common.load(_args(str(tmp_path / "out"), ["data.synthetic=null", "data.root=datasets/coco"]))
+    config, _ = common.load(_args(str(tmp_path / "out")))  # synthetic data under the absolute output: fine
+    assert config.data.root.startswith(str(tmp_path / "out"))
 
 
-def test_every_cached_epoch_is_a_permutation_and_the_shard_is_read_once():
-    shard = StreamingShard(rows(23), seed=0)
-    batches = take(shard, 15, seed=0)  # 5 per epoch (5+5+5+5+3 rows)
-    assert shard.calls == 1
-    epochs = [sum(batches[i : i + 5], []) for i in range(0, 15, 5)]
-    for epoch in epochs:
-        assert sorted(epoch) == [10 * i for i in range(23)]
-    assert epochs[0] != epochs[1]
+def test_epochs_with_full_batches_only():
+    batches = list(itertools.islice(epoch_indices(10, 4, seed=0, drop_last=True), 4))
+    assert [len(b) for b in batches] == [4, 4, 4, 4]  # 2 full batches an epoch, the 2 left-over rows dropped
+    assert len(set(np.concatenate(batches[:2]).tolist())) == 8
+    with pytest.raises(Exception, match="cannot make batches"):
+        next(epoch_indices(3, 4, seed=0, drop_last=True))
 
 
-def test_without_cache_every_epoch_streams_again():
-    shard = StreamingShard(rows(10), seed=0)
-    batches = take(shard, 6, seed=0, cache=False)  # 2 batches per epoch
-    assert shard.calls == 3 and sorted(sum(batches, [])) == sorted(3 * [10 * i for i in range(10)])
+def test_the_global_pretraining_batch_must_split_evenly():
+    config = load_config(SMOKE, ["pretrain.batch_size=4"])
+    assert micro_batch_rows(config, 2) == 2
+    assert micro_batch_rows(load_config(SMOKE, ["pretrain.batch_size=4", "pretrain.grad_accumulation=2"]), 2) == 1
+    with pytest.raises(ConfigError, match="does not split"):
+        micro_batch_rows(config, 3)
 
 
-def test_an_empty_shard_ends_the_iteration():
-    empty = rows(0)
-    assert take(StreamingShard(empty, seed=0), 3, seed=0) == []
-    assert take(StreamingShard(empty, seed=0), 3, seed=0, cache=False) == []
+def test_features_are_read_in_image_query_order_whatever_the_files(tmp_path):
+    def shard(path, image_ids, queries):
+        n = len(image_ids)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(2 * n, dtype=np.float32)), 2)
+        pq.write_table(pa.table({"image_id": image_ids, "query": queries, "embedding": embedding,
+                                 "label": np.arange(n, dtype=np.int32)}), path)
+
+    shard(tmp_path / "shard-00000.parquet", [5, 5, 1], [1, 0, 0])
+    shard(tmp_path / "shard-00001.parquet", [3, 1], [0, 1])
+    features = read_features(tmp_path)
+    assert features.image_ids.tolist() == [1, 1, 3, 5, 5]
+    assert features.labels.tolist() == [2, 1, 0, 1, 0]  # (1,0), (1,1), (3,0), (5,0), (5,1)
+    reversed_files = read_features([tmp_path / "shard-00001.parquet", tmp_path / "shard-00000.parquet"])
+    assert np.array_equal(reversed_files.embeddings, features.embeddings)

@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from pading.config import ExperimentConfig, load_config, parse_override, save_config, tiny_config
+from pading.config import (
+    ExperimentConfig,
+    load_config,
+    parse_override,
+    save_config,
+    tiny_config,
+)
 from pading.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

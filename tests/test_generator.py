@@ -113,3 +113,35 @@ def test_gmmn_generator_shapes_noise_and_gradients():
 def test_build_generator_dispatches_on_kind():
     assert isinstance(build_generator(_config(kind="primitive"), SEMANTIC_DIM, EMBED_DIM), PrimitiveGenerator)
     assert isinstance(build_generator(_config(kind="gmmn"), SEMANTIC_DIM, EMBED_DIM), GMMNGenerator)
+
+
+def _layer_norm(values):
+    """LayerNorm with unit weight and zero bias, written out: (v - mean) / sqrt(var + 1e-5)."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / len(values)
+    return [(v - mean) / (variance + 1e-5) ** 0.5 for v in values]
+
+
+def test_noise_enters_the_cross_attention_residual_before_its_layer_norm():
+    """The authors' release adds the noise to token + CrossAttn(token) and only then applies
+    the cross-attention LayerNorm. A layer with zeroed attention/FFN weights and a constant
+    cross-attention output c makes the expected output a chain of written-out LayerNorms:
+    out = LN(LN(LN(t) + c + z)); noise after the LayerNorm would give LN(LN(t) + c) + z instead."""
+    from pading.generator import PrimitiveDecoderLayer
+
+    layer = PrimitiveDecoderLayer(embed_dim=4, num_heads=1, feedforward_dim=8, dropout=0.0).eval()
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.zero_()
+        for norm in (layer.self_attention_norm, layer.cross_attention_norm, layer.feedforward_norm):
+            norm.weight.fill_(1.0)
+        layer.cross_attention.out_proj.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 6.0]))  # c
+    token, noise = [1.0, 2.0, 3.0, 4.0], [0.0, 10.0, 0.0, 0.0]
+    out = layer(torch.tensor([token]), torch.zeros(3, 4), torch.tensor([noise]))[0].tolist()
+
+    after_self = _layer_norm(token)  # self-attention output is zero
+    c = [0.0, 0.0, 0.0, 6.0]
+    release = _layer_norm(_layer_norm([x + ci + z for x, ci, z in zip(after_self, c, noise)]))
+    assert out == pytest.approx(release, abs=1e-5)
+    noise_after_norm = _layer_norm([a + z for a, z in zip(_layer_norm([x + ci for x, ci in zip(after_self, c)]), noise)])
+    assert max(abs(a - b) for a, b in zip(out, noise_after_norm)) > 0.1  # the two placements differ here

@@ -10,17 +10,13 @@ import itertools
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from helpers import serve_app
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 
 import numpy as np
@@ -24,7 +25,6 @@ from pading.search import (
     paper_split,
     pseudo_unseen_split,
     score_classifier,
-    step_rows,
     train_and_score,
     validate_search_space,
 )
@@ -165,10 +165,16 @@ def test_paper_split_scores_real_unseen_classes():
     assert split.unseen_indices == (unseen,) and split.seen_indices == (0, 2) and len(split.validation) == 3
 
 
-def test_step_rows_repeat_for_a_resumed_run():
-    assert np.array_equal(step_rows(100, 10, step=7, seed=0), step_rows(100, 10, step=7, seed=0))
-    assert not np.array_equal(step_rows(100, 10, step=7, seed=0), step_rows(100, 10, step=8, seed=0))
-    assert len(np.unique(step_rows(100, 10, step=3, seed=0))) == 10 and len(step_rows(5, 10, 0, 0)) == 5
+def test_feature_batches_repeat_and_resume():
+    from pading.features import epoch_indices
+
+    first = list(itertools.islice(epoch_indices(23, 5, seed=0), 12))
+    assert [len(b) for b in first[:5]] == [5, 5, 5, 5, 3]  # one epoch: 5 batches, the last shorter
+    assert sorted(np.concatenate(first[:5]).tolist()) == list(range(23))  # a permutation
+    assert all(np.array_equal(a, b) for a, b in zip(first, epoch_indices(23, 5, seed=0)))  # repeatable
+    resumed = list(itertools.islice(epoch_indices(23, 5, seed=0, start_step=7), 5))
+    assert all(np.array_equal(a, b) for a, b in zip(first[7:12], resumed))  # a resumed run sees the same batches
+    assert not np.array_equal(first[0], next(epoch_indices(23, 5, seed=1)))
 
 
 def test_apply_overrides_validates_like_yaml():

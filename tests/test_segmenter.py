@@ -198,9 +198,8 @@ def test_backbone_weights_from_transformers_resnet(config, tmp_path):
 
 def test_torchvision_resnet_keys_map_onto_the_backbone():
     pytest.importorskip("torchvision")
-    from transformers import ResNetBackbone, ResNetConfig
-
     from torchvision.models.resnet import Bottleneck, ResNet
+    from transformers import ResNetBackbone, ResNetConfig
 
     # ResNet-50's widths with one block per stage (the naming is what is under test)
     torchvision_state = ResNet(Bottleneck, [1, 1, 1, 1]).state_dict()

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from helpers import serve_app
 from PIL import Image
 from pycocotools import mask as mask_utils
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import serve_app
 
 pytestmark = pytest.mark.slow
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
 from PIL import Image
 from pycocotools import mask as mask_utils
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
 
 from pading.bundle import Bundle
 from pading.errors import CorruptImageError, UnknownClassError

@@ -26,7 +26,12 @@ from pading.manifest import (
     validate_rows,
 )
 from pading.predict import EvaluationPredictor, predict_images, summarize
-from pading.pretraining import SegmenterLoss, build_pretrain_optimizer, load_training_batch, pretrain_step
+from pading.pretraining import (
+    SegmenterLoss,
+    build_pretrain_optimizer,
+    load_training_batch,
+    pretrain_step,
+)
 from pading.segmenter import Segmenter
 from pading.semantics import class_embeddings
 

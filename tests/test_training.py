@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from pading.classes import ClassTable
-from pading.classifier import Classifier, ProjectionClassifier, class_weights, expand_classifier
+from pading.classifier import (
+    Classifier,
+    ProjectionClassifier,
+    class_weights,
+    expand_classifier,
+)
 from pading.config import ABLATION_VARIANTS, GeneratorTrainingConfig, tiny_config
 from pading.errors import ConfigError, DataError
 from pading.training import GeneratorTrainer, fit_classifier

@@ -13,6 +13,7 @@ from pading.data.coco import (
     seen_only_filter,
     semantic_categories,
 )
+from pading.data.synthetic import add_data_cli, synthetic_table, write_synthetic_dataset
 from pading.data.targets import (
     Targets,
     decode_segmentation,
@@ -29,7 +30,6 @@ from pading.data.targets import (
     semantic_segments,
     to_rgb,
 )
-from pading.data.synthetic import add_data_cli, synthetic_table, write_synthetic_dataset
 
 __all__ = [
     "ImageRecord",

@@ -406,7 +406,17 @@ def read_semantic_index(
 # Pixel-level loaders live in pading.data.targets (kept apart for size), re-exported here;
 # pading/data/__init__ imports this module first, so the import cycle always resolves.
 from pading.data.targets import (  # noqa: E402,F401
-    Targets, decode_segmentation, load_image, load_instance_targets, load_panoptic_targets, load_semantic_targets,
-    mask_bbox, mask_to_rle, panoptic_to_instances, panoptic_to_semantic, read_label_png, read_panoptic_png,
+    Targets,
+    decode_segmentation,
+    load_image,
+    load_instance_targets,
+    load_panoptic_targets,
+    load_semantic_targets,
+    mask_bbox,
+    mask_to_rle,
+    panoptic_to_instances,
+    panoptic_to_semantic,
+    read_label_png,
+    read_panoptic_png,
     semantic_segments,
 )

@@ -32,7 +32,12 @@ from scipy.special import ndtr
 from pading.classes import ClassTable, coco_panoptic_categories
 from pading.config import SyntheticConfig
 from pading.data.coco import SEMANTIC_CATEGORIES_FILE
-from pading.data.targets import decode_segmentation, mask_bbox, mask_to_rle, panoptic_to_semantic
+from pading.data.targets import (
+    decode_segmentation,
+    mask_bbox,
+    mask_to_rle,
+    panoptic_to_semantic,
+)
 from pading.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from helpers.tiny_bundle import build_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
 
 READY_TIMEOUT_S = 120
 MAX_IMAGE_PIXELS = 400_000  # the COCO samples (640x480) fit, a 1000x500 image does not

@@ -1,0 +1,233 @@
+"""Two Ray Train workers compute what one worker computes (gloo on CPU).
+
+For the generator stage (the library's one loop, :func:`pading.training.fit_generator`,
+synchronised by :class:`pading.distributed.TorchCollective`) and for pretraining (DDP through
+Ray Train's ``prepare_model``, :func:`pading.pretraining.pretrain_step`), k steps on 2 Ray
+Train workers, each given its half of every global batch, must end with the parameters of
+one worker trained on the whole batches, and identical parameters on both ranks. The same
+runs *without* the synchronisation must not: that is what makes the test able to fail.
+
+Exact equality needs the randomness to be partition-invariant. Generator noise, class
+choices and pretraining's point sampling are (drawn per global row / per global
+micro-batch); dropout masks are drawn by each worker for its own rows, so these runs turn
+dropout off. One parameter is compared leniently: the key bias of the generator's
+cross-attention has an analytically zero gradient (softmax is shift-invariant), and Adam
+turns float noise of ~1e-10 in it into steps of the learning rate's size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+SEMANTIC_DIM, EMBED_DIM, NUM_CLASSES = 8, 16, 6  # c0..c3 seen, c4 c5 unseen
+GENERATOR_STEPS, PRETRAIN_STEPS = 4, 3
+RELATIVE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def _fit_on_two_workers(train_func, loop_config: dict) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(train_func, train_loop_config=loop_config,
+                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(storage_path=str(Path(loop_config["out"]) / "ray"))).fit()
+
+
+def _compare(reference: dict, run: dict, skip_degenerate: bool = True) -> float:
+    """Largest relative difference of ``run``'s parameters from ``reference`` (per tensor:
+    max |a - b| / max |a|), leaving out the degenerate cross-attention key bias."""
+    worst = 0.0
+    for name, expected in reference.items():
+        got = run[name]
+        if skip_degenerate and name.endswith("cross_attention.in_proj_bias"):
+            dim = expected.shape[0] // 3
+            expected, got = torch.cat([expected[:dim], expected[2 * dim:]]), torch.cat([got[:dim], got[2 * dim:]])
+        scale = float(expected.abs().max()) or 1.0
+        worst = max(worst, float((got - expected).abs().max()) / scale)
+    return worst
+
+
+# ---- the generator stage --------------------------------------------------------------------
+
+
+def _generator_problem():
+    """A class table, class semantics, GENERATOR_STEPS global batches of 32 query rows
+    (20 matched seen queries and 12 "no object" each) and a config without dropout."""
+    from pading.classes import ClassTable
+    from pading.config import tiny_config
+
+    table = ClassTable.from_categories([{"id": 10 + i, "name": f"c{i}", "isthing": 1} for i in range(NUM_CLASSES)],
+                                       unseen=["c4", "c5"])
+    rng = torch.Generator().manual_seed(0)
+    semantics = torch.randn(NUM_CLASSES, SEMANTIC_DIM, generator=rng)  # (C, S)
+    batches = []
+    for _ in range(GENERATOR_STEPS):
+        labels = torch.cat([torch.randint(0, 4, (20,), generator=rng), torch.full((12,), NUM_CLASSES)])
+        order = torch.randperm(32, generator=rng)
+        embeddings = F.layer_norm(torch.randn(32, EMBED_DIM, generator=rng), (EMBED_DIM,))
+        batches.append((embeddings[order], labels[order]))
+    config = tiny_config(
+        losses={"variant": "full", "disentangler_dropout": 0.0, "disentangle_weight": 0.5},
+        generator={"dropout": 0.0}, generator_training={"iterations": GENERATOR_STEPS, "generator_lr": 1e-3})
+    return table, semantics, batches, config
+
+
+def _trainer_parameters(trainer) -> dict:
+    modules = {"classifier": trainer.classifier, "generator": trainer.generator, "loss": trainer.loss}
+    return {f"{prefix}.{name}": value.detach().clone() for prefix, module in modules.items()
+            for name, value in module.state_dict().items()}
+
+
+def _halves(batches, rank: int, world: int):
+    """Rank ``rank``'s contiguous share of every global batch."""
+    out = []
+    for embeddings, labels in batches:
+        size = -(-labels.shape[0] // world)
+        out.append((embeddings[rank * size:(rank + 1) * size], labels[rank * size:(rank + 1) * size]))
+    return out
+
+
+def _generator_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from pading.distributed import LocalCollective, TorchCollective
+    from pading.training import GeneratorTrainer, fit_generator
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    table, semantics, batches, config = _generator_problem()
+    collective = TorchCollective() if loop_config["sync"] else LocalCollective()
+    trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config, collective=collective)
+    fit_generator(trainer, iter(_halves(batches, rank, world)), GENERATOR_STEPS)
+    torch.save(_trainer_parameters(trainer), Path(loop_config["out"]) / f"generator-rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def generator_reference() -> dict:
+    """One worker (this process, no process group) on the whole batches."""
+    from pading.training import GeneratorTrainer, fit_generator
+
+    table, semantics, batches, config = _generator_problem()
+    trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config)
+    fit_generator(trainer, iter(batches), GENERATOR_STEPS)
+    return _trainer_parameters(trainer)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["synchronised", "without-sync"])
+def test_generator_two_workers_match_one(ray_local, generator_reference, tmp_path, sync):
+    _fit_on_two_workers(_generator_worker, {"sync": sync, "out": str(tmp_path)})
+    ranks = [torch.load(tmp_path / f"generator-rank{r}.pt", weights_only=True) for r in range(2)]
+    difference = _compare(generator_reference, ranks[0])
+    across_ranks = _compare(ranks[0], ranks[1], skip_degenerate=False)
+    if sync:
+        assert difference < RELATIVE_TOLERANCE, difference
+        assert across_ranks == 0.0
+    else:  # each worker trains on its half alone: the check above must catch that
+        assert difference > 1e-2 and across_ranks > 1e-4, (difference, across_ranks)
+
+
+# ---- pretraining ------------------------------------------------------------------------------
+
+
+def _pretrain_problem(data_root: str):
+    """Config, class table and PRETRAIN_STEPS global batches of 2 images (one per worker)."""
+    from pading.config import DataConfig, tiny_config
+    from pading.manifest import class_table_for, read_split_index, to_rows
+
+    data = DataConfig(root=data_root, image_size=48)
+    records, categories, _ = read_split_index(data, "train")
+    table = class_table_for(data, categories)
+    rows = to_rows(records, table)[: 2 * PRETRAIN_STEPS]
+    config = tiny_config(data={"root": data_root, "image_size": 48}, segmenter={"train_num_points": 64},
+                         pretrain={"batch_size": 2, "lr": 1e-3})
+    return config, table, [rows[2 * s: 2 * s + 2] for s in range(PRETRAIN_STEPS)]
+
+
+def _segmenter_parameters(model) -> dict:
+    module = model.module if hasattr(model, "module") else model
+    return {name: value.detach().clone() for name, value in module.segmenter.named_parameters()}
+
+
+def _pretrain(rank_rows, config, table, model, micro_indices):
+    """PRETRAIN_STEPS steps; ``rank_rows(step)`` -> this process's micro-batches of rows."""
+    from pading.pretraining import build_pretrain_optimizer, load_training_batch, micro_batch_seed, pretrain_step
+
+    optimizer = build_pretrain_optimizer(model, config.pretrain)
+    for step in range(PRETRAIN_STEPS):
+        micro = [load_training_batch(rows, table, "panoptic", 48)[0] for rows in rank_rows(step)]
+        seeds = [micro_batch_seed(config.seed, step, index) for index in micro_indices]
+        pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
+    return model
+
+
+def _new_model(config, table):
+    from pading.pretraining import SegmenterLoss
+    from pading.segmenter import Segmenter
+
+    torch.manual_seed(config.seed)
+    return SegmenterLoss(Segmenter(config.segmenter, table.num_classes))
+
+
+def _pretrain_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from pipelines.common import prepare_model
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config, table, batches = _pretrain_problem(loop_config["data"])
+    model = _new_model(config, table)
+    model = prepare_model(model, world) if loop_config["sync"] else model
+    _pretrain(lambda step: [[batches[step][rank]]], config, table, model, micro_indices=[rank])
+    torch.save(_segmenter_parameters(model), Path(loop_config["out"]) / f"pretrain-rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory) -> str:
+    from pading.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    write_synthetic_dataset(root, num_train=2 * PRETRAIN_STEPS, num_val=2, image_size=48, seed=5)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(pretrain_data) -> dict:
+    """One worker accumulating both images of each global batch as two micro-batches."""
+    torch.set_num_threads(1)
+    config, table, batches = _pretrain_problem(pretrain_data)
+    model = _pretrain(lambda step: [[row] for row in batches[step]], config, table, _new_model(config, table),
+                      micro_indices=[0, 1])
+    return _segmenter_parameters(model)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["ddp", "without-ddp"])
+def test_pretraining_two_workers_match_one(ray_local, pretrain_data, pretrain_reference, tmp_path, sync):
+    _fit_on_two_workers(_pretrain_worker, {"sync": sync, "data": pretrain_data, "out": str(tmp_path)})
+    ranks = [torch.load(tmp_path / f"pretrain-rank{r}.pt", weights_only=True) for r in range(2)]
+    difference = _compare(pretrain_reference, ranks[0], skip_degenerate=False)
+    across_ranks = _compare(ranks[0], ranks[1], skip_degenerate=False)
+    if sync:
+        assert difference < RELATIVE_TOLERANCE, difference
+        assert across_ranks == 0.0
+    else:
+        assert difference > 1e-3 and across_ranks > 1e-4, (difference, across_ranks)
