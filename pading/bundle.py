@@ -1,5 +1,5 @@
 """The model bundle: everything needed to segment seen and unseen classes, as one
-directory (DESIGN.md "Runs, models and tracking"). Weights are safetensors; metadata is
+directory (docs/architecture.md "Stages and their products"). Weights are safetensors; metadata is
 JSON/YAML. Nothing is unpickled.
 
 Layout::

@@ -1,4 +1,4 @@
-"""Retrained classifiers (METHOD.md "Classifier retraining loss").
+"""Retrained classifiers (docs/method.md "Classifier retraining").
 
 - :class:`Classifier`: the linear |C|+1-way head that replaces the segmenter's class head,
   initialised from it (:meth:`Classifier.from_class_head`).

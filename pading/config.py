@@ -171,7 +171,7 @@ class GeneratorConfig:
 
 @dataclass
 class LossConfig:
-    """Generator-side losses (METHOD.md "Losses") and the ablation variant.
+    """Generator-side losses (docs/method.md "Losses") and the ablation variant.
 
     variant: projection (classifier = frozen text embeddings), gmmn, primitive
     (primitive generator, MMD only), alignment (+ relationship alignment on raw
@@ -189,7 +189,7 @@ class LossConfig:
     relation_scale: float = 0.2
     alignment_temperature: float = 0.1  # τ
     unrelated_temperature: float = 0.1  # T
-    # Seen features of the alignment/disentanglement terms: "synthetic" (default, METHOD.md) or "real".
+    # Seen features of the alignment/disentanglement terms: "synthetic" (default, docs/method.md) or "real".
     alignment_seen_features: str = "synthetic"
     disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
 
@@ -214,7 +214,9 @@ class GeneratorTrainingConfig:
     classifier_momentum: float = 0.9
     classifier_weight_decay: float = 5e-4
     unseen_classes_per_step: int = 5
-    synthetic_per_unseen_class: int = 0  # 0: as many as the batch has real matched queries / classes
+    # Synthetic samples per chosen unseen class and step: 1 is the authors' release; 0 draws the
+    # batch's matched queries ÷ its matched classes (as many as a real class has on average).
+    synthetic_per_unseen_class: int = 0
     seen_class_weight: float = 1.0
     no_object_class_weight: float = 0.1
     unseen_class_weight: float = 5.0
@@ -229,7 +231,7 @@ class GeneratorTrainingConfig:
 
 @dataclass
 class InferenceConfig:
-    """Mask2Former post-processing thresholds (METHOD.md "Inference")."""
+    """Mask2Former post-processing thresholds (docs/method.md "Inference")."""
 
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
@@ -251,6 +253,8 @@ class RayConfig:
     max_failures: int = 2
     # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
     placement_strategy: str = "PACK"
+    # CPUs of the local Ray a run starts when it joins no cluster (None: every core).
+    local_cpus: Optional[int] = None
 
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:

@@ -1,5 +1,5 @@
 """Stage 2: query embeddings of the frozen segmenter, matched to ground truth, as rows
-of the features table (DESIGN.md "Data products"). :class:`FeatureExtractor` is the
+of the features table (docs/architecture.md "Stages and their products"). :class:`FeatureExtractor` is the
 callable class that pipelines/extract.py hands to Ray Data ``map_batches``."""
 
 from __future__ import annotations

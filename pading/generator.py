@@ -1,4 +1,4 @@
-"""Feature generators (METHOD.md "Primitive generator").
+"""Feature generators (docs/method.md "Primitive generator").
 
 :class:`PrimitiveGenerator` is PADing's generator: a class's semantic embedding a_c is
 projected to ã_c = W_p a_c, which is the single query token of a small stack of post-norm

@@ -1,4 +1,4 @@
-"""Mask2Former post-processing with any classifier (METHOD.md "Inference").
+"""Mask2Former post-processing with any classifier (docs/method.md "Inference").
 
 Inputs per image: ``mask_logits`` (Q, H, W), already at the output size (see
 :func:`pading.segmenter.postprocess_mask_logits`), and ``class_logits`` (Q, C+1) from the

@@ -1,4 +1,4 @@
-"""Generator-side losses (METHOD.md "Losses").
+"""Generator-side losses (docs/method.md "Losses").
 
 - :func:`mmd_loss`: multi-kernel maximum mean discrepancy L_G.
 - :func:`relationship_alignment_loss` / :func:`composed_alignment_loss`: KL between the

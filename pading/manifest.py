@@ -1,4 +1,4 @@
-"""The manifest: one row per image (DESIGN.md "Data products"), read from a COCO-layout
+"""The manifest: one row per image (docs/architecture.md "Stages and their products"), read from a COCO-layout
 dataset, validated image by image, split into train (seen-only) and val, plus the
 rejects table. Ray-free: pipelines/prepare.py maps :func:`validate_rows` over shards.
 """

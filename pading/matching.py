@@ -1,4 +1,4 @@
-"""Hungarian matching of queries to ground-truth segments (METHOD.md stage 2).
+"""Hungarian matching of queries to ground-truth segments (docs/method.md "Stages").
 
 The cost is Mask2Former's: ``class_weight * (-p_q[gt class]) + mask_weight * BCE(mask) +
 dice_weight * dice(mask)``, the mask terms averaged over ``num_points`` points sampled

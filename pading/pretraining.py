@@ -61,7 +61,7 @@ class SegmenterLoss(nn.Module):
 
 
 def build_pretrain_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW (METHOD.md: lr 1e-4, weight decay 0.05); no decay on norms and biases."""
+    """AdamW (docs/method.md "Optimisation": lr 1e-4, weight decay 0.05); no decay on norms and biases."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -1,4 +1,4 @@
-"""The segmenter: transformers' Mask2Former with a ResNet backbone (METHOD.md stages 1-2).
+"""The segmenter: transformers' Mask2Former with a ResNet backbone (docs/method.md "Stages").
 
 :class:`Segmenter` gives, per image, Q mask logits at 1/4 of the input resolution, the Q
 query embeddings that the class head reads (the LayerNorm-ed output of the last

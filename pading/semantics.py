@@ -1,4 +1,4 @@
-"""Semantic embeddings a_c of class names (METHOD.md "Semantic embeddings").
+"""Semantic embeddings a_c of class names (docs/method.md "Semantic embeddings").
 
 Encoders, by name:
 
@@ -103,7 +103,7 @@ def encode_clip(
     """(N,) names -> (N, 512) CLIP text embeddings, prompt ensemble.
 
     Each template embedding is L2-normalised, the templates are averaged and the mean
-    is re-normalised (METHOD.md).
+    is re-normalised (docs/method.md).
     """
     if not weights:
         raise MissingWeightsError(

@@ -3,7 +3,7 @@
 :class:`GeneratorTrainer` holds the generator, the generator-side loss (with the
 disentangler), the retrained classifier and both optimisers. Each :meth:`~GeneratorTrainer.step`
 does one generator step and then one classifier step on the same batch of precomputed query
-embeddings, as the authors' release does (METHOD.md "The four stages").
+embeddings, as the authors' release does (docs/method.md "Stages").
 
 Everything here is plain PyTorch: the trainer is built from picklable arguments inside a
 Ray worker, and its :meth:`~GeneratorTrainer.state_dict` (tensors, numbers and dicts only,

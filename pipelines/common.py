@@ -123,24 +123,21 @@ def load(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     return config, output
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster under ``ray job submit`` (or ``RAY_ADDRESS``), else start a local one."""
+def init_ray(config: ExperimentConfig | None = None) -> None:
+    """Join the cluster under ``ray job submit`` (or ``RAY_ADDRESS``), else start a local one
+    with ``ray.local_cpus`` CPUs (default: every core)."""
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        num_cpus = config.ray.local_cpus if config is not None else None
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=None)
     try:
-        ctx = ray.get_runtime_context()
-        logger.info("Ray: %s (dashboard: %s)", ctx.gcs_address, getattr(ray, "_private", None) and _dashboard_url())
+        logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # pragma: no cover - informational only
         pass
 

@@ -53,7 +53,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     if done:
         return done
     started = time.time()
-    common.init_ray()
+    common.init_ray(config)
     bundle_dir = Path(bundle_dir or output / "generator" / "bundle")
     table = common.load_table(output)
     rows = common.read_manifest(output, "val")

@@ -65,7 +65,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     if force:
         shutil.rmtree(output / "features_rejects", ignore_errors=True)
     started = time.time()
-    common.init_ray()
+    common.init_ray(config)
     table = common.load_table(output)
     rows = common.read_manifest(output, "train")
     segmenter_dir = output / "pretrain" / "segmenter"

@@ -101,10 +101,12 @@ def main() -> None:
                              "and serve until Ctrl-C")
     args = parser.parse_args()
     config, output = common.load(args)
+    logger.info("seed %d, output %s", config.seed, output)
     started = time.time()
     results = run_all(config, output, force=args.force)
     print()
-    print(f"PADing ({config.losses.variant}) on {config.data.root} — Seen / Unseen / HM (percent)")
+    print(f"PADing ({config.losses.variant}) on {config.data.root}, seed {config.seed} "
+          f"(--set seed=N for another) — Seen / Unseen / HM (percent)")
     print(evaluate.format_table(results))
     print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
     print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "

@@ -97,7 +97,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     started = time.time()
     ensure_dataset(config)
     stage_dir.mkdir(parents=True)
-    common.init_ray()
+    common.init_ray(config)
 
     table = None
     all_rejects, rows_by_split = [], {}

@@ -136,7 +136,7 @@ def train_loop(loop_config: dict) -> None:
         seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
         losses = pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
         step += 1
-        history.append({"step": step, **losses})
+        history.append({"step": step, **losses, "elapsed_s": round(time.time() - started, 3)})
         if rank == 0 and (step % config.pretrain.log_every == 0 or step == 1):
             rate = (time.time() - started) / max(1, len(history))
             log.info(f"[pretrain] step {step}/{iterations} loss {losses['loss']:.4f} "
@@ -156,7 +156,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         return done
     started = time.time()
     micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker
-    common.init_ray()
+    common.init_ray(config)
     table = common.load_table(output)
     storage = stage_dir / "ray"
     trainer = TorchTrainer(

@@ -267,7 +267,9 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
     and return the URL; with ``blocking`` wait until Ctrl-C, then shut Serve down."""
     settings = config.serve
     bundle_path = resolve_bundle(str(bundle_dir), config)
-    common.init_ray(num_cpus)
+    if num_cpus is not None:
+        config.ray.local_cpus = num_cpus
+    common.init_ray(config)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(bundle_path, settings), name=APP_NAME, route_prefix=settings.route_prefix)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}/"

@@ -186,7 +186,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None,
     started = time.time()
     seeds = tuple(int(s) for s in (seeds if seeds is not None else config.tables.seeds))
     rows = table_rows(config, variants, primitive_counts)
-    common.init_ray()
+    common.init_ray(config)
     from pipelines.full import run_stages
 
     run_stages(config, output, ("prepare", "pretrain", "extract"))

@@ -1,4 +1,4 @@
-"""Stage 4, generator: Ray Train trains the generator and the classifier (METHOD.md
+"""Stage 4, generator: Ray Train trains the generator and the classifier (docs/method.md
 stages 3 and 4, one generator step then one classifier step per batch; the ablation variant
 in ``losses.variant``) with the library's one loop, :func:`pading.training.fit_generator`.
 
@@ -101,7 +101,7 @@ def train_loop(loop_config: dict) -> None:
     def on_step(trainer: GeneratorTrainer, metrics: dict) -> None:
         step = trainer.step_count
         if step % training.log_every == 0 or step == 1:
-            history.append(metrics)
+            history.append({**metrics, "elapsed_s": round(time.time() - started, 3)})
             if rank == 0:
                 log.info(f"[generator] step {step}/{training.iterations} mmd {metrics.get('generator/mmd', float('nan')):.4f} "
                          f"total {metrics.get('generator/total', float('nan')):.4f} "
@@ -127,7 +127,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     if done:
         return done
     started = time.time()
-    common.init_ray()
+    common.init_ray(config)
     table = common.load_table(output)
     shard_files_of(output / "features", 0, config.ray.num_workers)  # enough shards for the workers?
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")

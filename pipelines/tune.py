@@ -255,7 +255,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     space = search_space(settings.search_space)
-    common.init_ray()
+    common.init_ray(config)
     ensure_features(config, output)
     inputs = load_inputs(config, output)
     split = build_split(config, output, inputs)
