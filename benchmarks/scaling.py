@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--pretrain-steps", type=int, default=40)
     parser.add_argument("--generator-steps", type=int, default=300)
+    parser.add_argument("--pretrain-batch", type=int, default=16, help="global pretraining batch (images)")
+    parser.add_argument("--only", choices=("pretrain", "extract", "generator"), action="append",
+                        help="run only these benchmarks (repeatable; default: all)")
     parser.add_argument("--output", default="/tmp/pading-scaling")
     args = parser.parse_args()
     common.setup_logging()
@@ -49,7 +52,7 @@ def main() -> None:
     config = load_config(REPO / "configs" / "smoke.yaml", [
         f"data.root={output / 'data'}", f"data.image_size={size}", f"data.synthetic.image_size={size}",
         f"data.synthetic.num_train={args.images}", "data.synthetic.num_val=8", f"ray.local_cpus={args.cpus}",
-        "ray.cpus_per_worker=1", "ray.extract_shard_size=16", "pretrain.batch_size=8",
+        "ray.cpus_per_worker=1", "ray.extract_shard_size=16", f"pretrain.batch_size={args.pretrain_batch}",
         f"pretrain.iterations={args.pretrain_steps}", "pretrain.log_every=1000",
         f"pretrain.checkpoint_every={args.pretrain_steps}", f"generator_training.iterations={args.generator_steps}",
         "generator_training.batch_images=12", "generator_training.log_every=10",
@@ -57,17 +60,23 @@ def main() -> None:
     config.output_dir = str(output)
     prepare.run(config, output)
     images = json_counts(output)
+    wanted = set(args.only or ("pretrain", "extract", "generator"))
     rows = []
-    for workers in (1, 2):
+    for workers in (1, 2) if "pretrain" in wanted else (1,):
         config.ray.num_workers = workers
         info = pretrain.run(config, output, force=True)
-        rows.append(("pretraining steps/s (global batch 8)", workers, rate(common.read_history(output / "pretrain" / "history.jsonl")),
-                     info["seconds"]))
-    for actors in (1, 2):
+        if "pretrain" in wanted:
+            rows.append((f"pretraining steps/s (global batch {args.pretrain_batch})", workers,
+                         rate(common.read_history(output / "pretrain" / "history.jsonl")), info["seconds"]))
+    for actors in (1, 2) if wanted & {"extract", "generator"} else ():
         config.ray.extract_concurrency = actors
         info = extract.run(config, output, force=True)
-        rows.append((f"extraction images/s ({images} images)", actors, images / info["seconds"], info["seconds"]))
-    for workers in (1, 2):
+        if "extract" in wanted:
+            rows.append((f"extraction images/s ({images} images, whole stage)", actors, images / info["seconds"],
+                         info["seconds"]))
+            rows.append((f"extraction images/s ({images} images, steady state: each actor's first shard to last)",
+                         actors, info["steady_images_per_second"], info["seconds"]))
+    for workers in (1, 2) if "generator" in wanted else ():
         config.ray.num_workers = workers
         info = train_generator.run(config, output, force=True)
         rows.append(("generator iterations/s (12 images x 16 queries a step)", workers,
@@ -75,8 +84,8 @@ def main() -> None:
     print(f"\n{args.cpus} CPUs, tiny Mask2Former at {size} px, one torch thread per actor/worker")
     print("| what | actors/workers | rate | stage wall s | speed-up |")
     print("|---|---|---|---|---|")
-    for i, (what, n, value, seconds) in enumerate(rows):
-        base = rows[i - 1][2] if n == 2 else value
+    for what, n, value, seconds in rows:
+        base = next(v for w, k, v, _ in rows if w == what and k == 1)
         print(f"| {what} | {n} | {value:.2f} | {seconds:.1f} | {value / base:.2f}x |")
 
 

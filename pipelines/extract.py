@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -49,8 +50,12 @@ class NodeRecordingExtractor(FeatureExtractor):
         logger.info("extract: actor on node %s", self.node_id)
 
     def __call__(self, batch: dict) -> dict:
+        started = time.time()
         out = super().__call__(batch)
         out["node_id"] = np.array([self.node_id] * len(out["shard"]))
+        out["started_at"] = np.full(len(out["shard"]), started)
+        out["finished_at"] = np.full(len(out["shard"]), time.time())
+        out["actor_pid"] = np.full(len(out["shard"]), os.getpid())
         return out
 
 
@@ -74,7 +79,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     shards = shard_rows(rows, shard_size)
     pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
-    total_rows, nodes = 0, []
+    total_rows, nodes, steady = 0, [], 0.0
     if pending:
         common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
                                "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
@@ -92,9 +97,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
+        # steady-state throughput: each actor's images over its first-shard-to-last window (start-up
+        # left out), summed over the actors that ran side by side
+        steady = 0.0
+        for pid in {int(r["actor_pid"]) for r in results}:
+            mine = [r for r in results if int(r["actor_pid"]) == pid]
+            window = max(float(r["finished_at"]) for r in mine) - min(float(r["started_at"]) for r in mine)
+            steady += sum(len(shards[int(r["shard"])]) for r in mine) / max(window, 1e-9)
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "actor_nodes": nodes, "seconds": time.time() - started}
+            "actor_nodes": nodes, "steady_images_per_second": steady, "seconds": time.time() - started}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
     common.mark_done(stage_dir, info)
