@@ -19,6 +19,13 @@ from typing import Iterable, Sequence
 from pading.errors import UnknownClassError
 
 #: The zero-shot splits carried as package data (../shared/data/zero_shot_splits.json).
+#: The three universal tasks, in the order tables print them.
+TASKS = ("panoptic", "instance", "semantic")
+#: Label of unlabeled pixels in COCO-Stuff / semantic label PNGs.
+SEMANTIC_IGNORE_LABEL = 255
+#: Metrics are reported in percent.
+PERCENT = 100.0
+
 SPLIT_NAMES = ("zsp_coco_panoptic_14", "zsi_coco_48_17", "zsi_coco_65_15", "zss_cocostuff_171_15")
 
 _MERGED_SUFFIX = re.compile(r"-(merged|other|stuff)$")

@@ -14,7 +14,6 @@ Both classifiers map query embeddings (N, D) to logits (N, C+1); column C is "no
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Union
 
 import torch
@@ -24,8 +23,6 @@ from torch import nn
 from pading.classes import ClassTable
 from pading.config import GeneratorTrainingConfig
 from pading.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 
 class Classifier(nn.Module):

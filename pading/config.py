@@ -106,7 +106,7 @@ class SegmenterConfig:
     encoder_layers: int = 6
     feedforward_dim: int = 2048
     # Pixel-decoder (deformable encoder) FFN width; None -> feedforward_dim // 2 (1024 for r50,
-    # Mask2Former's value). Added for pading.segmenter.
+    # Mask2Former's value).
     encoder_feedforward_dim: Optional[int] = None
     mask_feature_size: int = 256
     num_heads: int = 8
@@ -253,6 +253,9 @@ class RayConfig:
     max_failures: int = 2
     # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
     placement_strategy: str = "PACK"
+    # Ray Train workers of the generator stage (None: num_workers). On CPU the generator step is
+    # small and communication-bound, so one worker is fastest there (README "Performance").
+    generator_workers: Optional[int] = None
     # CPUs of the local Ray a run starts when it joins no cluster (None: every core).
     local_cpus: Optional[int] = None
 
@@ -276,9 +279,9 @@ class TrackingConfig:
 class ServeConfig:
     """The Ray Serve endpoint (pipelines/serve.py) and its library side (pading.service).
 
-    Added for the serving issue: network binding, batching, autoscaling and resources of
-    the deployment, request limits, and the classifier re-fit used when classes are added
-    at run time (``POST /v1/classes``).
+    Network binding, batching, autoscaling and resources of the deployment, request
+    limits, and the classifier re-fit used when classes are added at run time
+    (``POST /v1/classes``).
     """
 
     host: str = "127.0.0.1"  # bind address; 127.0.0.1 keeps the endpoint local
@@ -333,7 +336,7 @@ def _default_search_space() -> dict:
 
 @dataclass
 class TuneConfig:
-    """The Ray Tune search (pipelines/tune.py, pading.search). Added for the tuning issue.
+    """The Ray Tune search (pipelines/tune.py, pading.search).
 
     ``protocol``: ``pseudo_unseen`` (default) scores on ``pseudo_unseen_count`` seen classes
     that play unseen (their features are withheld from training) and never reads real unseen
@@ -386,7 +389,7 @@ class TuneConfig:
 
 @dataclass
 class TablesConfig:
-    """The paper's tables (pipelines/tables.py, pading.tables). Added for the tuning issue.
+    """The paper's tables (pipelines/tables.py, pading.tables).
 
     Rows are the ablation ``variants`` at ``generator.num_primitives`` and the full method at
     each of ``primitive_counts``; every row is trained once per seed. ``iterations`` 0 means

@@ -20,12 +20,9 @@ initialised ``torch.distributed`` process group, and :func:`default_collective` 
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 class LocalCollective:

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from pading.classes import ClassTable, cocostuff_categories
+from pading.classes import PERCENT, SEMANTIC_IGNORE_LABEL, ClassTable, cocostuff_categories
 from pading.errors import AnnotationError, CorruptImageError, UnknownClassError
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,12 @@ PAIR_OFFSET = RGB_ID_BASE**3
 MATCH_IOU_THRESHOLD = 0.5
 #: An unmatched prediction lying more than this fraction on VOID + crowd is not an FP.
 IGNORED_FRACTION_THRESHOLD = 0.5
-PERCENT = 100.0
 #: COCOeval settings of the instance metrics.
 INSTANCE_IOU_THRESHOLD = 0.5
 INSTANCE_MAX_DETECTIONS = 100
 #: Semantic label PNGs store ``category_id - SEMANTIC_LABEL_SHIFT``.
 SEMANTIC_LABEL_SHIFT = 1
-DEFAULT_IGNORE_LABEL = 255
+DEFAULT_IGNORE_LABEL = SEMANTIC_IGNORE_LABEL
 
 
 def harmonic_mean(seen: float, unseen: float) -> float:

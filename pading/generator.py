@@ -15,7 +15,6 @@ the class embeddings ã_c that the alignment and relation losses compare against
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,8 +22,6 @@ from torch import nn
 
 from pading.config import GeneratorConfig
 from pading.errors import ConfigError, DataError
-
-logger = logging.getLogger(__name__)
 
 NoiseInput = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 

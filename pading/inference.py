@@ -17,7 +17,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from pading.classes import ClassTable
+from pading.classes import SEMANTIC_IGNORE_LABEL, ClassTable
 from pading.config import InferenceConfig
 from pading.errors import ConfigError, DataError
 
@@ -31,7 +31,6 @@ __all__ = [
     "rgb_to_ids",
 ]
 
-SEMANTIC_IGNORE_LABEL = 255  # COCO-Stuff label PNGs: unlabeled pixels
 MASK_SCORE_EPS = 1e-6  # guards the mean mask probability of an empty mask
 RGB_BASE = 256  # panoptic PNG ids: id = R + 256 G + 256² B
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence
 
 import torch
@@ -23,10 +22,7 @@ from torch import nn
 from pading.config import LossConfig
 from pading.errors import ConfigError, DataError
 
-logger = logging.getLogger(__name__)
-
 #: Variants whose generator loss is MMD + auxiliary classification only (λ = 0).
-MMD_ONLY_VARIANTS = ("gmmn", "primitive")
 #: Seen features the alignment/disentanglement terms use (``LossConfig.alignment_seen_features``).
 ALIGNMENT_SEEN_SOURCES = ("synthetic", "real")
 

@@ -5,7 +5,6 @@ rejects table. Ray-free: pipelines/prepare.py maps :func:`validate_rows` over sh
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,8 +28,6 @@ from pading.data import (
     seen_only_filter,
 )
 from pading.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 SEGMENT_TYPE = pa.struct(
     [

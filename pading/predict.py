@@ -6,7 +6,6 @@ rows into COCO-format prediction files and the Seen/Unseen/HM tables."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from pading.bundle import Bundle
-from pading.classes import ClassTable
+from pading.classes import TASKS, ClassTable
 from pading.config import InferenceConfig
 from pading.data import (
     ImageRecord,
@@ -36,10 +35,6 @@ from pading.inference import (
     semantic_to_label_map,
 )
 from pading.segmenter import postprocess_mask_logits, prepare_batch
-
-logger = logging.getLogger(__name__)
-
-TASKS = ("panoptic", "instance", "semantic")
 
 
 @dataclass

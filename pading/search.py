@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pading.classes import ClassTable
+from pading.classes import PERCENT, ClassTable
 from pading.config import ExperimentConfig, from_dict, to_dict
 from pading.errors import ConfigError, DataError
 from pading.evaluation import harmonic_mean
@@ -46,7 +46,6 @@ from pading.training import GeneratorTrainer, fit_generator
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("pseudo_unseen", "paper")
-PERCENT = 100.0
 #: Rows per forward pass when scoring the classifier.
 SCORE_BATCH_ROWS = 8192
 #: Divisor mapping a 64-bit hash to [0, 1).

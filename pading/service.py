@@ -34,7 +34,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from pading.bundle import Bundle
-from pading.classes import ClassInfo, ClassTable, clean_name
+from pading.classes import TASKS, ClassInfo, ClassTable, clean_name
 from pading.classifier import (
     Classifier,
     ProjectionClassifier,
@@ -62,7 +62,6 @@ from pading.training import fit_classifier
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("panoptic", "instance", "semantic")
 TASK_CHOICES = TASKS + ("all",)
 OUTPUT_FORMATS = ("json", "png")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")

@@ -4,7 +4,6 @@ Agg canvas (no global backend state, safe in Ray workers)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,8 +15,6 @@ from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
 from pading.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 #: OpenMP/BLAS threads of t-SNE: the point sets are small, and spinning threads on a shared
 #: machine cost far more than they gain (50 points: 0.4 s with 1 thread, 20 s with 2 busy cores).

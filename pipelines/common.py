@@ -188,15 +188,16 @@ def warn_if_short(what: str, cpus: float, gpus: float = 0.0) -> None:
         what, cpus, gpus, free.get("CPU", 0.0), total.get("CPU", 0.0), free.get("GPU", 0.0), total.get("GPU", 0.0))
 
 
-def train_scaling(config: ExperimentConfig):
-    """The Ray Train ScalingConfig of ``config.ray`` (both training stages use it), after
-    checking that the cluster can place the workers."""
+def train_scaling(config: ExperimentConfig, num_workers: int | None = None):
+    """The Ray Train ScalingConfig of ``config.ray`` (``num_workers`` workers, default
+    ``ray.num_workers``), after checking that the cluster can place the workers."""
     import ray.train
 
     settings = config.ray
-    check_resources(f"{settings.num_workers} Ray Train worker(s)", "ray.num_workers / ray.cpus_per_worker",
-                    settings.num_workers, settings.cpus_per_worker, 1.0 if settings.use_gpu else 0.0)
-    return ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+    workers = num_workers or settings.num_workers
+    check_resources(f"{workers} Ray Train worker(s)", "ray.num_workers / ray.cpus_per_worker",
+                    workers, settings.cpus_per_worker, 1.0 if settings.use_gpu else 0.0)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=settings.use_gpu,
                                    resources_per_worker={"CPU": settings.cpus_per_worker},
                                    placement_strategy=settings.placement_strategy)
 

@@ -129,7 +129,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     started = time.time()
     common.init_ray(config)
     table = common.load_table(output)
-    shard_files_of(output / "features", 0, config.ray.num_workers)  # enough shards for the workers?
+    workers = config.ray.generator_workers or config.ray.num_workers
+    shard_files_of(output / "features", 0, workers)  # enough shards for the workers?
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
     trainer = TorchTrainer(
         train_loop,
@@ -138,7 +139,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
             "segmenter_dir": str(output / "pretrain" / "segmenter"), "encoder": encoder_id(config.semantics),
             "features_dir": str(output / "features"), "stage_dir": str(stage_dir),
         },
-        scaling_config=common.train_scaling(config),
+        scaling_config=common.train_scaling(config, workers),
         run_config=ray.train.RunConfig(
             name=stage_name, storage_path=str(stage_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),

@@ -48,5 +48,7 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_every_shipped_config_loads():
     files = sorted((REPO / "configs").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"demo", "smoke", "zsp_coco", "zsi_coco_48_17", "zsi_coco_65_15", "zss_cocostuff", "zsi_coco_tiny"} <= names
     for f in files:
         load_config(f)

@@ -12,13 +12,6 @@ SEMANTIC_DIM, EMBED_DIM, NUM_PRIMITIVES = 8, 16, 8
 SIGMAS_SQUARED = (2.0, 5.0, 10.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and fair to a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _config(**overrides) -> GeneratorConfig:

@@ -23,13 +23,6 @@ EMBED_DIM, NUM_CLASSES = 16, 6
 SIGMAS_SQUARED = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and fair to a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

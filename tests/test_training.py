@@ -23,13 +23,6 @@ NUM_CLASSES = 6  # c0..c3 seen, c4 c5 unseen
 NOISE_QUERIES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and fair to a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

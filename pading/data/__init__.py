@@ -9,7 +9,6 @@ from pading.data.coco import (
     read_coco_json,
     read_instances_index,
     read_panoptic_index,
-    read_semantic_index,
     seen_only_filter,
     semantic_categories,
 )
@@ -27,6 +26,7 @@ from pading.data.targets import (
     panoptic_to_semantic,
     read_label_png,
     read_panoptic_png,
+    read_semantic_index,
     semantic_segments,
     to_rgb,
 )

@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pading.classes import ClassTable
-from pading.data.coco import SEMANTIC_IGNORE_LABEL, ImageRecord, Segment
-from pading.errors import AnnotationError, CorruptImageError
+from pading.classes import SEMANTIC_IGNORE_LABEL, ClassTable
+from pading.data.coco import ImageRecord, Reject, Segment, semantic_categories
+from pading.errors import AnnotationError, CorruptImageError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +300,59 @@ def panoptic_to_instances(
             instance["image_id"] = int(image_id)
         instances.append(instance)
     return instances
+
+
+def read_semantic_index(
+    image_dir: str | Path,
+    label_dir: str | Path,
+    split: str,
+    categories: Sequence[dict] | None = None,
+    image_suffix: str = ".jpg",
+) -> tuple[list[ImageRecord], list[dict], list[Reject]]:
+    """Pair COCO-Stuff label PNGs with images by file stem -> (records, categories, rejects).
+
+    Segments are derived from the classes present in each PNG (id = category id). A PNG
+    with a value whose category (value + 1) is not in ``categories`` (default:
+    :func:`semantic_categories`) is rejected, as is one without an image.
+    """
+
+    label_dir = Path(label_dir)
+    if not label_dir.is_dir():
+        raise AnnotationError(str(label_dir), "semantic label directory does not exist")
+    categories = list(categories) if categories is not None else semantic_categories(label_dir)
+    known_categories = {int(c["id"]) for c in categories}
+    records, rejects = [], []
+    for png in sorted(label_dir.glob("*.png")):
+        if not png.stem.isdigit():
+            rejects.append(Reject(str(png), png.stem, "label file name is not a numeric COCO image id"))
+            continue
+        image_path = Path(image_dir) / f"{png.stem}{image_suffix}"
+        if not image_path.is_file():
+            rejects.append(Reject(str(png), png.stem, f"no image {image_path} for this label PNG"))
+            continue
+        try:
+            label_map = read_label_png(png)  # (H, W) uint8
+        except DataError as err:
+            rejects.append(Reject.from_error(err, png.stem))
+            continue
+        segments = semantic_segments(label_map)
+        unknown = [s.category_id for s in segments if s.category_id not in known_categories]
+        if unknown:
+            rejects.append(Reject(str(png), png.stem, f"label value {unknown[0] - 1} (category id {unknown[0]}) "
+                                                      "is not a known category"))
+            continue
+        records.append(
+            ImageRecord(
+                image_id=int(png.stem),
+                file_name=image_path.name,
+                image_path=str(image_path),
+                height=int(label_map.shape[0]),
+                width=int(label_map.shape[1]),
+                split=split,
+                semantic_path=str(png),
+                segments=segments,
+            )
+        )
+    logger.info("%s: %d records, %d rejects", label_dir, len(records), len(rejects))
+    return records, categories, rejects
+
