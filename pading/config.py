@@ -138,6 +138,11 @@ class PretrainConfig:
     # num_workers x grad_accumulation equal micro-batches (it must divide evenly).
     grad_accumulation: int = 1
     lr: float = 1e-4
+    # Mask2Former's schedule: linear warm-up, then lr * (1 - step / iterations) ** lr_power ("poly");
+    # "constant" keeps lr.
+    lr_schedule: str = "poly"
+    lr_power: float = 0.9
+    warmup_steps: int = 10
     weight_decay: float = 0.05
     grad_clip: float = 0.01
     checkpoint_every: int = 5000
@@ -146,6 +151,9 @@ class PretrainConfig:
     def __post_init__(self):
         if self.iterations < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("pretrain.iterations, batch_size and grad_accumulation must be >= 1")
+        if self.lr_schedule not in ("poly", "constant") or self.warmup_steps < 0:
+            raise ConfigError(f"pretrain.lr_schedule must be poly or constant (got {self.lr_schedule!r}) "
+                              "and pretrain.warmup_steps >= 0")
 
 
 @dataclass

@@ -73,6 +73,21 @@ def build_pretrain_optimizer(model: nn.Module, config: PretrainConfig) -> torch.
     )
 
 
+def learning_rate(config: PretrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): a linear warm-up over ``warmup_steps``,
+    then ``lr * (1 - step / iterations) ** lr_power`` (poly, Mask2Former's) or ``lr``. A
+    function of the step only, so a resumed run continues the schedule exactly."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_schedule == "constant":
+        return config.lr * warmup
+    return config.lr * warmup * max(0.0, 1.0 - step / config.iterations) ** config.lr_power
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def micro_batch_seed(seed: int, step: int, index: int) -> int:
     """The RNG seed of global micro-batch ``index`` of step ``step`` (point sampling and
     dropout in the loss). A function of the global index only, so rank r of W workers with M

@@ -68,9 +68,11 @@ def train_loop(loop_config: dict) -> None:
     from pading.pretraining import (
         SegmenterLoss,
         build_pretrain_optimizer,
+        learning_rate,
         load_training_batch,
         micro_batch_seed,
         pretrain_step,
+        set_learning_rate,
     )
     from pading.segmenter import Segmenter
 
@@ -134,9 +136,10 @@ def train_loop(loop_config: dict) -> None:
         failures_in_a_row = 0
         _maybe_fail(step, storage)
         seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
+        set_learning_rate(optimizer, learning_rate(config.pretrain, step))
         losses = pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
         step += 1
-        history.append({"step": step, **losses, "elapsed_s": round(time.time() - started, 3)})
+        history.append({"step": step, **losses, "lr": learning_rate(config.pretrain, step - 1), "elapsed_s": round(time.time() - started, 3)})
         if rank == 0 and (step % config.pretrain.log_every == 0 or step == 1):
             rate = (time.time() - started) / max(1, len(history))
             log.info(f"[pretrain] step {step}/{iterations} loss {losses['loss']:.4f} "

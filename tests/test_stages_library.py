@@ -164,3 +164,16 @@ def test_evaluation_predictor_and_summary(synthetic, bundle_dir, tmp_path):
             assert np.isfinite(results[task][group][metric])
     panoptic = json.loads((tmp_path / "pred" / "panoptic_predictions.json").read_text())
     assert len(panoptic["annotations"]) == len(rows)
+
+
+def test_pretraining_learning_rate_schedule():
+    from pading.config import PretrainConfig
+    from pading.pretraining import learning_rate
+
+    poly = PretrainConfig(iterations=100, lr=1e-3, warmup_steps=10)
+    assert learning_rate(poly, 0) == pytest.approx(1e-4)  # warm-up: 1/10 of the rate
+    assert learning_rate(poly, 9) == pytest.approx(1e-3 * (1 - 9 / 100) ** 0.9)
+    assert learning_rate(poly, 50) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert learning_rate(poly, 100) == 0.0
+    constant = PretrainConfig(iterations=100, lr=1e-3, warmup_steps=0, lr_schedule="constant")
+    assert {learning_rate(constant, s) for s in (0, 50, 99)} == {1e-3}
