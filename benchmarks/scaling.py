@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from pading.config import load_config
+from pading.run import RunLayout, read_history, read_manifest
 from pipelines import common, extract, prepare, pretrain, train_generator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def main() -> None:
         info = pretrain.run(config, output, force=True)
         if "pretrain" in wanted:
             rows.append((f"pretraining steps/s (global batch {args.pretrain_batch})", workers,
-                         rate(common.read_history(output / "pretrain" / "history.jsonl")), info["seconds"]))
+                         rate(read_history(RunLayout(output).history("pretrain"))), info["seconds"]))
     for actors in (1, 2) if wanted & {"extract", "generator"} else ():
         config.ray.extract_concurrency = actors
         info = extract.run(config, output, force=True)
@@ -80,7 +81,7 @@ def main() -> None:
         config.ray.num_workers = workers
         info = train_generator.run(config, output, force=True)
         rows.append(("generator iterations/s (12 images x 16 queries a step)", workers,
-                     rate(common.read_history(output / "generator" / "history.jsonl")), info["seconds"]))
+                     rate(read_history(RunLayout(output).history("generator"))), info["seconds"]))
     print(f"\n{args.cpus} CPUs, tiny Mask2Former at {size} px, one torch thread per actor/worker")
     print("| what | actors/workers | rate | stage wall s | speed-up |")
     print("|---|---|---|---|---|")
@@ -90,7 +91,7 @@ def main() -> None:
 
 
 def json_counts(output: Path) -> int:
-    return len(common.read_manifest(output, "train"))
+    return len(read_manifest(output, "train"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from pading.config import TrackingConfig
+from pading.run.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DEFAULT_STORE_DIR = "mlruns"
 
 def default_tracking_uri(output: str | Path) -> str:
     """The run's own store: ``sqlite:///<output>/mlruns/mlflow.db``."""
-    return f"sqlite:///{Path(output).resolve() / DEFAULT_STORE_DIR / 'mlflow.db'}"
+    return f"sqlite:///{RunLayout(Path(output).resolve()).mlruns / 'mlflow.db'}"
 
 
 def _artifact_root(uri: str) -> Optional[Path]:

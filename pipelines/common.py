@@ -13,18 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pading import tracking
-from pading.classes import ClassTable
 from pading.config import ExperimentConfig, load_config
 from pading.errors import ConfigError
-from pading.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA
+from pading.run.layout import SUCCESS_FILE, RunLayout  # noqa: F401 (RunLayout for the stages)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-SUCCESS = "_SUCCESS.json"
+SUCCESS = SUCCESS_FILE
 
 logger = logging.getLogger("pipelines")
 
@@ -259,36 +256,6 @@ def stage_main(run, description: str, configure=None) -> dict:
     info = run(config, output, force=args.force, **{k: getattr(args, k) for k in (extra or {})})
     print(json.dumps(info, indent=2, default=str))
     return info
-
-
-# ---- reading what earlier stages wrote ------------------------------------------------------
-
-
-def load_table(output: Path) -> ClassTable:
-    """The class table prepare wrote (``manifest/classes.json``)."""
-    return ClassTable.from_records(json.loads((Path(output) / "manifest" / "classes.json").read_text()))
-
-
-def read_manifest(output: Path, split: str) -> list[dict]:
-    """The manifest rows of ``split`` (train: seen-only), sorted by image_id."""
-    return pq.read_table(Path(output) / "manifest" / split, schema=MANIFEST_SCHEMA).to_pylist()
-
-
-def read_rejects(output: Path) -> list[dict]:
-    """Every reject row of the run: prepare's and extract's."""
-    output = Path(output)
-    rows = pq.read_table(output / "manifest" / "rejects.parquet", schema=REJECTS_SCHEMA).to_pylist()
-    for extra in sorted((output / "features_rejects").glob("*.parquet")):
-        rows.extend(pq.read_table(extra, schema=REJECTS_SCHEMA).to_pylist())
-    return rows
-
-
-def read_history(path: Path) -> list[dict]:
-    """A JSONL loss history (empty when the file is missing)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---- inside Ray Train workers -------------------------------------------------------------

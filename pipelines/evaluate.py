@@ -16,6 +16,7 @@ from pathlib import Path
 from pading.config import ExperimentConfig
 from pading.manifest import resolve, rows_to_table
 from pading.predict import EvaluationPredictor, summarize
+from pading.run import RunLayout, load_table, read_manifest
 from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
@@ -54,9 +55,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         return done
     started = time.time()
     common.init_ray(config)
-    bundle_dir = Path(bundle_dir or output / "generator" / "bundle")
-    table = common.load_table(output)
-    rows = common.read_manifest(output, "val")
+    bundle_dir = Path(bundle_dir or RunLayout(output).bundle)
+    table = load_table(output)
+    rows = read_manifest(output, "val")
     predictions = stage_dir / "predictions"
     dataset = ray.data.from_arrow(rows_to_table(rows)).repartition(max(1, min(32, len(rows) // 16)))
     result_rows = dataset.map_batches(

@@ -23,6 +23,7 @@ import numpy as np
 from pading.config import ExperimentConfig
 from pading.extraction import FeatureExtractor
 from pading.manifest import shard_rows
+from pading.run import RunLayout, load_table, read_manifest
 from pipelines import common
 
 logger = logging.getLogger("pipelines.extract")
@@ -63,17 +64,17 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
 
-    stage_dir = output / "features"
+    stage_dir = RunLayout(output).features
     done = common.begin_stage("extract", stage_dir, force)
     if done:
         return done
     if force:
-        shutil.rmtree(output / "features_rejects", ignore_errors=True)
+        shutil.rmtree(RunLayout(output).features_rejects, ignore_errors=True)
     started = time.time()
     common.init_ray(config)
-    table = common.load_table(output)
-    rows = common.read_manifest(output, "train")
-    segmenter_dir = output / "pretrain" / "segmenter"
+    table = load_table(output)
+    rows = read_manifest(output, "train")
+    segmenter_dir = RunLayout(output).segmenter
     ckpt = checkpoint_id(segmenter_dir)
     shard_size = config.ray.extract_shard_size
     shards = shard_rows(rows, shard_size)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pading import tracking
 from pading.config import ExperimentConfig, save_config
+from pading.run import RunLayout, read_history
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")
@@ -41,15 +42,15 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
     tracking.log_metrics(numbers)
     if name == "prepare":
         tracking.log_metrics(info.get("counts", {}))
-        rejects = output / "manifest" / "rejects.parquet"
+        rejects = RunLayout(output).rejects
         if rejects.is_file():
             import mlflow
 
             mlflow.log_artifact(str(rejects))
     if name == "pretrain":
-        tracking.log_metric_history(common.read_history(output / "pretrain" / "history.jsonl"))
+        tracking.log_metric_history(read_history(RunLayout(output).history("pretrain")))
     if name == "generator":
-        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in common.read_history(output / "generator" / "history.jsonl")]
+        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in read_history(RunLayout(output).history("generator"))]
         tracking.log_metric_history(rows)
     if name == "evaluate":
         tracking.log_metrics(info.get("results", {}))
@@ -57,21 +58,21 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
 
         for path in info.get("overlays", []):
             mlflow.log_artifact(path, artifact_path="overlays")
-        reports = output / "evaluate" / "reports.json"
+        reports = RunLayout(output).evaluate / "reports.json"
         if reports.is_file():
             mlflow.log_artifact(str(reports))
 
 
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
     mlflow = tracking.setup(config.tracking)
-    save_config(config, output / "config.yaml")
+    save_config(config, RunLayout(output).config)
     wall: dict[str, float] = {}
     infos: dict[str, dict] = {}
     with tracking.run(config.name, tags={"pipeline": "full", "output": str(output)}) as parent:
         tracking.log_params(config.flat())
-        mlflow.log_artifact(str(output / "config.yaml"))
+        mlflow.log_artifact(str(RunLayout(output).config))
         for name in stages:
-            stage_dir = output / {"prepare": "manifest", "extract": "features"}.get(name, name)
+            stage_dir = RunLayout(output).stage(name)
             skipped = common.stage_done(stage_dir) is not None and not force
             started = time.time()
             with tracking.run(name, nested=True):
@@ -82,11 +83,11 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
             infos[name] = info
         results = dict(infos.get("evaluate", {}).get("results", {}))
         results["wall_seconds"] = wall
-        (output / "results.json").write_text(json.dumps(results, indent=2))
-        mlflow.log_artifact(str(output / "results.json"))
+        (RunLayout(output).results).write_text(json.dumps(results, indent=2))
+        mlflow.log_artifact(str(RunLayout(output).results))
         tracking.log_metrics({k: v for k, v in results.items() if k != "wall_seconds"})
         tracking.log_metrics({"wall_seconds": wall})
-        bundle = output / "generator" / "bundle"
+        bundle = RunLayout(output).bundle
         if bundle.is_dir():
             mlflow.log_artifacts(str(bundle), artifact_path="bundle")
         results["mlflow_run_id"] = parent.info.run_id
@@ -111,14 +112,14 @@ def main() -> None:
     print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
     print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "
           f"MLflow run {results['mlflow_run_id']} at {tracking.tracking_uri(config.tracking)}")
-    bad = [k for k, v in json.loads((output / "results.json").read_text()).items()
+    bad = [k for k, v in json.loads((RunLayout(output).results).read_text()).items()
            if k != "wall_seconds" and any(not math.isfinite(x) for g in v.values() for x in g.values())]
     if bad:
         logger.warning("non-finite results in %s", bad)
     if args.serve:
         from pipelines import serve as serving
 
-        url = serving.deploy(output / "generator" / "bundle", config)
+        url = serving.deploy(RunLayout(output).bundle, config)
         print(f"PADing segmentation endpoint: {url}  (API docs: {url}docs; Ctrl-C to stop)", flush=True)
         serving.block_until_interrupted()
 

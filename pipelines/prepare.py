@@ -30,6 +30,7 @@ from pading.manifest import (
     to_rows,
     validate_rows,
 )
+from pading.run import RunLayout
 from pipelines import common
 
 logger = logging.getLogger("pipelines.prepare")
@@ -90,7 +91,7 @@ def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], sta
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
-    stage_dir = output / "manifest"
+    stage_dir = RunLayout(output).manifest
     done = common.begin_stage("prepare", stage_dir, force, clean=True)
     if done:
         return done

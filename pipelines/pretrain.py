@@ -20,12 +20,13 @@ import torch
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
 from pading.errors import ConfigError
+from pading.run import RunLayout, load_table, read_history, read_manifest
+from pading.run.layout import HISTORY_FILE
 from pipelines import common
 
 logger = logging.getLogger("pipelines.pretrain")
 
 STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.jsonl"
 #: Test hook: a worker raises once at this step (to exercise FailureConfig + resume).
 FAIL_AT_STEP_ENV = "PADING_TEST_FAIL_AT_STEP"
 MAX_EMPTY_BATCHES = 50  # consecutive batches with no loadable image before giving up
@@ -97,12 +98,12 @@ def train_loop(loop_config: dict) -> None:
             segmenter.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, drawn = int(state["step"]), int(state.get("batches_drawn", state["step"]))
-            history = common.read_history(Path(directory) / HISTORY_FILE)
+            history = read_history(Path(directory) / HISTORY_FILE)
         if rank == 0:
             log.info(f"[pretrain] resumed from checkpoint at step {step}")
 
     iterations = config.pretrain.iterations
-    rows = common.read_manifest(Path(loop_config["output"]), "train")
+    rows = read_manifest(Path(loop_config["output"]), "train")
     started = time.time()
 
     def save_and_report(metrics: dict) -> None:
@@ -153,14 +154,14 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    stage_dir = output / "pretrain"
+    stage_dir = RunLayout(output).pretrain
     done = common.begin_stage("pretrain", stage_dir, force)
     if done:
         return done
     started = time.time()
     micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker
     common.init_ray(config)
-    table = common.load_table(output)
+    table = load_table(output)
     storage = stage_dir / "ray"
     trainer = TorchTrainer(
         train_loop,
@@ -176,7 +177,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     )
     result = trainer.fit()
     common.copy_from_checkpoint(result, "segmenter", HISTORY_FILE, stage_dir)
-    info = {"segmenter": str(stage_dir / "segmenter"), "final_metrics": result.metrics,
+    info = {"segmenter": str(RunLayout(output).segmenter), "final_metrics": result.metrics,
             "checkpoint": result.checkpoint.path, "workers": common.worker_nodes(stage_dir),
             "seconds": time.time() - started}
     common.mark_done(stage_dir, info)

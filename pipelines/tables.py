@@ -24,6 +24,7 @@ from pathlib import Path
 from pading import tracking
 from pading.classes import clean_name
 from pading.config import ExperimentConfig
+from pading.run import RunLayout, load_table, read_manifest
 from pading.tables import (
     ABLATION_LABELS,
     RowSpec,
@@ -77,15 +78,15 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    table = common.load_table(output)
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
-    segmenter_dir = str(output / "pretrain" / "segmenter")
+    table = load_table(output)
+    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
+    segmenter_dir = str(RunLayout(output).segmenter)
     settings = config.tables
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
     common.warn_if_short("a table task", settings.cpus_per_task, settings.gpus_per_task)
     cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
-        config, segmenter_dir, common.read_manifest(output, "val"))
-    shared = [ray.put(read_features(output / "features")), ray.put(table), ray.put(semantics), ray.put(config),
+        config, segmenter_dir, read_manifest(output, "val"))
+    shared = [ray.put(read_features(RunLayout(output).features)), ray.put(table), ray.put(semantics), ray.put(config),
               cache_ref, ray.put(Segmenter.load(segmenter_dir, map_location="cpu").class_head)]
     iterations = settings.iterations or config.generator_training.iterations
     task = ray.remote(_train_row).options(**resources)
@@ -178,7 +179,7 @@ def log_to_mlflow(config: ExperimentConfig, out_dir: Path, written: dict, failur
 
 def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None, variants=None,
         primitive_counts=None) -> dict:
-    stage_dir = output / "tables"
+    stage_dir = RunLayout(output).tables
     done = common.stage_done(stage_dir)
     if done and not force:
         logger.info("tables: already done (%s), skipping", stage_dir)

@@ -24,13 +24,14 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
+from pading.run import RunLayout, load_table, read_history
+from pading.run.layout import HISTORY_FILE
 from pipelines import common
 
 logger = logging.getLogger("pipelines.train_generator")
 
 STATE_FILE = "generator_state.pt"
 REFERENCE_ROWS = 4096  # real query embeddings kept in the bundle for run-time class fitting
-HISTORY_FILE = "history.jsonl"
 
 
 def shard_files_of(features_dir: Path, rank: int, world: int) -> list[Path]:
@@ -71,7 +72,7 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True))
-            history = common.read_history(Path(directory) / HISTORY_FILE)
+            history = read_history(Path(directory) / HISTORY_FILE)
         if rank == 0:
             log.info(f"[generator] resumed from checkpoint at step {trainer.step_count}")
 
@@ -128,16 +129,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
         return done
     started = time.time()
     common.init_ray(config)
-    table = common.load_table(output)
+    table = load_table(output)
     workers = config.ray.generator_workers or config.ray.num_workers
-    shard_files_of(output / "features", 0, workers)  # enough shards for the workers?
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
+    shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
+    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": config, "table": table.to_records(), "semantics": semantics.tolist(),
-            "segmenter_dir": str(output / "pretrain" / "segmenter"), "encoder": encoder_id(config.semantics),
-            "features_dir": str(output / "features"), "stage_dir": str(stage_dir),
+            "segmenter_dir": str(RunLayout(output).segmenter), "encoder": encoder_id(config.semantics),
+            "features_dir": str(RunLayout(output).features), "stage_dir": str(stage_dir),
         },
         scaling_config=common.train_scaling(config, workers),
         run_config=ray.train.RunConfig(
@@ -148,7 +149,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     )
     result = trainer.fit()
     common.copy_from_checkpoint(result, "bundle", HISTORY_FILE, stage_dir)
-    info = {"bundle": str(stage_dir / "bundle"), "variant": config.losses.variant,
+    info = {"bundle": str(RunLayout(output).bundle), "variant": config.losses.variant,
             "workers": common.worker_nodes(stage_dir), "seconds": time.time() - started}
     common.mark_done(stage_dir, info)
     return info

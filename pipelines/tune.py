@@ -31,6 +31,7 @@ import yaml
 
 from pading import tracking
 from pading.config import ExperimentConfig, save_config
+from pading.run import RunLayout, load_table, read_manifest
 from pading.search import SearchSplit, apply_overrides, validate_search_space
 from pipelines import common
 
@@ -66,11 +67,11 @@ def load_inputs(config: ExperimentConfig, output: Path) -> dict:
     from pading.segmenter import Segmenter
     from pading.semantics import class_embeddings
 
-    table = common.load_table(output)
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or output / "cache")
-    segmenter = Segmenter.load(output / "pretrain" / "segmenter", map_location="cpu")
+    table = load_table(output)
+    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
+    segmenter = Segmenter.load(RunLayout(output).segmenter, map_location="cpu")
     return {"table": table, "semantics": semantics, "class_head": segmenter.class_head,
-            "features": read_features(output / "features"), "segmenter_dir": str(output / "pretrain" / "segmenter")}
+            "features": read_features(RunLayout(output).features), "segmenter_dir": str(RunLayout(output).segmenter)}
 
 
 def val_features(config: ExperimentConfig, output: Path, inputs: dict):
@@ -91,7 +92,7 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
             logger.warning("val image rejected: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
         return features_from_rows(found)
 
-    rows = common.read_manifest(output, "val")
+    rows = read_manifest(output, "val")
     return ray.get(extract.remote(rows))
 
 
@@ -235,7 +236,7 @@ def best_config(config: ExperimentConfig, params: dict, output: Path) -> Experim
     does not skip stages of this one."""
     best = apply_overrides(config, params)
     best.name = f"{config.name}-tuned"
-    best.output_dir = str(output / "tune" / "best_run")
+    best.output_dir = str(RunLayout(output).tune / "best_run")
     return best
 
 
@@ -245,7 +246,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     from ray.tune.schedulers import ASHAScheduler
 
     settings = config.tune
-    stage_dir = output / "tune"
+    stage_dir = RunLayout(output).tune
     done = common.stage_done(stage_dir)
     if done and not force:
         logger.info("tune: already done (%s), skipping", stage_dir)
@@ -326,7 +327,7 @@ def _percent(value) -> str:
 
 
 def format_summary(info: dict, output: Path) -> str:
-    trials = json.loads((output / "tune" / "trials.json").read_text())
+    trials = json.loads((RunLayout(output).tune / "trials.json").read_text())
     keys = sorted({k for t in trials for k in t["params"]})
     lines = ["| trial | " + " | ".join(keys) + " | steps run | score | seen acc | unseen acc |",
              "|---|" + "---|" * (len(keys) + 4)]
@@ -348,9 +349,9 @@ def main() -> None:
     if args.num_samples is not None:
         args.overrides.append(f"tune.num_samples={args.num_samples}")
     config, output = common.load(args)
-    if args.fresh and (output / "tune").exists():
-        shutil.rmtree(output / "tune")
-    experiment_dir = output / "tune" / "ray" / f"{config.name}-tune"
+    if args.fresh and (RunLayout(output).tune).exists():
+        shutil.rmtree(RunLayout(output).tune)
+    experiment_dir = RunLayout(output).tune / "ray" / f"{config.name}-tune"
     if args.resume and not (experiment_dir / "tuner.pkl").is_file():
         logger.warning("--resume: no interrupted search in %s; starting a new one", experiment_dir)
     info = run(config, output, force=args.force, resume=not args.fresh)
