@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from pading.classes import PERCENT, SEMANTIC_IGNORE_LABEL, ClassTable, cocostuff_categories
-from pading.errors import AnnotationError, CorruptImageError, UnknownClassError
+from pading.data.targets import read_label_png, read_panoptic_png
+from pading.errors import AnnotationError, UnknownClassError
 
 logger = logging.getLogger(__name__)
 
@@ -254,19 +254,6 @@ def _check_keys(record: dict, required: Sequence[str], source: str) -> None:
             raise AnnotationError(source, f"missing required key {key!r}")
 
 
-def read_panoptic_png(path) -> np.ndarray:
-    """(H, W) int64 segment ids of an official COCO panoptic PNG (id = R + 256 G + 256² B)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(str(path), "panoptic PNG is missing")
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.int64)  # (H, W, 3)
-    except OSError as err:
-        raise CorruptImageError(str(path), f"cannot decode PNG ({err})") from None
-    return rgb[..., 0] + RGB_ID_BASE * rgb[..., 1] + RGB_ID_BASE**2 * rgb[..., 2]
-
-
 def _annotations_by_image(data: dict, json_path, segment_keys: Sequence[str]) -> dict:
     by_image = {}
     for index, ann in enumerate(data["annotations"]):
@@ -465,19 +452,6 @@ class SemanticEvaluator:
         present = union > 0
         values = {"miou": PERCENT * np.where(present, correct / np.maximum(union, 1), 0.0)}
         return _seen_unseen_report(self.table, values, present)
-
-
-def read_label_png(path) -> np.ndarray:
-    """(H, W) int64 labels of a single-channel label PNG."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            labels = np.asarray(image, dtype=np.int64)
-    except OSError as err:
-        raise CorruptImageError(str(path), f"cannot decode label PNG ({err})") from None
-    if labels.ndim != 2:
-        raise AnnotationError(str(path), f"expected a single-channel label PNG, got shape {labels.shape}")
-    return labels
 
 
 def evaluate_semantic(

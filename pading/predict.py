@@ -63,20 +63,63 @@ def predict_images(bundle: Bundle, images: Sequence[np.ndarray], tasks: Sequence
     device = bundle.device
     batch = prepare_batch(list(images), bundle.config.data.image_size)
     output = bundle.segmenter(batch["pixel_values"].to(device))
-    predictions = []
-    for i, meta in enumerate(batch["meta"]):
-        mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
-        class_logits = output.class_logits[i]  # (Q, C+1)
-        panoptic_ids, segments, instances, semantic = None, [], [], None
-        if "panoptic" in tasks:
-            panoptic_ids, segments = panoptic_inference(mask_logits, class_logits, table=bundle.table,
-                                                        config=bundle.config.inference)
-        if "instance" in tasks:
-            instances = instance_inference(mask_logits, class_logits, table=bundle.table, config=bundle.config.inference)
-        if "semantic" in tasks:
-            semantic = semantic_inference(mask_logits, class_logits, table=bundle.table)
-        predictions.append(Prediction(panoptic_ids, segments, instances, semantic))
-    return predictions
+    return [postprocess(postprocess_mask_logits(output.mask_logits[i], meta), output.class_logits[i],
+                        table=bundle.table, inference=bundle.config.inference, tasks=tasks)
+            for i, meta in enumerate(batch["meta"])]
+
+
+def postprocess(mask_logits: torch.Tensor, class_logits: torch.Tensor, *, table: ClassTable,
+                inference: InferenceConfig, tasks: Sequence[str] = TASKS) -> Prediction:
+    """The one per-image post-processing (evaluation, the tables and the endpoint call it).
+
+    Args:
+        mask_logits: (Q, H, W) at the image's original size; class_logits: (Q, C+1).
+        tasks: which of panoptic / instance / semantic to compute.
+    """
+    panoptic_ids, segments, instances, semantic = None, [], [], None
+    if "panoptic" in tasks:
+        panoptic_ids, segments = panoptic_inference(mask_logits, class_logits, table=table, config=inference)
+    if "instance" in tasks:
+        instances = instance_inference(mask_logits, class_logits, table=table, config=inference)
+    if "semantic" in tasks:
+        semantic = semantic_inference(mask_logits, class_logits, table=table)
+    return Prediction(panoptic_ids, segments, instances, semantic)
+
+
+def tasks_for(data_format: str) -> tuple[str, ...]:
+    """The tasks a dataset's ground truth scores: panoptic GT all three, instances ZSI, semantic ZSS."""
+    return TASKS if data_format == "panoptic" else (("instance",) if data_format == "instances" else ("semantic",))
+
+
+def write_prediction(row: dict, prediction: Prediction, table: ClassTable, data_format: str, output: Path) -> dict:
+    """Write one image's prediction in COCO formats under ``output`` (``panoptic/`` RGB-id PNG,
+    ``semantic/`` label PNG and, for panoptic ground truth, ``gt_semantic/``) and return the
+    row :func:`summarize` reads (JSON strings of its panoptic segments, instance results and
+    the GT instances derived from the panoptic PNG)."""
+    record = ImageRecord.from_row(row)
+    name = _png_name(record.file_name)
+    out = {"image_id": record.image_id, "file_name": record.file_name, "panoptic": "", "instances": "",
+           "gt_instances": "", "error": ""}
+    if prediction.panoptic_ids is not None:
+        Image.fromarray(panoptic_to_rgb(prediction.panoptic_ids)).save(output / "panoptic" / name)
+        segments = [{"id": int(s["id"]), "category_id": int(s["category_id"]), "isthing": int(s["isthing"]),
+                     "score": float(s.get("score", 1.0)), "area": int(s.get("area", 0))} for s in prediction.segments]
+        out["panoptic"] = json.dumps({"image_id": record.image_id, "file_name": name, "segments_info": segments})
+    if prediction.semantic is not None:
+        Image.fromarray(semantic_to_label_map(prediction.semantic, table)).save(output / "semantic" / name)
+    if "instance" in tasks_for(data_format):
+        out["instances"] = json.dumps(instances_to_coco_results(prediction.instances, record.image_id))
+    if data_format == "panoptic" and record.panoptic_path:
+        gt_ids = read_panoptic_png(record.panoptic_path)
+        Image.fromarray(panoptic_to_semantic(gt_ids, record.segments, table)).save(output / "gt_semantic" / name)
+        out["gt_instances"] = json.dumps(panoptic_to_instances(gt_ids, record.segments, table, image_id=record.image_id))
+    return out
+
+
+def error_row(row: dict, error: str) -> dict:
+    """The :func:`write_prediction` row of an image that could not be used."""
+    return {"image_id": int(row["image_id"]), "file_name": str(row["file_name"]), "panoptic": "", "instances": "",
+            "gt_instances": "", "error": error}
 
 
 def _png_name(file_name: str) -> str:
@@ -99,30 +142,9 @@ class EvaluationPredictor:
         self.output = Path(output_dir)
         self.data_format = data_format
         self.batch_size = batch_size
-        self.tasks = TASKS if data_format == "panoptic" else (("instance",) if data_format == "instances" else ("semantic",))
+        self.tasks = tasks_for(data_format)
         for sub in ("panoptic", "semantic", "gt_semantic"):
             (self.output / sub).mkdir(parents=True, exist_ok=True)
-
-    def _one(self, row: dict, image: np.ndarray, prediction: Prediction) -> dict:
-        record = ImageRecord.from_row(row)
-        name = _png_name(record.file_name)
-        out = {"image_id": record.image_id, "file_name": record.file_name, "panoptic": "", "instances": "",
-               "gt_instances": "", "error": ""}
-        table = self.bundle.table
-        if prediction.panoptic_ids is not None:
-            Image.fromarray(panoptic_to_rgb(prediction.panoptic_ids)).save(self.output / "panoptic" / name)
-            segments = [{"id": int(s["id"]), "category_id": int(s["category_id"]), "isthing": int(s["isthing"]),
-                         "score": float(s.get("score", 1.0)), "area": int(s.get("area", 0))} for s in prediction.segments]
-            out["panoptic"] = json.dumps({"image_id": record.image_id, "file_name": name, "segments_info": segments})
-        if prediction.semantic is not None:
-            Image.fromarray(semantic_to_label_map(prediction.semantic, table)).save(self.output / "semantic" / name)
-        if prediction.instances is not None:
-            out["instances"] = json.dumps(instances_to_coco_results(prediction.instances, record.image_id))
-        if self.data_format == "panoptic" and record.panoptic_path:
-            gt_ids = read_panoptic_png(record.panoptic_path)
-            Image.fromarray(panoptic_to_semantic(gt_ids, record.segments, table)).save(self.output / "gt_semantic" / name)
-            out["gt_instances"] = json.dumps(panoptic_to_instances(gt_ids, record.segments, table, image_id=record.image_id))
-        return out
 
     def __call__(self, batch) -> dict:
         """``batch``: a pyarrow Table of manifest rows (or a list of row dicts)."""
@@ -135,18 +157,14 @@ class EvaluationPredictor:
                     images.append(load_image(row["image_path"]))
                     chunk.append(row)
                 except DataError as err:
-                    results.append({"image_id": int(row["image_id"]), "file_name": str(row["file_name"]),
-                                    "panoptic": "", "instances": "", "gt_instances": "",
-                                    "error": f"{err.source}: {err.reason}"})
+                    results.append(error_row(row, f"{err.source}: {err.reason}"))
             if not chunk:
                 continue
             for row, image, prediction in zip(chunk, images, predict_images(self.bundle, images, self.tasks)):
                 try:
-                    results.append(self._one(row, image, prediction))
+                    results.append(write_prediction(row, prediction, self.bundle.table, self.data_format, self.output))
                 except DataError as err:
-                    results.append({"image_id": int(row["image_id"]), "file_name": str(row["file_name"]),
-                                    "panoptic": "", "instances": "", "gt_instances": "",
-                                    "error": f"{err.source}: {err.reason}"})
+                    results.append(error_row(row, f"{err.source}: {err.reason}"))
         keys = ("image_id", "file_name", "panoptic", "instances", "gt_instances", "error")
         return {k: [r[k] for r in results] for k in keys}
 

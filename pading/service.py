@@ -50,12 +50,8 @@ from pading.errors import (
     MissingWeightsError,
     UnknownClassError,
 )
-from pading.inference import (
-    instance_inference,
-    panoptic_inference,
-    panoptic_to_rgb,
-    semantic_inference,
-)
+from pading.inference import panoptic_to_rgb
+from pading.predict import postprocess
 from pading.segmenter import postprocess_mask_logits, prepare_batch
 from pading.semantics import encode_with_config
 from pading.training import fit_classifier
@@ -273,18 +269,20 @@ class SegmentationService:
 
     def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, bundle: Bundle,
                      output_format: str, min_score: float) -> dict:
-        table, inference = bundle.table, bundle.config.inference
+        """One task's answer for one image, from :func:`pading.predict.postprocess`."""
+        table = bundle.table
+        prediction = postprocess(mask_logits, class_logits, table=table, inference=bundle.config.inference,
+                                 tasks=(task,))
         with_rle = output_format == "json"
         if task == "panoptic":
-            segment_ids, segments = panoptic_inference(mask_logits, class_logits, table=table, config=inference)
+            segment_ids = prediction.panoptic_ids
             entries = [{"id": s["id"], **_class_fields(table[s["class_index"]]), "score": float(s["score"]),
                         **_mask_fields(segment_ids == s["id"], with_rle)}
-                       for s in segments if s["score"] >= min_score]
+                       for s in prediction.segments if s["score"] >= min_score]
             kept = np.isin(segment_ids, [e["id"] for e in entries])
             png = panoptic_to_rgb(np.where(kept, segment_ids, 0)) if not with_rle else None
         elif task == "instance":
-            instances = [d for d in instance_inference(mask_logits, class_logits, table=table, config=inference)
-                         if d["score"] >= min_score]
+            instances = [d for d in prediction.instances if d["score"] >= min_score]
             entries = [{"id": k + 1, **_class_fields(table[d["class_index"]]), "score": float(d["score"]),
                         **_mask_fields(d["mask"], with_rle)} for k, d in enumerate(instances)]
             png = None
@@ -294,7 +292,7 @@ class SegmentationService:
                     ids[instances[k]["mask"]] = k + 1
                 png = ids
         else:
-            index_map = semantic_inference(mask_logits, class_logits, table=table)  # (H, W)
+            index_map = prediction.semantic  # (H, W)
             entries = [{**_class_fields(table[int(c)]), **_mask_fields(index_map == c, with_rle)}
                        for c in np.unique(index_map)]
             png = np.asarray(table.ids, dtype=np.int64)[index_map] if not with_rle else None

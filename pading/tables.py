@@ -12,7 +12,6 @@ evaluators (pading.predict.summarize). Rows are aggregated over seeds as mean ±
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import tempfile
@@ -22,30 +21,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
 from pading.data import (
-    ImageRecord,
     load_image,
-    panoptic_to_instances,
-    panoptic_to_semantic,
-    read_panoptic_png,
 )
 from pading.errors import DataError
 from pading.features import FeatureArrays
-from pading.inference import (
-    instance_inference,
-    instances_to_coco_results,
-    panoptic_inference,
-    panoptic_to_rgb,
-    semantic_inference,
-    semantic_to_label_map,
-)
 from pading.manifest import resolve
-from pading.predict import summarize
+from pading.predict import error_row, postprocess, summarize, tasks_for, write_prediction
 from pading.search import apply_overrides, train_generator
 from pading.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
 
@@ -144,33 +130,15 @@ def cache_segmenter_outputs(segmenter: Segmenter, rows: Sequence[dict], *, image
 
 def _write_prediction(image: CachedImage, classifier: nn.Module, table: ClassTable, config: ExperimentConfig,
                       output: Path) -> dict:
-    """Post-process one cached image with ``classifier`` and write the COCO-format files
-    pading.predict.summarize reads (the rows of pading.predict.EvaluationPredictor)."""
-    record = ImageRecord.from_row(image.row)
-    out = {"image_id": record.image_id, "file_name": record.file_name, "panoptic": "", "instances": "",
-           "gt_instances": "", "error": image.error}
+    """Post-process one cached image with ``classifier`` (pading.predict.postprocess) and write
+    the COCO-format files pading.predict.summarize reads."""
     if image.error:
-        return out
-    data_format = config.data.format
-    name = Path(record.file_name).with_suffix(".png").name
+        return error_row(image.row, image.error)
     mask_logits = postprocess_mask_logits(torch.tensor(image.mask_logits, dtype=torch.float32), image.meta)  # (Q, H, W)
     class_logits = classifier(torch.tensor(image.query_embeddings))  # (Q, C+1)
-    if data_format == "panoptic":
-        ids, segments = panoptic_inference(mask_logits, class_logits, table=table, config=config.inference)
-        Image.fromarray(panoptic_to_rgb(ids)).save(output / "panoptic" / name)
-        info = [{"id": int(s["id"]), "category_id": int(s["category_id"]), "isthing": int(s["isthing"]),
-                 "score": float(s["score"]), "area": int(s["area"])} for s in segments]
-        out["panoptic"] = json.dumps({"image_id": record.image_id, "file_name": name, "segments_info": info})
-        gt_ids = read_panoptic_png(record.panoptic_path)
-        Image.fromarray(panoptic_to_semantic(gt_ids, record.segments, table)).save(output / "gt_semantic" / name)
-        out["gt_instances"] = json.dumps(panoptic_to_instances(gt_ids, record.segments, table, image_id=record.image_id))
-    if data_format in ("panoptic", "instances"):
-        instances = instance_inference(mask_logits, class_logits, table=table, config=config.inference)
-        out["instances"] = json.dumps(instances_to_coco_results(instances, record.image_id))
-    if data_format in ("panoptic", "semantic"):
-        semantic = semantic_inference(mask_logits, class_logits, table=table)
-        Image.fromarray(semantic_to_label_map(semantic, table)).save(output / "semantic" / name)
-    return out
+    prediction = postprocess(mask_logits, class_logits, table=table, inference=config.inference,
+                             tasks=tasks_for(config.data.format))
+    return write_prediction(image.row, prediction, table, config.data.format, output)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pading.classes import zero_shot_split
-from pading.errors import AnnotationError
+from pading.errors import AnnotationError, DataError
 from pading.evaluation import (
     PanopticEvaluator,
     SemanticEvaluator,
@@ -249,7 +249,7 @@ def test_panoptic_bad_prediction_files_name_the_problem(tiny_panoptic, tmp_path)
 
     pred_json.write_text(json.dumps({"annotations": [
         {"image_id": 1, "file_name": "p1.png", "segments_info": [{"id": 300, "category_id": PERSON}]}]}))
-    with pytest.raises(AnnotationError, match="missing") as err:  # PNG not written yet
+    with pytest.raises(DataError, match="does not exist") as err:  # PNG not written yet
         evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir)
     assert "p1.png" in err.value.source
 
