@@ -1,9 +1,14 @@
 """Typed experiment configuration.
 
-Every setting has one default, here. YAML files and ``--set section.key=value``
-overrides are merged onto these dataclasses; unknown keys and wrongly typed values are
-errors that name the key. Configs are plain dataclasses: picklable, safe to send to Ray
-workers, and ``asdict``-able for MLflow params.
+Every setting has one default, here. YAML files, ``--set section.key=value`` and the
+overrides of Tune trials and tables rows all go through :func:`apply_overrides`, so they
+are validated the same way: unknown keys, wrongly typed values, choices outside a field's
+``Literal`` and out-of-range numbers are errors that name the key, raised at load time.
+
+Configs are plain dataclasses (validation in ``__post_init__``, as litgpt does): picklable,
+cheap to send to Ray workers, ``asdict``-able for MLflow params. pydantic would also do the
+coercion, but the library must not depend on what Ray Serve happens to install, and the
+~100 lines below (``_coerce``) are all the coercion the configs need.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
@@ -23,12 +28,44 @@ from pading.errors import ConfigError
 ABLATION_VARIANTS = ("projection", "gmmn", "primitive", "alignment", "full")
 
 
+_SECTION_NAMES = {"DataConfig": "data", "SyntheticConfig": "data.synthetic", "SemanticsConfig": "semantics",
+                  "SegmenterConfig": "segmenter", "PretrainConfig": "pretrain", "GeneratorConfig": "generator",
+                  "LossConfig": "losses", "GeneratorTrainingConfig": "generator_training", "InferenceConfig": "inference",
+                  "RayConfig": "ray", "TrackingConfig": "tracking", "ServeConfig": "serve", "TuneConfig": "tune",
+                  "TablesConfig": "tables", "ExperimentConfig": "config"}
+
+
+def _check_choices(obj: Any) -> None:
+    """Every ``Literal`` field of a config dataclass holds one of its choices."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(tp) is Literal and getattr(obj, name) not in typing.get_args(tp):
+            section = _SECTION_NAMES.get(type(obj).__name__, type(obj).__name__)
+            raise ConfigError(f"{section}.{name} must be one of {', '.join(map(str, typing.get_args(tp)))}, "
+                              f"not {getattr(obj, name)!r}")
+
+
+def config_section(cls: type) -> type:
+    """``@dataclass`` whose ``__post_init__`` first checks the ``Literal`` choices, so a config
+    built in code is validated like one loaded from YAML."""
+    cls = dataclass(cls)
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self):
+        _check_choices(self)
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return cls
+
+
+
 def default_datasets_root() -> str:
     """``$DETECTRON2_DATASETS`` (detectron2's convention), default ``./datasets``."""
     return os.environ.get("DETECTRON2_DATASETS", "./datasets")
 
 
-@dataclass
+@config_section
 class SyntheticConfig:
     """The embedded default dataset (see pading.data.synthetic)."""
 
@@ -45,7 +82,7 @@ class SyntheticConfig:
             raise ConfigError("synthetic.image_size must be >= 32")
 
 
-@dataclass
+@config_section
 class DataConfig:
     """Where the data is and what form it has.
 
@@ -56,7 +93,7 @@ class DataConfig:
     """
 
     root: str = field(default_factory=lambda: str(Path(default_datasets_root()) / "coco"))
-    format: str = "panoptic"
+    format: Literal["panoptic", "instances", "semantic"] = "panoptic"
     split: str = "zsp_coco_panoptic_14"
     train_images: str = "train2017"
     val_images: str = "val2017"
@@ -74,61 +111,94 @@ class DataConfig:
     synthetic: Optional[SyntheticConfig] = None
 
     def __post_init__(self):
-        if self.format not in ("panoptic", "instances", "semantic"):
-            raise ConfigError(f"data.format must be panoptic, instances or semantic, not {self.format!r}")
         if self.image_size < 16:
             raise ConfigError("data.image_size must be >= 16")
 
 
-@dataclass
+@config_section
 class SemanticsConfig:
     """Text encoder for class names (pading.semantics)."""
 
-    encoder: str = "minilm"  # minilm | clip | file
+    encoder: Literal["minilm", "clip", "file"] = "minilm"
     clip_model: str = "ViT-B-16"
     clip_weights: Optional[str] = None  # local path to open_clip weights
     file: Optional[str] = None  # .npy or text file of vectors for encoder=file
     cache_dir: Optional[str] = None  # default: <output>/cache/semantics
 
-    def __post_init__(self):
-        if self.encoder not in ("minilm", "clip", "file"):
-            raise ConfigError(f"semantics.encoder must be minilm, clip or file, not {self.encoder!r}")
 
 
-@dataclass
+#: The sizes of each ``segmenter.preset``; a SegmenterConfig fills the size fields left
+#: unset (None) from its preset, so explicit keys win.
+SEGMENTER_PRESETS: dict[str, dict] = {
+    "r50": {  # the paper's ResNet-50 Mask2Former
+        "num_queries": 100,
+        "hidden_dim": 256,
+        "decoder_layers": 10,
+        "encoder_layers": 6,
+        "feedforward_dim": 2048,
+        "mask_feature_size": 256,
+        "num_heads": 8,
+        "backbone_depths": (3, 4, 6, 3),
+        "backbone_hidden_sizes": (256, 512, 1024, 2048),
+        "backbone_embedding_size": 64,
+        "train_num_points": 12544,
+    },
+    "tiny": {  # tests and the demo
+        "num_queries": 16,
+        "hidden_dim": 64,
+        "decoder_layers": 4,
+        "encoder_layers": 1,
+        "feedforward_dim": 128,
+        "mask_feature_size": 64,
+        "num_heads": 4,
+        "backbone_depths": (1, 1, 1, 1),
+        "backbone_hidden_sizes": (16, 32, 64, 128),
+        "backbone_embedding_size": 16,
+        "train_num_points": 1024,
+    },
+}
+
+
+@config_section
 class SegmenterConfig:
-    """Mask2Former (transformers) settings. ``preset`` fills in sizes; explicit keys win."""
+    """Mask2Former (transformers) settings. ``preset`` fills in the sizes left unset; explicit
+    keys win: ``SegmenterConfig(preset="tiny", num_queries=32)`` is the tiny model with 32 queries."""
 
-    preset: str = "r50"  # r50 (the paper's) | tiny (tests, demo); see SEGMENTER_PRESETS
-    num_queries: int = 100
-    hidden_dim: int = 256
-    decoder_layers: int = 10
-    encoder_layers: int = 6
-    feedforward_dim: int = 2048
+    preset: Literal["r50", "tiny"] = "r50"
+    num_queries: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    decoder_layers: Optional[int] = None
+    encoder_layers: Optional[int] = None
+    feedforward_dim: Optional[int] = None
     # Pixel-decoder (deformable encoder) FFN width; None -> feedforward_dim // 2 (1024 for r50,
     # Mask2Former's value).
     encoder_feedforward_dim: Optional[int] = None
-    mask_feature_size: int = 256
-    num_heads: int = 8
-    backbone_depths: tuple = (3, 4, 6, 3)
-    backbone_hidden_sizes: tuple = (256, 512, 1024, 2048)
-    backbone_embedding_size: int = 64
+    mask_feature_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    backbone_depths: Optional[tuple] = None
+    backbone_hidden_sizes: Optional[tuple] = None
+    backbone_embedding_size: Optional[int] = None
     backbone_weights: Optional[str] = None  # local save_pretrained dir / checkpoint of the backbone
     weights: Optional[str] = None  # local save_pretrained dir of a whole Mask2Former
-    train_num_points: int = 12544
+    train_num_points: Optional[int] = None
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
 
     def __post_init__(self):
-        if self.preset not in ("tiny", "r50"):
-            raise ConfigError(f"segmenter.preset must be tiny or r50, not {self.preset!r}")
+        for key, value in SEGMENTER_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.backbone_depths = tuple(self.backbone_depths)
         self.backbone_hidden_sizes = tuple(self.backbone_hidden_sizes)
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"segmenter.num_heads={self.num_heads} must divide hidden_dim={self.hidden_dim}")
+        if min(self.num_queries, self.decoder_layers, self.train_num_points) < 1:
+            raise ConfigError("segmenter.num_queries, decoder_layers and train_num_points must be >= 1")
 
 
-@dataclass
+@config_section
 class PretrainConfig:
     """Stage 1: segmenter pretraining on the seen-only set."""
 
@@ -140,7 +210,7 @@ class PretrainConfig:
     lr: float = 1e-4
     # Mask2Former's schedule: linear warm-up, then lr * (1 - step / iterations) ** lr_power ("poly");
     # "constant" keeps lr.
-    lr_schedule: str = "poly"
+    lr_schedule: Literal["poly", "constant"] = "poly"
     lr_power: float = 0.9
     warmup_steps: int = 10
     weight_decay: float = 0.05
@@ -151,16 +221,15 @@ class PretrainConfig:
     def __post_init__(self):
         if self.iterations < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("pretrain.iterations, batch_size and grad_accumulation must be >= 1")
-        if self.lr_schedule not in ("poly", "constant") or self.warmup_steps < 0:
-            raise ConfigError(f"pretrain.lr_schedule must be poly or constant (got {self.lr_schedule!r}) "
-                              "and pretrain.warmup_steps >= 0")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("pretrain.lr must be > 0 and pretrain.warmup_steps >= 0")
 
 
-@dataclass
+@config_section
 class GeneratorConfig:
     """The feature generator (pading.generator)."""
 
-    kind: str = "primitive"  # primitive | gmmn
+    kind: Literal["primitive", "gmmn"] = "primitive"
     num_primitives: int = 400
     num_layers: int = 3
     num_heads: int = 8
@@ -171,13 +240,13 @@ class GeneratorConfig:
     gmmn_dropout: float = 0.4
 
     def __post_init__(self):
-        if self.kind not in ("primitive", "gmmn"):
-            raise ConfigError(f"generator.kind must be primitive or gmmn, not {self.kind!r}")
-        if self.num_primitives < 1:
-            raise ConfigError("generator.num_primitives must be >= 1")
+        if self.num_primitives < 1 or self.num_layers < 1 or self.num_heads < 1:
+            raise ConfigError("generator.num_primitives, num_layers and num_heads must be >= 1")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.gmmn_dropout < 1.0) or self.noise_std < 0:
+            raise ConfigError("generator.dropout and gmmn_dropout must be in [0, 1), noise_std >= 0")
 
 
-@dataclass
+@config_section
 class LossConfig:
     """Generator-side losses (docs/method.md "Losses") and the ablation variant.
 
@@ -186,7 +255,7 @@ class LossConfig:
     features), full (+ alignment and disentanglement, the paper's PADing).
     """
 
-    variant: str = "full"
+    variant: Literal["projection", "gmmn", "primitive", "alignment", "full"] = "full"
     mmd_sigmas_squared: tuple = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
     auxiliary_classification_weight: float = 0.001
     disentangle_weight: float = 1e-4  # λ
@@ -198,18 +267,20 @@ class LossConfig:
     alignment_temperature: float = 0.1  # τ
     unrelated_temperature: float = 0.1  # T
     # Seen features of the alignment/disentanglement terms: "synthetic" (default, docs/method.md) or "real".
-    alignment_seen_features: str = "synthetic"
+    alignment_seen_features: Literal["synthetic", "real"] = "synthetic"
     disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
 
     def __post_init__(self):
-        if self.variant not in ABLATION_VARIANTS:
-            raise ConfigError(f"losses.variant must be one of {ABLATION_VARIANTS}, not {self.variant!r}")
         self.mmd_sigmas_squared = tuple(float(s) for s in self.mmd_sigmas_squared)
-        if self.alignment_temperature <= 0:
-            raise ConfigError("losses.alignment_temperature must be > 0")
+        if self.alignment_temperature <= 0 or self.unrelated_temperature <= 0:
+            raise ConfigError("losses.alignment_temperature and unrelated_temperature must be > 0")
+        if not self.mmd_sigmas_squared or min(self.mmd_sigmas_squared) <= 0:
+            raise ConfigError("losses.mmd_sigmas_squared must be a non-empty list of positive numbers")
+        if not 0.0 <= self.disentangler_dropout < 1.0:
+            raise ConfigError("losses.disentangler_dropout must be in [0, 1)")
 
 
-@dataclass
+@config_section
 class GeneratorTrainingConfig:
     """Stages 3 and 4: generator and classifier optimisation."""
 
@@ -237,7 +308,7 @@ class GeneratorTrainingConfig:
         self.lr_decay_at = tuple(float(x) for x in self.lr_decay_at)
 
 
-@dataclass
+@config_section
 class InferenceConfig:
     """Mask2Former post-processing thresholds (docs/method.md "Inference")."""
 
@@ -247,7 +318,7 @@ class InferenceConfig:
     instance_top_k: int = 100
 
 
-@dataclass
+@config_section
 class RayConfig:
     """Resources; pading never reads this, pipelines/ does."""
 
@@ -260,7 +331,7 @@ class RayConfig:
     extract_shard_size: int = 32  # images per features Parquet file (the unit of idempotent work)
     max_failures: int = 2
     # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
-    placement_strategy: str = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train workers of the generator stage (None: num_workers). On CPU the generator step is
     # small and communication-bound, so one worker is fastest there (README "Performance").
     generator_workers: Optional[int] = None
@@ -270,12 +341,9 @@ class RayConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:
             raise ConfigError("ray.num_workers and ray.extract_concurrency must be >= 1, ray.cpus_per_worker >= 0")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"ray.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                              f"not {self.placement_strategy!r}")
 
 
-@dataclass
+@config_section
 class TrackingConfig:
     """MLflow; ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``."""
 
@@ -283,7 +351,7 @@ class TrackingConfig:
     experiment: str = "pading"
 
 
-@dataclass
+@config_section
 class ServeConfig:
     """The Ray Serve endpoint (pipelines/serve.py) and its library side (pading.service).
 
@@ -342,7 +410,7 @@ def _default_search_space() -> dict:
     }
 
 
-@dataclass
+@config_section
 class TuneConfig:
     """The Ray Tune search (pipelines/tune.py, pading.search).
 
@@ -362,15 +430,13 @@ class TuneConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
-    protocol: str = "pseudo_unseen"
+    protocol: Literal["pseudo_unseen", "paper"] = "pseudo_unseen"
     pseudo_unseen_count: int = 4
     holdout_fraction: float = 0.2  # of the training images, by a stable hash of image_id
     search_space: dict = field(default_factory=_default_search_space)
     max_failures: int = 1  # retries of a crashed trial; a failed trial never stops the search
 
     def __post_init__(self):
-        if self.protocol not in ("pseudo_unseen", "paper"):
-            raise ConfigError(f"tune.protocol must be pseudo_unseen or paper, not {self.protocol!r}")
         if self.num_samples < 1 or self.report_every < 1 or self.max_iterations < 0:
             raise ConfigError("tune.num_samples and tune.report_every must be >= 1, tune.max_iterations >= 0")
         if self.pseudo_unseen_count < 1 or not 0.0 < self.holdout_fraction < 1.0:
@@ -395,7 +461,7 @@ class TuneConfig:
                     raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
 
 
-@dataclass
+@config_section
 class TablesConfig:
     """The paper's tables (pipelines/tables.py, pading.tables).
 
@@ -427,7 +493,7 @@ class TablesConfig:
             raise ConfigError("tables.iterations must be >= 0 and tables.tsne_per_class >= 1")
 
 
-@dataclass
+@config_section
 class ExperimentConfig:
     name: str = "pading"
     seed: int = 0
@@ -464,25 +530,6 @@ class ExperimentConfig:
         return out
 
 
-#: Sizes a preset fills in beneath a config's explicit segmenter keys.
-SEGMENTER_PRESETS: dict[str, dict] = {
-    "r50": {},  # the dataclass defaults are the paper's ResNet-50 Mask2Former
-    "tiny": {
-        "num_queries": 16,
-        "hidden_dim": 64,
-        "decoder_layers": 4,
-        "encoder_layers": 1,
-        "feedforward_dim": 128,
-        "mask_feature_size": 64,
-        "num_heads": 4,
-        "backbone_depths": [1, 1, 1, 1],
-        "backbone_hidden_sizes": [16, 32, 64, 128],
-        "backbone_embedding_size": 16,
-        "train_num_points": 1024,
-    },
-}
-
-
 # ---- (de)serialisation ----------------------------------------------------------------
 
 
@@ -502,6 +549,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, not {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
             return value
@@ -548,41 +599,51 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {err}") from err
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def _plain(value: Any) -> Any:
+    """NumPy scalars (as Tune samples them) -> Python numbers."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)) else value
 
 
-def parse_override(text: str) -> dict:
-    """``"generator.num_primitives=200"`` -> ``{"generator": {"num_primitives": 200}}``.
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key = "a.b"``: the one way an override is applied,
+    for ``--set``, Tune trials and tables rows (unknown keys are caught by :func:`from_dict`)."""
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ConfigError(f"override {key!r} has an empty key")
+    cursor = data
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+        if not isinstance(cursor, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a config section")
+    cursor[parts[-1]] = _plain(value)
 
-    The value is parsed as YAML (numbers, booleans, lists, ``null``)."""
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"generator.num_primitives=200"`` -> ``("generator.num_primitives", 200)``; the value is
+    parsed as YAML (numbers, booleans, lists, ``null``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
-    out: dict = {}
-    cursor = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return out
+    return key.strip(), value
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """A new config with ``{"section.key": value}`` applied and validated like YAML (unknown
+    keys and bad values raise :class:`~pading.errors.ConfigError`)."""
+    data = to_dict(config)
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    return from_dict(ExperimentConfig, data)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides
+    (``"section.key=value"``) before validating, so e.g. ``segmenter.preset=tiny`` picks the
+    tiny sizes."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -598,10 +659,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
     for item in overrides:
-        data = _deep_merge(data, parse_override(item))
-    segmenter = data.get("segmenter")
-    if isinstance(segmenter, dict) and segmenter.get("preset") in SEGMENTER_PRESETS:
-        data = {**data, "segmenter": {**SEGMENTER_PRESETS[segmenter["preset"]], **segmenter}}
+        _set_dotted(data, *parse_override(item))
     return from_dict(ExperimentConfig, data)
 
 
@@ -616,8 +674,9 @@ def tiny_config(**sections: dict) -> ExperimentConfig:
         "generator": {"num_primitives": 8, "num_layers": 1, "num_heads": 4, "feedforward_dim": 64},
         "generator_training": {"iterations": 2, "batch_images": 2, "log_every": 1},
     }
-    data = _deep_merge(data, sections)
-    data["segmenter"] = {**SEGMENTER_PRESETS[data["segmenter"].get("preset", "tiny")], **data["segmenter"]}
+    for section, values in sections.items():
+        for key, value in values.items():
+            _set_dotted(data, f"{section}.{key}", value)
     return from_dict(ExperimentConfig, data)
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pading.classes import PERCENT, ClassTable
-from pading.config import ExperimentConfig, from_dict, to_dict
+from pading.config import ExperimentConfig, apply_overrides, to_dict
 from pading.errors import ConfigError, DataError
 from pading.evaluation import harmonic_mean
 from pading.features import FeatureArrays, feature_batches
@@ -265,11 +265,6 @@ def train_and_score(
 # ---- configs ------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """NumPy scalars (as Tune samples them) -> Python numbers."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def validate_search_space(space: Mapping[str, Any]) -> None:
     """Every ``"section.key"`` of a search space must name a config field."""
     defaults = to_dict(ExperimentConfig())
@@ -277,23 +272,6 @@ def validate_search_space(space: Mapping[str, Any]) -> None:
         section, _, name = key.partition(".")
         if not isinstance(defaults.get(section), dict) or name not in defaults[section]:
             raise ConfigError(f"tune.search_space: {key!r} is not a config key (section.key)")
-
-
-def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
-    """A new config with ``{"section.key": value}`` applied, validated like YAML
-    (unknown keys and bad values raise :class:`~pading.errors.ConfigError`)."""
-    data = to_dict(config)
-    for key, value in overrides.items():
-        parts = key.split(".")
-        cursor = data
-        for part in parts[:-1]:
-            if not isinstance(cursor.get(part), dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a config section")
-            cursor = cursor[part]
-        if parts[-1] not in cursor:
-            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
-        cursor[parts[-1]] = _plain(value)
-    return from_dict(ExperimentConfig, data)
 
 
 def replace_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:

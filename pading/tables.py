@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pading.classes import ClassTable
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, apply_overrides
 from pading.data import (
     load_image,
 )
@@ -32,7 +32,7 @@ from pading.errors import DataError
 from pading.features import FeatureArrays
 from pading.manifest import resolve
 from pading.predict import error_row, postprocess, summarize, tasks_for, write_prediction
-from pading.search import apply_overrides, train_generator
+from pading.search import train_generator
 from pading.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
 
 logger = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ import torch
 import yaml
 
 from pading import tracking
-from pading.config import ExperimentConfig, save_config
+from pading.config import ExperimentConfig, apply_overrides, save_config
 from pading.run import RunLayout, load_table, read_manifest
-from pading.search import SearchSplit, apply_overrides, validate_search_space
+from pading.search import SearchSplit, validate_search_space
 from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")

@@ -39,6 +39,29 @@ def test_overrides_and_unknown_keys(tmp_path):
         parse_override("novalue")
 
 
+def test_presets_are_applied_by_the_object_and_explicit_keys_win():
+    from pading.config import SegmenterConfig
+
+    tiny = SegmenterConfig(preset="tiny")
+    assert tiny.hidden_dim == 64 and tiny.num_queries == 16  # not the R50 sizes
+    assert SegmenterConfig(preset="tiny", num_queries=32).num_queries == 32
+    assert SegmenterConfig().hidden_dim == 256 and SegmenterConfig().backbone_depths == (3, 4, 6, 3)
+    assert load_config(None, ["segmenter.preset=tiny"]).segmenter.hidden_dim == 64
+    with pytest.raises(ConfigError, match="must divide"):
+        SegmenterConfig(preset="tiny", num_heads=5)
+
+
+def test_choices_and_ranges_are_checked_at_load():
+    with pytest.raises(ConfigError, match="losses.alignment_seen_features must be one of synthetic, real"):
+        load_config(None, ["losses.alignment_seen_features=fake"])
+    with pytest.raises(ConfigError, match="ray.placement_strategy must be one of"):
+        load_config(None, ["ray.placement_strategy=ANYWHERE"])
+    with pytest.raises(ConfigError, match="dropout"):
+        load_config(None, ["generator.dropout=1.5"])
+    with pytest.raises(ConfigError, match="pretrain.lr"):
+        load_config(None, ["pretrain.lr=0"])
+
+
 def test_save_load_roundtrip(tmp_path):
     cfg = tiny_config(generator={"num_primitives": 7})
     save_config(cfg, tmp_path / "out.yaml")

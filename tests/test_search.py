@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 from pading.classes import ClassTable
-from pading.config import TuneConfig, load_config, tiny_config
+from pading.config import TuneConfig, apply_overrides, load_config, tiny_config
 from pading.errors import ConfigError
 from pading.search import (
     FeatureArrays,
     SearchSplit,
-    apply_overrides,
     choose_pseudo_unseen,
     holdout_rows,
     mean_class_accuracy,
