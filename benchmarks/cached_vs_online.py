@@ -4,7 +4,7 @@ The authors' release runs the frozen segmenter on the step's images in *every* g
 iteration (forward + Hungarian matching of 12 images), then one generator step and one
 classifier step. This project runs the segmenter once per training image (stage 2, the
 features Parquet) and trains from those rows. Both loops below do the same generator math
-(pading.training.GeneratorTrainer.step): d = 256, K = 400 primitives, 3 layers, the 133
+(pading.training.generator.GeneratorTrainer.step): d = 256, K = 400 primitives, 3 layers, the 133
 COCO panoptic classes + "no object" (ZSP split), 12 images x 100 queries a step; the
 segmenter is the R50 preset (ResNet-50, 100 queries, 10 decoder layers) at ``--image-size``.
 
@@ -25,9 +25,9 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import tiny_config
-from pading.matching import assign_query_labels
-from pading.segmenter import Segmenter, prepare_batch
-from pading.training import GeneratorTrainer
+from pading.model.matching import assign_query_labels
+from pading.model.segmenter import Segmenter, prepare_batch
+from pading.training.generator import GeneratorTrainer
 
 IMAGES_PER_STEP = 12
 MATCHED_PER_IMAGE = 8  # segments per COCO image, roughly

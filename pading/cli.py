@@ -14,7 +14,7 @@ from pathlib import Path
 from pading.classes import cocostuff_categories
 from pading.data.synthetic import add_data_cli
 from pading.errors import AnnotationError, DataError, UnknownClassError
-from pading.evaluation import (
+from pading.evaluation.metrics import (
     _check_keys,
     _load_coco,
     _load_json,

@@ -117,7 +117,7 @@ class DataConfig:
 
 @config_section
 class SemanticsConfig:
-    """Text encoder for class names (pading.semantics)."""
+    """Text encoder for class names (pading.model.semantics)."""
 
     encoder: Literal["minilm", "clip", "file"] = "minilm"
     clip_model: str = "ViT-B-16"
@@ -227,7 +227,7 @@ class PretrainConfig:
 
 @config_section
 class GeneratorConfig:
-    """The feature generator (pading.generator)."""
+    """The feature generator (pading.model.generator)."""
 
     kind: Literal["primitive", "gmmn"] = "primitive"
     num_primitives: int = 400
@@ -299,7 +299,7 @@ class GeneratorTrainingConfig:
     seen_class_weight: float = 1.0
     no_object_class_weight: float = 0.1
     unseen_class_weight: float = 5.0
-    # Temperature of the projection baseline's cosine logits (pading.classifier.ProjectionClassifier).
+    # Temperature of the projection baseline's cosine logits (pading.model.classifier.ProjectionClassifier).
     projection_temperature: float = 0.05
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -353,7 +353,7 @@ class TrackingConfig:
 
 @config_section
 class ServeConfig:
-    """The Ray Serve endpoint (pipelines/serve.py) and its library side (pading.service).
+    """The Ray Serve endpoint (pipelines/serve.py) and its library side (pading.serving.service).
 
     Network binding, batching, autoscaling and resources of the deployment, request
     limits, and the classifier re-fit used when classes are added at run time
@@ -412,7 +412,7 @@ def _default_search_space() -> dict:
 
 @config_section
 class TuneConfig:
-    """The Ray Tune search (pipelines/tune.py, pading.search).
+    """The Ray Tune search (pipelines/tune.py, pading.run.search).
 
     ``protocol``: ``pseudo_unseen`` (default) scores on ``pseudo_unseen_count`` seen classes
     that play unseen (their features are withheld from training) and never reads real unseen
@@ -463,7 +463,7 @@ class TuneConfig:
 
 @config_section
 class TablesConfig:
-    """The paper's tables (pipelines/tables.py, pading.tables).
+    """The paper's tables (pipelines/tables.py, pading.run.tables).
 
     Rows are the ablation ``variants`` at ``generator.num_primitives`` and the full method at
     each of ``primitive_counts``; every row is trained once per seed. ``iterations`` 0 means

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pading import tracking
 from pading.config import ExperimentConfig, load_config
 from pading.errors import ConfigError
+from pading.run import tracking
 from pading.run.layout import SUCCESS_FILE, RunLayout  # noqa: F401 (RunLayout for the stages)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from pading.config import ExperimentConfig
-from pading.manifest import resolve, rows_to_table
-from pading.predict import EvaluationPredictor, summarize
+from pading.data.manifest import resolve, rows_to_table
+from pading.evaluation.predict import EvaluationPredictor, summarize
 from pading.run import RunLayout, load_table, read_manifest
 from pipelines import common
 
@@ -26,10 +26,10 @@ NUM_OVERLAYS = 4
 
 def write_overlays(bundle_dir: Path, rows: list[dict], out_dir: Path, count: int = NUM_OVERLAYS) -> list[Path]:
     """A few qualitative overlays of val images, preferring images with unseen classes."""
-    from pading.bundle import Bundle
     from pading.data import load_image
-    from pading.predict import predict_images
-    from pading.visualize import overlay_panoptic
+    from pading.evaluation.predict import predict_images
+    from pading.serving.bundle import Bundle
+    from pading.serving.visualize import overlay_panoptic
 
     bundle = Bundle.load(bundle_dir)
     chosen = sorted(rows, key=lambda r: (not r.get("has_unseen"), r["image_id"]))[:count]

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pading.config import ExperimentConfig
-from pading.extraction import FeatureExtractor
-from pading.manifest import shard_rows
+from pading.data.manifest import shard_rows
 from pading.run import RunLayout, load_table, read_manifest
+from pading.run.extraction import FeatureExtractor
 from pipelines import common
 
 logger = logging.getLogger("pipelines.extract")

@@ -18,9 +18,8 @@ import math
 import time
 from pathlib import Path
 
-from pading import tracking
 from pading.config import ExperimentConfig, save_config
-from pading.run import RunLayout, read_history
+from pading.run import RunLayout, read_history, tracking
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")

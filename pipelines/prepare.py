@@ -1,7 +1,7 @@
 """Stage 1, prepare: annotation index -> validated, seen-only manifest Parquet + rejects.
 
 Ray Data shards the image records, every shard decodes its images and targets
-(``pading.manifest.validate_rows``); unusable ones go to ``rejects/`` with the reason.
+(``pading.data.manifest.validate_rows``); unusable ones go to ``rejects/`` with the reason.
 The seen-only filter then drops every train image with an unseen segment.
 
     python pipelines/prepare.py [--config configs/demo.yaml] [--set ...] [--force]
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
-from pading.manifest import (
+from pading.data.manifest import (
     MANIFEST_SCHEMA,
     apply_seen_only_filter,
     class_table_for,

@@ -56,7 +56,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker.
 
     Every worker reads the (small) train manifest from the output directory and draws the
-    same global batch of images per step (seeded epochs, :func:`pading.features.epoch_indices`);
+    same global batch of images per step (seeded epochs, :func:`pading.data.features.epoch_indices`);
     worker r trains on its slice, M micro-batches of it, and DDP averages the gradients. So
     the global batches, and the step, do not depend on the number of workers
     (docs/architecture.md, "Distributed training"; tests/test_distributed.py)."""
@@ -65,8 +65,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from pading.features import epoch_indices
-    from pading.pretraining import (
+    from pading.data.features import epoch_indices
+    from pading.model.segmenter import Segmenter
+    from pading.training.pretrain import (
         SegmenterLoss,
         build_pretrain_optimizer,
         learning_rate,
@@ -75,7 +76,6 @@ def train_loop(loop_config: dict) -> None:
         pretrain_step,
         set_learning_rate,
     )
-    from pading.segmenter import Segmenter
 
     config: ExperimentConfig = loop_config["config"]
     table = ClassTable.from_records(loop_config["table"])

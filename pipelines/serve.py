@@ -9,7 +9,7 @@
 ``serve.host``/``serve.port`` apply to ``python pipelines/serve.py`` and ``full.py --serve``.
 Endpoints (OpenAPI at /docs and /openapi.json): POST /v1/segment, GET/POST /v1/classes,
 DELETE /v1/classes/{name}, GET /healthz and a page to try it at GET /. Binds 127.0.0.1
-unless serve.host says otherwise. The logic lives in pading.service; this file is HTTP.
+unless serve.host says otherwise. The logic lives in pading.serving.service; this file is HTTP.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 
 from pading.config import ExperimentConfig, ServeConfig, from_dict, load_config, to_dict
 from pading.errors import ConfigError, PadingError
-from pading.service import (
+from pading.serving.service import (
     OUTPUT_FORMATS,
     TASK_CHOICES,
     ImageTooLargeError,
@@ -105,7 +105,7 @@ class SegmentationDeployment:
     def __init__(self, bundle_dir: str, serve_config: dict):
         import torch
 
-        from pading.bundle import Bundle
+        from pading.serving.bundle import Bundle
 
         common.setup_logging()
         self.config: ServeConfig = from_dict(ServeConfig, serve_config, prefix="serve")
@@ -219,7 +219,7 @@ def resolve_bundle(reference: str, config: ExperimentConfig | None = None) -> Pa
     if str(reference).startswith(MLFLOW_SCHEMES):
         import mlflow
 
-        from pading import tracking
+        from pading.run import tracking
 
         mlflow.set_tracking_uri(tracking.tracking_uri((config or ExperimentConfig()).tracking))
         target = tempfile.mkdtemp(prefix="pading-bundle-")

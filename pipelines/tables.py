@@ -21,11 +21,10 @@ import logging
 import time
 from pathlib import Path
 
-from pading import tracking
 from pading.classes import clean_name
 from pading.config import ExperimentConfig
-from pading.run import RunLayout, load_table, read_manifest
-from pading.tables import (
+from pading.run import RunLayout, load_table, read_manifest, tracking
+from pading.run.tables import (
     ABLATION_LABELS,
     RowSpec,
     aggregate,
@@ -46,8 +45,8 @@ HM_PQ = "panoptic.hm.pq"
 def _segmenter_cache(config: ExperimentConfig, segmenter_dir: str, rows: list[dict]):
     import torch
 
-    from pading.segmenter import Segmenter
-    from pading.tables import cache_segmenter_outputs
+    from pading.model.segmenter import Segmenter
+    from pading.run.tables import cache_segmenter_outputs
 
     device = "cuda" if config.tables.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
     segmenter = Segmenter.load(segmenter_dir, map_location=device)
@@ -59,7 +58,7 @@ def _train_row(features, table, semantics, config: ExperimentConfig, cache, clas
                num_primitives: int, seed: int, iterations: int, tsne_per_class: int) -> dict:
     import torch
 
-    from pading.tables import train_row
+    from pading.run.tables import train_row
 
     torch.set_num_threads(max(1, int(config.tables.cpus_per_task)))
     device = torch.device("cuda" if config.tables.gpus_per_task > 0 and torch.cuda.is_available() else "cpu")
@@ -74,9 +73,9 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     Returns ``({row key: [per-seed outputs]}, failures)``."""
     import ray
 
-    from pading.features import read_features
-    from pading.segmenter import Segmenter
-    from pading.semantics import class_embeddings
+    from pading.data.features import read_features
+    from pading.model.segmenter import Segmenter
+    from pading.model.semantics import class_embeddings
 
     table = load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
@@ -119,7 +118,7 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
 
 def write_outputs(config: ExperimentConfig, out_dir: Path, rows: list[RowSpec], trained: dict, seeds: tuple) -> dict:
     """Markdown, CSV, figures and results.json; returns what was written."""
-    from pading.table_figures import bar_chart, tsne_figure
+    from pading.run.table_figures import bar_chart, tsne_figure
 
     outputs, table = trained["outputs"], trained["table"]
     aggregated = {key: aggregate([flatten_results(o["results"]) for o in runs]) for key, runs in outputs.items()}

@@ -1,11 +1,11 @@
 """Stage 4, generator: Ray Train trains the generator and the classifier (docs/method.md
 stages 3 and 4, one generator step then one classifier step per batch; the ablation variant
-in ``losses.variant``) with the library's one loop, :func:`pading.training.fit_generator`.
+in ``losses.variant``) with the library's one loop, :func:`pading.training.generator.fit_generator`.
 
 Worker r of W reads the features shards ``r, r + W, ...`` (on storage every node sees) and
 draws its batches from them (seeded epochs); the trainer synchronises every step so the W
 workers take the step one worker takes on the union of their batches
-(:mod:`pading.distributed`). Checkpoints every ``generator_training.checkpoint_every``
+(:mod:`pading.training.distributed`). Checkpoints every ``generator_training.checkpoint_every``
 steps and resumes; the result is the model bundle ``<output>/generator/bundle``.
 
     python pipelines/train_generator.py [--config ...] [--set losses.variant=gmmn] [--force]
@@ -36,7 +36,7 @@ REFERENCE_ROWS = 4096  # real query embeddings kept in the bundle for run-time c
 
 def shard_files_of(features_dir: Path, rank: int, world: int) -> list[Path]:
     """The features shards worker ``rank`` of ``world`` trains on (every W-th, from its rank)."""
-    from pading.features import feature_files
+    from pading.data.features import feature_files
 
     files = feature_files(features_dir)
     if len(files) < world:
@@ -51,10 +51,10 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pading.bundle import Bundle
-    from pading.features import feature_batches, read_features
-    from pading.segmenter import Segmenter
-    from pading.training import GeneratorTrainer, fit_generator
+    from pading.data.features import feature_batches, read_features
+    from pading.model.segmenter import Segmenter
+    from pading.serving.bundle import Bundle
+    from pading.training.generator import GeneratorTrainer, fit_generator
 
     config: ExperimentConfig = loop_config["config"]
     table = ClassTable.from_records(loop_config["table"])
@@ -120,7 +120,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pading.semantics import class_embeddings, encoder_id
+    from pading.model.semantics import class_embeddings, encoder_id
 
 
     stage_dir = output / stage_name

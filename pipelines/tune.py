@@ -3,7 +3,7 @@ or whatever ``tune.search_space`` lists), on the cached features and segmenter.
 
     python pipelines/tune.py --config configs/demo.yaml [--num-samples 16] [--set tune.protocol=paper]
 
-Each trial re-trains only the generator and the classifier (pading.search.train_and_score)
+Each trial re-trains only the generator and the classifier (pading.run.search.train_and_score)
 and reports a validation score every ``tune.report_every`` iterations; ASHA stops weak
 trials early. The default protocol (``tune.protocol=pseudo_unseen``) never reads a real
 unseen class: a few seen classes play unseen. ``tune.protocol=paper`` scores on the val
@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from pading import tracking
 from pading.config import ExperimentConfig, apply_overrides, save_config
-from pading.run import RunLayout, load_table, read_manifest
-from pading.search import SearchSplit, validate_search_space
+from pading.run import RunLayout, load_table, read_manifest, tracking
+from pading.run.search import SearchSplit, validate_search_space
 from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")
@@ -63,9 +62,9 @@ def search_space(space: dict) -> dict:
 
 def load_inputs(config: ExperimentConfig, output: Path) -> dict:
     """Class table, semantics, class head and features of a finished extract stage."""
-    from pading.features import read_features
-    from pading.segmenter import Segmenter
-    from pading.semantics import class_embeddings
+    from pading.data.features import read_features
+    from pading.model.segmenter import Segmenter
+    from pading.model.semantics import class_embeddings
 
     table = load_table(output)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
@@ -78,9 +77,9 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
     """Matched query embeddings of the val images (the paper protocol only), as a Ray task."""
     import ray
 
-    from pading.extraction import extract_features
-    from pading.features import features_from_rows
-    from pading.segmenter import Segmenter
+    from pading.data.features import features_from_rows
+    from pading.model.segmenter import Segmenter
+    from pading.run.extraction import extract_features
 
     @ray.remote(num_cpus=config.tune.cpus_per_trial, num_gpus=config.tune.gpus_per_trial)
     def extract(rows: list[dict]):
@@ -97,7 +96,7 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
 
 
 def build_split(config: ExperimentConfig, output: Path, inputs: dict) -> SearchSplit:
-    from pading.search import paper_split, pseudo_unseen_split
+    from pading.run.search import paper_split, pseudo_unseen_split
 
     settings = config.tune
     if settings.protocol == "paper":
@@ -113,7 +112,7 @@ def trial(params: dict, split: SearchSplit, semantics, base_config: ExperimentCo
     a checkpoint, so a restored search continues it) every ``tune.report_every`` steps."""
     from ray import tune
 
-    from pading.search import train_and_score
+    from pading.run.search import train_and_score
 
     config = apply_overrides(base_config, params)
     settings = config.tune

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pading.config import load_config
+from pading.data.features import epoch_indices, read_features
 from pading.errors import ConfigError
-from pading.features import epoch_indices, read_features
 from pipelines import common
 from pipelines.pretrain import micro_batch_rows
 

@@ -1,8 +1,8 @@
 """Two Ray Train workers compute what one worker computes (gloo on CPU).
 
-For the generator stage (the library's one loop, :func:`pading.training.fit_generator`,
-synchronised by :class:`pading.distributed.TorchCollective`) and for pretraining (DDP through
-Ray Train's ``prepare_model``, :func:`pading.pretraining.pretrain_step`), k steps on 2 Ray
+For the generator stage (the library's one loop, :func:`pading.training.generator.fit_generator`,
+synchronised by :class:`pading.training.distributed.TorchCollective`) and for pretraining (DDP through
+Ray Train's ``prepare_model``, :func:`pading.training.pretrain.pretrain_step`), k steps on 2 Ray
 Train workers, each given its half of every global batch, must end with the parameters of
 one worker trained on the whole batches, and identical parameters on both ranks. The same
 runs *without* the synchronisation must not: that is what makes the test able to fail.
@@ -107,8 +107,8 @@ def _halves(batches, rank: int, world: int):
 def _generator_worker(loop_config: dict) -> None:
     import ray.train
 
-    from pading.distributed import LocalCollective, TorchCollective
-    from pading.training import GeneratorTrainer, fit_generator
+    from pading.training.distributed import LocalCollective, TorchCollective
+    from pading.training.generator import GeneratorTrainer, fit_generator
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
@@ -123,7 +123,7 @@ def _generator_worker(loop_config: dict) -> None:
 @pytest.fixture(scope="module")
 def generator_reference() -> dict:
     """One worker (this process, no process group) on the whole batches."""
-    from pading.training import GeneratorTrainer, fit_generator
+    from pading.training.generator import GeneratorTrainer, fit_generator
 
     table, semantics, batches, config = _generator_problem()
     trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config)
@@ -150,7 +150,7 @@ def test_generator_two_workers_match_one(ray_local, generator_reference, tmp_pat
 def _pretrain_problem(data_root: str):
     """Config, class table and PRETRAIN_STEPS global batches of 2 images (one per worker)."""
     from pading.config import DataConfig, tiny_config
-    from pading.manifest import class_table_for, read_split_index, to_rows
+    from pading.data.manifest import class_table_for, read_split_index, to_rows
 
     data = DataConfig(root=data_root, image_size=48)
     records, categories, _ = read_split_index(data, "train")
@@ -168,7 +168,7 @@ def _segmenter_parameters(model) -> dict:
 
 def _pretrain(rank_rows, config, table, model, micro_indices):
     """PRETRAIN_STEPS steps; ``rank_rows(step)`` -> this process's micro-batches of rows."""
-    from pading.pretraining import build_pretrain_optimizer, load_training_batch, micro_batch_seed, pretrain_step
+    from pading.training.pretrain import build_pretrain_optimizer, load_training_batch, micro_batch_seed, pretrain_step
 
     optimizer = build_pretrain_optimizer(model, config.pretrain)
     for step in range(PRETRAIN_STEPS):
@@ -179,8 +179,8 @@ def _pretrain(rank_rows, config, table, model, micro_indices):
 
 
 def _new_model(config, table):
-    from pading.pretraining import SegmenterLoss
-    from pading.segmenter import Segmenter
+    from pading.model.segmenter import Segmenter
+    from pading.training.pretrain import SegmenterLoss
 
     torch.manual_seed(config.seed)
     return SegmenterLoss(Segmenter(config.segmenter, table.num_classes))

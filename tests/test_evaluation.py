@@ -13,7 +13,7 @@ from PIL import Image
 
 from pading.classes import zero_shot_split
 from pading.errors import AnnotationError, DataError
-from pading.evaluation import (
+from pading.evaluation.metrics import (
     PanopticEvaluator,
     SemanticEvaluator,
     evaluate_instance,
@@ -181,7 +181,7 @@ def test_real_coco_missing_prediction_counts_false_negatives(coco_samples, tmp_p
     kept, dropped = data["annotations"]
     pred_json = tmp_path / "pred.json"
     pred_json.write_text(json.dumps({"annotations": [kept]}))
-    with caplog.at_level(logging.WARNING, logger="pading.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="pading.evaluation.metrics"):
         report = evaluate_panoptic(gt_json, gt_dir, pred_json, gt_dir)
     assert any(str(dropped["image_id"]) in r.getMessage() for r in caplog.records)
     only_dropped = {s["category_id"] for s in dropped["segments_info"]} - {s["category_id"] for s in kept["segments_info"]}

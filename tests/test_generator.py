@@ -1,12 +1,12 @@
-"""pading.generator: shapes, stochasticity, gradients (tiny dims, CPU)."""
+"""pading.model.generator: shapes, stochasticity, gradients (tiny dims, CPU)."""
 
 import pytest
 import torch
 
 from pading.config import GeneratorConfig
 from pading.errors import ConfigError, DataError
-from pading.generator import GMMNGenerator, PrimitiveGenerator, build_generator
-from pading.losses import mmd_loss
+from pading.model.generator import GMMNGenerator, PrimitiveGenerator, build_generator
+from pading.model.losses import mmd_loss
 
 SEMANTIC_DIM, EMBED_DIM, NUM_PRIMITIVES = 8, 16, 8
 SIGMAS_SQUARED = (2.0, 5.0, 10.0)
@@ -120,7 +120,7 @@ def test_noise_enters_the_cross_attention_residual_before_its_layer_norm():
     the cross-attention LayerNorm. A layer with zeroed attention/FFN weights and a constant
     cross-attention output c makes the expected output a chain of written-out LayerNorms:
     out = LN(LN(LN(t) + c + z)); noise after the LayerNorm would give LN(LN(t) + c) + z instead."""
-    from pading.generator import PrimitiveDecoderLayer
+    from pading.model.generator import PrimitiveDecoderLayer
 
     layer = PrimitiveDecoderLayer(embed_dim=4, num_heads=1, feedforward_dim=8, dropout=0.0).eval()
     with torch.no_grad():

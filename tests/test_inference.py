@@ -6,7 +6,7 @@ from pycocotools import mask as mask_utils
 from pading.classes import ClassTable
 from pading.config import InferenceConfig
 from pading.errors import ConfigError, DataError
-from pading.inference import (
+from pading.evaluation.inference import (
     instance_inference,
     instances_to_coco_results,
     panoptic_inference,

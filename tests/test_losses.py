@@ -1,4 +1,4 @@
-"""pading.losses: MMD, relationship alignment, disentanglement, total loss per variant."""
+"""pading.model.losses: MMD, relationship alignment, disentanglement, total loss per variant."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pading.config import LossConfig
 from pading.errors import ConfigError
-from pading.losses import (
+from pading.model.losses import (
     Disentangler,
     PadingLoss,
     composed_alignment_loss,

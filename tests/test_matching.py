@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pading.errors import AnnotationError
-from pading.matching import assign_query_labels, hungarian_match, matching_cost
+from pading.model.matching import assign_query_labels, hungarian_match, matching_cost
 
 CONFIDENT = 10.0  # |logit| giving sigmoid ~ 0 / 1
 

@@ -1,5 +1,5 @@
-"""pading.search (the pseudo-unseen protocol, scoring, config overrides), pading.tables
-(aggregation, Markdown/CSV) and pading.table_figures: fast, no Ray."""
+"""pading.run.search (the pseudo-unseen protocol, scoring, config overrides), pading.run.tables
+(aggregation, Markdown/CSV) and pading.run.table_figures: fast, no Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from pading.classes import ClassTable
 from pading.config import TuneConfig, apply_overrides, load_config, tiny_config
 from pading.errors import ConfigError
-from pading.search import (
+from pading.run.search import (
     FeatureArrays,
     SearchSplit,
     choose_pseudo_unseen,
@@ -27,9 +27,9 @@ from pading.search import (
     train_and_score,
     validate_search_space,
 )
-from pading.table_figures import bar_chart, tsne_figure
-from pading.tables import RowSpec, aggregate, format_markdown, table_rows, write_csv
-from pading.training import GeneratorTrainer
+from pading.run.table_figures import bar_chart, tsne_figure
+from pading.run.tables import RowSpec, aggregate, format_markdown, table_rows, write_csv
+from pading.training.generator import GeneratorTrainer
 
 EMBED_DIM = 8
 QUERIES = 4
@@ -165,7 +165,7 @@ def test_paper_split_scores_real_unseen_classes():
 
 
 def test_feature_batches_repeat_and_resume():
-    from pading.features import epoch_indices
+    from pading.data.features import epoch_indices
 
     first = list(itertools.islice(epoch_indices(23, 5, seed=0), 12))
     assert [len(b) for b in first[:5]] == [5, 5, 5, 5, 3]  # one epoch: 5 batches, the last shorter

@@ -7,7 +7,7 @@ from torch import nn
 
 from pading.config import tiny_config
 from pading.errors import AnnotationError, DataError, MissingWeightsError
-from pading.segmenter import (
+from pading.model.segmenter import (
     Segmenter,
     _to_backbone_keys,
     postprocess_mask_logits,

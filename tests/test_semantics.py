@@ -4,7 +4,7 @@ import pytest
 from pading.classes import ClassTable
 from pading.config import SemanticsConfig
 from pading.errors import MissingWeightsError, UnknownClassError
-from pading.semantics import class_embeddings, encode_texts, load_vector_file
+from pading.model.semantics import class_embeddings, encode_texts, load_vector_file
 
 
 def test_minilm_embeddings_are_normalised_and_semantic():

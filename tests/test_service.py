@@ -1,4 +1,4 @@
-"""pading.service: request decoding, segmentation output, run-time classes (no Ray, no HTTP)."""
+"""pading.serving.service: request decoding, segmentation output, run-time classes (no Ray, no HTTP)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pading.bundle import Bundle
 from pading.errors import CorruptImageError, UnknownClassError
-from pading.inference import rgb_to_ids
-from pading.service import (
+from pading.evaluation.inference import rgb_to_ids
+from pading.serving.bundle import Bundle
+from pading.serving.service import (
     ClassConflictError,
     ImageTooLargeError,
     RequestError,

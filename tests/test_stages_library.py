@@ -10,13 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pading.bundle import Bundle
-from pading.classifier import Classifier
 from pading.config import DataConfig, tiny_config
 from pading.data import write_synthetic_dataset
-from pading.extraction import FeatureExtractor, extract_features
-from pading.generator import build_generator
-from pading.manifest import (
+from pading.data.manifest import (
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
@@ -25,15 +21,19 @@ from pading.manifest import (
     to_rows,
     validate_rows,
 )
-from pading.predict import EvaluationPredictor, predict_images, summarize
-from pading.pretraining import (
+from pading.evaluation.predict import EvaluationPredictor, predict_images, summarize
+from pading.model.classifier import Classifier
+from pading.model.generator import build_generator
+from pading.model.segmenter import Segmenter
+from pading.model.semantics import class_embeddings
+from pading.run.extraction import FeatureExtractor, extract_features
+from pading.serving.bundle import Bundle
+from pading.training.pretrain import (
     SegmenterLoss,
     build_pretrain_optimizer,
     load_training_batch,
     pretrain_step,
 )
-from pading.segmenter import Segmenter
-from pading.semantics import class_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_evaluation_predictor_and_summary(synthetic, bundle_dir, tmp_path):
 
 def test_pretraining_learning_rate_schedule():
     from pading.config import PretrainConfig
-    from pading.pretraining import learning_rate
+    from pading.training.pretrain import learning_rate
 
     poly = PretrainConfig(iterations=100, lr=1e-3, warmup_steps=10)
     assert learning_rate(poly, 0) == pytest.approx(1e-4)  # warm-up: 1/10 of the rate

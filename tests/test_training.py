@@ -1,4 +1,4 @@
-"""pading.classifier and pading.training: class weights, head init, expansion, the
+"""pading.model.classifier and pading.training.generator: class weights, head init, expansion, the
 interleaved generator/classifier trainer on a toy problem, checkpoint round-trip."""
 
 import io
@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from pading.classes import ClassTable
-from pading.classifier import (
+from pading.config import ABLATION_VARIANTS, GeneratorTrainingConfig, tiny_config
+from pading.errors import ConfigError, DataError
+from pading.model.classifier import (
     Classifier,
     ProjectionClassifier,
     class_weights,
     expand_classifier,
 )
-from pading.config import ABLATION_VARIANTS, GeneratorTrainingConfig, tiny_config
-from pading.errors import ConfigError, DataError
-from pading.training import GeneratorTrainer, fit_classifier
+from pading.training.generator import GeneratorTrainer, fit_classifier
 
 SEMANTIC_DIM, EMBED_DIM = 8, 16
 NUM_CLASSES = 6  # c0..c3 seen, c4 c5 unseen

@@ -64,7 +64,7 @@ def pipeline_output(tmp_path_factory, ray_session):
 
 
 def test_pipeline_output_has_features_of_seen_classes_only(pipeline_output):
-    from pading.features import read_features
+    from pading.data.features import read_features
     from pading.run import load_table
 
     features = read_features(pipeline_output["output"] / "features")

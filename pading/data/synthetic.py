@@ -119,7 +119,7 @@ def synthetic_table(split: str = "zsp_coco_panoptic_14") -> ClassTable:
 def reference_embeddings(encoder: str = "minilm") -> tuple[tuple[str, ...], np.ndarray]:
     """(names, (N, S) float64 embeddings rounded to EMBEDDING_DECIMALS) of the 133 COCO
     panoptic class names, encoded in one call."""
-    from pading.semantics import encode_texts
+    from pading.model.semantics import encode_texts
 
     names = tuple(c["name"] for c in coco_panoptic_categories())
     embeddings = np.round(encode_texts(list(names), encoder=encoder).astype(np.float64), EMBEDDING_DECIMALS)

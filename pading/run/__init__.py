@@ -1,5 +1,7 @@
-"""The run layer: where a run's products live (:class:`RunLayout`) and how a stage reads
-what an earlier one wrote. Ray-free; pipelines/ builds on it (docs/architecture.md)."""
+"""The run layer between the library and Ray: where a run's products live
+(:class:`RunLayout`), readers of earlier stages' products, feature extraction, MLflow
+tracking, the Tune search's library side and the paper's tables. Ray-free; pipelines/
+builds on it (docs/architecture.md)."""
 
 from pading.run.layout import RunLayout
 from pading.run.readers import load_table, read_history, read_manifest, read_rejects

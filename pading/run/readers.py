@@ -1,5 +1,5 @@
 """Readers of what earlier stages wrote (the manifest, the rejects, the class table, loss
-histories). The features table has its own module, :mod:`pading.features`."""
+histories). The features table has its own module, :mod:`pading.data.features`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pading.classes import ClassTable
-from pading.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA
+from pading.data.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA
 from pading.run.layout import RunLayout
 
 

@@ -15,7 +15,7 @@ restored, so a run repeats exactly and resumes identically from a checkpoint.
 
 :func:`fit_generator` is *the* training loop: the Ray Train stage, Tune trials and the
 tables rows all call it. With W > 1 workers (a ``torch.distributed`` process group, e.g.
-Ray Train's), every step is synchronised through :mod:`pading.distributed` so that W
+Ray Train's), every step is synchronised through :mod:`pading.training.distributed` so that W
 workers compute exactly what one worker computes on the union of their batches (dropout
 masks aside, which each worker draws for its own rows).
 """
@@ -32,18 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pading.classes import ClassTable
-from pading.classifier import (
+from pading.config import ExperimentConfig, GeneratorConfig, GeneratorTrainingConfig
+from pading.errors import ConfigError, DataError
+from pading.model.classifier import (
     Classifier,
     ProjectionClassifier,
     class_weights,
     classifier_step,
     make_classifier_optimizer,
 )
-from pading.config import ExperimentConfig, GeneratorConfig, GeneratorTrainingConfig
-from pading.distributed import LocalCollective, default_collective
-from pading.errors import ConfigError, DataError
-from pading.generator import GMMNGenerator, build_generator
-from pading.losses import PadingLoss
+from pading.model.generator import GMMNGenerator, build_generator
+from pading.model.losses import PadingLoss
+from pading.training.distributed import LocalCollective, default_collective
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def fit_classifier(
     batch_size: Optional[int] = None,
     seed: int = 0,
 ) -> list[float]:
-    """Re-fit ``classifier`` quickly (e.g. after :func:`~pading.classifier.expand_classifier`
+    """Re-fit ``classifier`` quickly (e.g. after :func:`~pading.model.classifier.expand_classifier`
     when classes are added at run time).
 
     Each step takes a random batch of real embeddings (all of them when ``batch_size`` is
@@ -143,8 +143,8 @@ class GeneratorTrainer:
         class_head: the segmenter's pretrained class head ``Linear(D, C+1)`` to initialise
             the classifier from; None starts from a fresh linear layer.
         device: where to train; default ``class_semantics.device``.
-        collective: how workers synchronise (:mod:`pading.distributed`); default
-            :func:`~pading.distributed.default_collective` (the process group, if any).
+        collective: how workers synchronise (:mod:`pading.training.distributed`); default
+            :func:`~pading.training.distributed.default_collective` (the process group, if any).
 
     The variant (``config.losses.variant``) picks the generator: ``gmmn`` forces the GMMN
     baseline, ``primitive`` the primitive generator, ``alignment``/``full`` use
@@ -266,7 +266,7 @@ class GeneratorTrainer:
             embeddings: (N, D) query embeddings of the batch's images (all queries).
             labels: (N,) matched class index, or ``table.no_object_index`` for unmatched queries.
         Returns:
-            floats for logging: ``generator/<term>`` (see :class:`~pading.losses.PadingLoss`),
+            floats for logging: ``generator/<term>`` (see :class:`~pading.model.losses.PadingLoss`),
             ``generator/lr``, ``classifier/loss``, ``classifier/num_synthetic``, ``step``.
         """
         self._check_batch(embeddings, labels)
@@ -478,7 +478,7 @@ def fit_generator(
     Args:
         trainer: the state to train; its collective synchronises the workers.
         batches: ``(embeddings (n, D), labels (n,))`` of this worker, e.g.
-            :func:`pading.features.feature_batches` started at ``trainer.step_count``.
+            :func:`pading.data.features.feature_batches` started at ``trainer.step_count``.
         iterations: the step count to reach.
     Returns:
         the last step's metrics.

@@ -9,7 +9,7 @@ Layout::
       classes.json           the class table (id, name, isthing, unseen, added)
       semantics.npy          (C, S) class semantic embeddings, table order
       semantics.json         {"encoder": ...}
-      segmenter/             pading.segmenter.Segmenter.save()
+      segmenter/             pading.model.segmenter.Segmenter.save()
       classifier.safetensors + classifier.json   {"kind": "linear"|"projection", ...}
       generator.safetensors  + generator.json    (absent for the projection baseline)
       reference_features.safetensors             a sample of real query embeddings + labels
@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pading.classes import ClassTable
-from pading.classifier import Classifier, ProjectionClassifier
 from pading.config import (
     ExperimentConfig,
     GeneratorConfig,
@@ -40,8 +39,9 @@ from pading.config import (
     save_config,
 )
 from pading.errors import DataError
-from pading.generator import build_generator
-from pading.segmenter import Segmenter
+from pading.model.classifier import Classifier, ProjectionClassifier
+from pading.model.generator import build_generator
+from pading.model.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Bundle:
         config: the experiment config it was trained with.
         table: its vocabulary (C classes).
         class_semantics: (C, S) float32 semantic embeddings, table order.
-        encoder: the text encoder's id (``pading.semantics.encoder_id``).
+        encoder: the text encoder's id (``pading.model.semantics.encoder_id``).
         segmenter: the frozen Mask2Former; its class head is replaced by ``classifier``.
         classifier: (N, D) -> (N, C+1).
         generator: semantic (N, S) -> synthetic embeddings (N, D); None for the projection baseline.

@@ -15,10 +15,10 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
+from pading.data.manifest import REJECTS_SCHEMA, load_sample
 from pading.errors import DataError
-from pading.manifest import REJECTS_SCHEMA, load_sample
-from pading.matching import assign_query_labels
-from pading.segmenter import Segmenter, prepare_batch
+from pading.model.matching import assign_query_labels
+from pading.model.segmenter import Segmenter, prepare_batch
 
 logger = logging.getLogger(__name__)
 

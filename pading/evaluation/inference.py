@@ -1,7 +1,7 @@
 """Mask2Former post-processing with any classifier (docs/method.md "Inference").
 
 Inputs per image: ``mask_logits`` (Q, H, W), already at the output size (see
-:func:`pading.segmenter.postprocess_mask_logits`), and ``class_logits`` (Q, C+1) from the
+:func:`pading.model.segmenter.postprocess_mask_logits`), and ``class_logits`` (Q, C+1) from the
 classifier in use, whose C columns follow ``table`` (which may hold more classes than the
 segmenter was pretrained with). p_q = softmax(class_logits_q), m_q = sigmoid(mask_logits_q).
 

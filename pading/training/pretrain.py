@@ -13,9 +13,9 @@ from torch import nn
 
 from pading.classes import ClassTable
 from pading.config import PretrainConfig
+from pading.data.manifest import load_sample
 from pading.errors import DataError
-from pading.manifest import load_sample
-from pading.segmenter import prepare_batch
+from pading.model.segmenter import prepare_batch
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from torch import nn
 
 from pading.classes import PERCENT, ClassTable
 from pading.config import ExperimentConfig, apply_overrides, to_dict
+from pading.data.features import FeatureArrays, feature_batches
 from pading.errors import ConfigError, DataError
-from pading.evaluation import harmonic_mean
-from pading.features import FeatureArrays, feature_batches
-from pading.training import GeneratorTrainer, fit_generator
+from pading.evaluation.metrics import harmonic_mean
+from pading.training.generator import GeneratorTrainer, fit_generator
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ def train_generator(
     callback_every: int = 0,
     resume_state: Optional[dict] = None,
 ) -> GeneratorTrainer:
-    """Train a :class:`~pading.training.GeneratorTrainer` for ``iterations`` steps in one
-    process, with the pipeline's loop and batch regime (:func:`~pading.training.fit_generator`
-    over :func:`~pading.features.feature_batches`: ``generator_training.batch_images ×
+    """Train a :class:`~pading.training.generator.GeneratorTrainer` for ``iterations`` steps in one
+    process, with the pipeline's loop and batch regime (:func:`~pading.training.generator.fit_generator`
+    over :func:`~pading.data.features.feature_batches`: ``generator_training.batch_images ×
     segmenter.num_queries`` rows a step, seeded epochs). The learning-rate schedule is laid
     over ``iterations``. ``callback(trainer, last_step_metrics)`` runs every ``callback_every``
     steps (0: never) and after the last one.

@@ -1,6 +1,6 @@
 """The serving logic behind the HTTP endpoint (pipelines/serve.py), without Ray or HTTP.
 
-:class:`SegmentationService` wraps a :class:`~pading.bundle.Bundle`:
+:class:`SegmentationService` wraps a :class:`~pading.serving.bundle.Bundle`:
 
 - :func:`decode_image` turns request bytes into an (H, W, 3) uint8 RGB array (JPEG, PNG,
   WebP; any mode), refusing empty bodies, non-images, truncated files and images above
@@ -33,14 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from pading.bundle import Bundle
 from pading.classes import TASKS, ClassInfo, ClassTable, clean_name
-from pading.classifier import (
-    Classifier,
-    ProjectionClassifier,
-    class_weights,
-    expand_classifier,
-)
 from pading.config import ServeConfig
 from pading.data import to_rgb
 from pading.errors import (
@@ -50,11 +43,18 @@ from pading.errors import (
     MissingWeightsError,
     UnknownClassError,
 )
-from pading.inference import panoptic_to_rgb
-from pading.predict import postprocess
-from pading.segmenter import postprocess_mask_logits, prepare_batch
-from pading.semantics import encode_with_config
-from pading.training import fit_classifier
+from pading.evaluation.inference import panoptic_to_rgb
+from pading.evaluation.predict import postprocess
+from pading.model.classifier import (
+    Classifier,
+    ProjectionClassifier,
+    class_weights,
+    expand_classifier,
+)
+from pading.model.segmenter import postprocess_mask_logits, prepare_batch
+from pading.model.semantics import encode_with_config
+from pading.serving.bundle import Bundle
+from pading.training.generator import fit_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class SegmentationService:
         bundle: the trained model (on the device it should run on).
         config: request limits and re-fit settings (default: ``bundle.config.serve``).
         encode_fn: class names (M,) -> (M, S) semantic embeddings; default: the bundle's
-            encoder (:func:`pading.semantics.encode_with_config`).
+            encoder (:func:`pading.model.semantics.encode_with_config`).
     """
 
     def __init__(self, bundle: Bundle, config: ServeConfig | None = None, *, encode_fn: EncodeFn | None = None):
@@ -269,7 +269,7 @@ class SegmentationService:
 
     def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, bundle: Bundle,
                      output_format: str, min_score: float) -> dict:
-        """One task's answer for one image, from :func:`pading.predict.postprocess`."""
+        """One task's answer for one image, from :func:`pading.evaluation.predict.postprocess`."""
         table = bundle.table
         prediction = postprocess(mask_logits, class_logits, table=table, inference=bundle.config.inference,
                                  tasks=(task,))

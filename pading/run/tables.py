@@ -1,12 +1,12 @@
 """The paper's ablation and primitive-count tables (library side of pipelines/tables.py).
 
 Every row (ablation variant × primitive count K × seed) re-trains only the generator and
-the classifier on the cached features (:func:`pading.search.train_generator`) and is
+the classifier on the cached features (:func:`pading.run.search.train_generator`) and is
 evaluated on the val images with one shared pass of the frozen segmenter: the val images'
 mask logits and query embeddings are computed once (:func:`cache_segmenter_outputs`), and a
-row only swaps the classifier and re-runs the post-processing (pading.inference) and the
-evaluators (pading.predict.summarize). Rows are aggregated over seeds as mean ± std
-(:func:`aggregate`) and written as Markdown and CSV; pading.table_figures draws the figures.
+row only swaps the classifier and re-runs the post-processing (pading.evaluation.inference) and the
+evaluators (pading.evaluation.predict.summarize). Rows are aggregated over seeds as mean ± std
+(:func:`aggregate`) and written as Markdown and CSV; pading.run.table_figures draws the figures.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from pading.config import ExperimentConfig, apply_overrides
 from pading.data import (
     load_image,
 )
+from pading.data.features import FeatureArrays
+from pading.data.manifest import resolve
 from pading.errors import DataError
-from pading.features import FeatureArrays
-from pading.manifest import resolve
-from pading.predict import error_row, postprocess, summarize, tasks_for, write_prediction
-from pading.search import train_generator
-from pading.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
+from pading.evaluation.predict import error_row, postprocess, summarize, tasks_for, write_prediction
+from pading.model.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
+from pading.run.search import train_generator
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def cache_segmenter_outputs(segmenter: Segmenter, rows: Sequence[dict], *, image
 
 def _write_prediction(image: CachedImage, classifier: nn.Module, table: ClassTable, config: ExperimentConfig,
                       output: Path) -> dict:
-    """Post-process one cached image with ``classifier`` (pading.predict.postprocess) and write
-    the COCO-format files pading.predict.summarize reads."""
+    """Post-process one cached image with ``classifier`` (pading.evaluation.predict.postprocess) and write
+    the COCO-format files pading.evaluation.predict.summarize reads."""
     if image.error:
         return error_row(image.row, image.error)
     mask_logits = postprocess_mask_logits(torch.tensor(image.mask_logits, dtype=torch.float32), image.meta)  # (Q, H, W)

@@ -61,7 +61,7 @@ def feature_files(directory: str | Path) -> list[Path]:
 
 def read_features(source: str | Path | Sequence[str | Path]) -> FeatureArrays:
     """Read a features directory (every shard) or a list of shard files, rows sorted by
-    ``(image_id, query)`` (pading.extraction's schema)."""
+    ``(image_id, query)`` (pading.run.extraction's schema)."""
     files = feature_files(source) if isinstance(source, (str, Path)) else [Path(f) for f in source]
     if not files:
         raise DataError("features", "no features shards to read")
@@ -78,7 +78,7 @@ def read_features(source: str | Path | Sequence[str | Path]) -> FeatureArrays:
 
 
 def features_from_rows(rows: Sequence[dict]) -> FeatureArrays:
-    """Feature rows of :func:`pading.extraction.extract_features` -> arrays."""
+    """Feature rows of :func:`pading.run.extraction.extract_features` -> arrays."""
     if not rows:
         raise DataError("features", "no feature rows")
     return FeatureArrays(
