@@ -16,7 +16,7 @@ from typing import Any
 from pading.config import ExperimentConfig, load_config
 from pading.errors import ConfigError
 from pading.run import tracking
-from pading.run.layout import SUCCESS_FILE, RunLayout  # noqa: F401 (RunLayout for the stages)
+from pading.run.layout import SUCCESS_FILE, WORKERS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,12 +279,12 @@ def log_worker_node(stage_dir: Path, stage: str, rank: int, world: int, log: log
     node = ray.get_runtime_context().get_node_id()
     record = {"rank": rank, "world_size": world, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid()}
     log.info(f"[{stage}] worker {rank}/{world} on node {node} ({record['hostname']}, pid {record['pid']})")
-    directory = Path(stage_dir) / "workers"
+    directory = Path(stage_dir) / WORKERS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
 def worker_nodes(stage_dir: Path) -> list[dict]:
     """The records :func:`log_worker_node` wrote, by rank."""
-    files = sorted((Path(stage_dir) / "workers").glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    files = sorted((Path(stage_dir) / WORKERS_DIR).glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     return [json.loads(p.read_text()) for p in files]

@@ -49,7 +49,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     import ray
 
 
-    stage_dir = output / stage_name
+    stage_dir = RunLayout(output).stage(stage_name)
     done = common.begin_stage(stage_name, stage_dir, force, clean=True)
     if done:
         return done
@@ -58,7 +58,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     bundle_dir = Path(bundle_dir or RunLayout(output).bundle)
     table = load_table(output)
     rows = read_manifest(output, "val")
-    predictions = stage_dir / "predictions"
+    predictions = RunLayout(output).predictions(stage_name)
     dataset = ray.data.from_arrow(rows_to_table(rows)).repartition(max(1, min(32, len(rows) // 16)))
     result_rows = dataset.map_batches(
         EvaluationPredictor,
@@ -80,10 +80,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         images=rows,
     )
     reports = results.pop("reports")
-    (stage_dir / "reports.json").write_text(json.dumps(reports, indent=1, default=str))
+    RunLayout(output).reports(stage_name).write_text(json.dumps(reports, indent=1, default=str))
     overlays = []
     if data.format == "panoptic":
-        overlays = [str(p) for p in write_overlays(bundle_dir, rows, stage_dir / "overlays")]
+        overlays = [str(p) for p in write_overlays(bundle_dir, rows, RunLayout(output).overlays(stage_name))]
     info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
             "overlays": overlays, "seconds": time.time() - started}
     common.mark_done(stage_dir, info)

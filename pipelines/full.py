@@ -57,7 +57,7 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
 
         for path in info.get("overlays", []):
             mlflow.log_artifact(path, artifact_path="overlays")
-        reports = RunLayout(output).evaluate / "reports.json"
+        reports = RunLayout(output).reports()
         if reports.is_file():
             mlflow.log_artifact(str(reports))
 

@@ -139,8 +139,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         counts[split] = {"images": len(good), "rejected": len(bad), "seen_only_filtered": filtered}
         logger.info("prepare: %s: %d usable images, %d rejected%s", split, len(good), len(bad),
                     f", {filtered} dropped by the seen-only filter" if split == "train" else "")
-    pq.write_table(rejects_to_table(all_rejects), stage_dir / "rejects.parquet")
-    (stage_dir / "classes.json").write_text(json.dumps(table.to_records(), indent=1))
+    pq.write_table(rejects_to_table(all_rejects), RunLayout(output).rejects)
+    RunLayout(output).classes.write_text(json.dumps(table.to_records(), indent=1))
     for reject in all_rejects:
         logger.warning("reject: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
     empty = [split for split in ("train", "val") if counts[split]["images"] == 0]

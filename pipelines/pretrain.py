@@ -162,7 +162,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker
     common.init_ray(config)
     table = load_table(output)
-    storage = stage_dir / "ray"
+    storage = RunLayout(output).ray_storage("pretrain")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir),

@@ -142,7 +142,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
         },
         scaling_config=common.train_scaling(config, workers),
         run_config=ray.train.RunConfig(
-            name=stage_name, storage_path=str(stage_dir / "ray"),
+            name=stage_name, storage_path=str(RunLayout(output).ray_storage(stage_name)),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -274,7 +274,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     parent_file = stage_dir / "mlflow_parent.json"
     parent_id = json.loads(parent_file.read_text())["run_id"] if parent_file.is_file() else None
     name = f"{config.name}-tune"
-    experiment_dir = stage_dir / "ray" / name
+    experiment_dir = RunLayout(output).ray_storage("tune") / name
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else name, tags=None if parent_id else tags) as parent:
         parent_file.write_text(json.dumps({"run_id": parent.info.run_id}))
         if parent_id is None:
@@ -292,7 +292,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=settings.num_samples,
                                             max_concurrent_trials=settings.max_concurrent_trials or None),
-                run_config=tune.RunConfig(name=name, storage_path=str(stage_dir / "ray"), callbacks=[callback],
+                run_config=tune.RunConfig(name=name, storage_path=str(RunLayout(output).ray_storage("tune")), callbacks=[callback],
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
             )
@@ -301,15 +301,15 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
         for failed in (t for t in trials if t["error"]):
             logger.warning("tune: trial %s failed: %s", failed["trial_id"], failed["error"].splitlines()[0][:300])
         best = best_trial(trials)
-        best_path = stage_dir / "best.yaml"
+        best_path = RunLayout(output).tune_best_config
         save_config(best_config(config, best["params"], output), best_path)
-        (stage_dir / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
+        RunLayout(output).tune_trials.write_text(json.dumps(trials, indent=1, default=str))
         tracking.log_metrics({"best_score": best["score"], "best_seen_accuracy": best["seen_accuracy"],
                               "best_unseen_accuracy": best["unseen_accuracy"], "trials": len(trials),
                               "failed_trials": sum(1 for t in trials if t["error"])})
         mlflow.set_tags({f"best.{k}": str(v) for k, v in best["params"].items()})  # tags: a resumed search may change them
         mlflow.log_artifact(str(best_path))
-        mlflow.log_artifact(str(stage_dir / "trials.json"))
+        mlflow.log_artifact(str(RunLayout(output).tune_trials))
     info = {"best": best, "best_config": str(best_path), "protocol": settings.protocol, "trials": len(trials),
             "failed": sum(1 for t in trials if t["error"]), "iterations": iterations,
             "mlflow_run_id": parent_id or parent.info.run_id, "seconds": time.time() - started}
@@ -326,7 +326,7 @@ def _percent(value) -> str:
 
 
 def format_summary(info: dict, output: Path) -> str:
-    trials = json.loads((RunLayout(output).tune / "trials.json").read_text())
+    trials = json.loads(RunLayout(output).tune_trials.read_text())
     keys = sorted({k for t in trials for k in t["params"]})
     lines = ["| trial | " + " | ".join(keys) + " | steps run | score | seen acc | unseen acc |",
              "|---|" + "---|" * (len(keys) + 4)]
@@ -350,7 +350,7 @@ def main() -> None:
     config, output = common.load(args)
     if args.fresh and (RunLayout(output).tune).exists():
         shutil.rmtree(RunLayout(output).tune)
-    experiment_dir = RunLayout(output).tune / "ray" / f"{config.name}-tune"
+    experiment_dir = RunLayout(output).ray_storage("tune") / f"{config.name}-tune"
     if args.resume and not (experiment_dir / "tuner.pkl").is_file():
         logger.warning("--resume: no interrupted search in %s; starting a new one", experiment_dir)
     info = run(config, output, force=args.force, resume=not args.fresh)

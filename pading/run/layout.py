@@ -10,6 +10,8 @@ from pathlib import Path
 SUCCESS_FILE = "_SUCCESS.json"
 #: A training stage's loss history, one JSON object a line.
 HISTORY_FILE = "history.jsonl"
+#: Sub-directory of a training stage with one ``rank-<r>.json`` per worker.
+WORKERS_DIR = "workers"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,38 @@ class RunLayout:
     @property
     def tables(self) -> Path:
         return self.root / "tables"
+
+    # ---- inside a stage directory --------------------------------------------------------
+    def ray_storage(self, stage: str) -> Path:
+        """Ray Train / Tune's ``storage_path`` of a stage (checkpoints, experiment state)."""
+        return self.stage(stage) / "ray"
+
+    def workers(self, stage: str) -> Path:
+        """``rank-<r>.json`` records of which node each training worker ran on."""
+        return self.stage(stage) / WORKERS_DIR
+
+    def predictions(self, stage: str = "evaluate") -> Path:
+        """COCO-format predictions of an evaluation stage (``panoptic/``, ``semantic/``, JSON)."""
+        return self.stage(stage) / "predictions"
+
+    def overlays(self, stage: str = "evaluate") -> Path:
+        return self.stage(stage) / "overlays"
+
+    def reports(self, stage: str = "evaluate") -> Path:
+        """Full evaluator reports (per class) of an evaluation stage."""
+        return self.stage(stage) / "reports.json"
+
+    @property
+    def tune_best_config(self) -> Path:
+        return self.tune / "best.yaml"
+
+    @property
+    def tune_trials(self) -> Path:
+        return self.tune / "trials.json"
+
+    @property
+    def tables_results(self) -> Path:
+        return self.tables / "results.json"
 
     def stage(self, name: str) -> Path:
         """The directory of stage ``name`` (prepare, pretrain, extract, generator, evaluate,
