@@ -60,7 +60,7 @@ def main() -> None:
         f"generator_training.checkpoint_every={args.generator_steps}", "generator.num_primitives=400"])
     config.output_dir = str(output)
     prepare.run(config, output)
-    images = json_counts(output)
+    images = len(read_manifest(output, "train"))
     wanted = set(args.only or ("pretrain", "extract", "generator"))
     rows = []
     for workers in (1, 2) if "pretrain" in wanted else (1,):
@@ -88,10 +88,6 @@ def main() -> None:
     for what, n, value, seconds in rows:
         base = next(v for w, k, v, _ in rows if w == what and k == 1)
         print(f"| {what} | {n} | {value:.2f} | {seconds:.1f} | {value / base:.2f}x |")
-
-
-def json_counts(output: Path) -> int:
-    return len(read_manifest(output, "train"))
 
 
 if __name__ == "__main__":

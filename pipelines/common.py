@@ -21,7 +21,6 @@ from pading.run.layout import SUCCESS_FILE, WORKERS_DIR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-SUCCESS = SUCCESS_FILE
 
 logger = logging.getLogger("pipelines")
 
@@ -169,22 +168,6 @@ def check_resources(what: str, setting: str, count: int, cpus: float, gpus: floa
             what, count * cpus, count * gpus, free.get("CPU", 0.0), free.get("GPU", 0.0))
 
 
-def warn_if_short(what: str, cpus: float, gpus: float = 0.0) -> None:
-    """Log a warning when the cluster has fewer free CPUs/GPUs than ``what`` asks for:
-    Ray then waits (for other work to finish or the autoscaler to add nodes) without
-    saying so, which looks like a hang."""
-    import ray
-
-    free, total = ray.available_resources(), ray.cluster_resources()
-    if free.get("CPU", 0.0) + 1e-9 >= cpus and free.get("GPU", 0.0) + 1e-9 >= gpus:
-        return
-    logger.warning(
-        "%s need %g CPU and %g GPU; the cluster has %g of %g CPU and %g of %g GPU free. Ray will wait until "
-        "other work (another job, a Serve deployment) releases them or the autoscaler adds nodes; on a fixed "
-        "cluster lower ray.num_workers / ray.cpus_per_worker (or tune.cpus_per_trial).",
-        what, cpus, gpus, free.get("CPU", 0.0), total.get("CPU", 0.0), free.get("GPU", 0.0), total.get("GPU", 0.0))
-
-
 def train_scaling(config: ExperimentConfig, num_workers: int | None = None):
     """The Ray Train ScalingConfig of ``config.ray`` (``num_workers`` workers, default
     ``ray.num_workers``), after checking that the cluster can place the workers."""
@@ -210,7 +193,7 @@ def _dashboard_url() -> str | None:
 
 def stage_done(stage_dir: Path) -> dict | None:
     """The stage's success record, or None if it has not finished."""
-    marker = Path(stage_dir) / SUCCESS
+    marker = Path(stage_dir) / SUCCESS_FILE
     if marker.is_file():
         try:
             return json.loads(marker.read_text())
@@ -222,13 +205,13 @@ def stage_done(stage_dir: Path) -> dict | None:
 def mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / (SUCCESS + ".tmp")
+    tmp = stage_dir / (SUCCESS_FILE + ".tmp")
     tmp.write_text(json.dumps({**info, "finished_at": time.time()}, indent=2, default=str))
-    tmp.replace(stage_dir / SUCCESS)
+    tmp.replace(stage_dir / SUCCESS_FILE)
 
 
 def clear_done(stage_dir: Path) -> None:
-    (Path(stage_dir) / SUCCESS).unlink(missing_ok=True)
+    (Path(stage_dir) / SUCCESS_FILE).unlink(missing_ok=True)
 
 
 def begin_stage(name: str, stage_dir: Path, force: bool, clean: bool = False) -> dict | None:

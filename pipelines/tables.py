@@ -82,7 +82,8 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     segmenter_dir = str(RunLayout(output).segmenter)
     settings = config.tables
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
-    common.warn_if_short("a table task", settings.cpus_per_task, settings.gpus_per_task)
+    common.check_resources("a table task", "tables.cpus_per_task / tables.gpus_per_task", 1,
+                           settings.cpus_per_task, settings.gpus_per_task)
     cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
         config, segmenter_dir, read_manifest(output, "val"))
     shared = [ray.put(read_features(RunLayout(output).features)), ray.put(table), ray.put(semantics), ray.put(config),

@@ -265,7 +265,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
                              class_head=inputs["class_head"], iterations=iterations),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    common.warn_if_short("a Tune trial", settings.cpus_per_trial, settings.gpus_per_trial)
+    common.check_resources("a Tune trial", "tune.cpus_per_trial / tune.gpus_per_trial", 1,
+                           settings.cpus_per_trial, settings.gpus_per_trial)
     tags = {"pipeline": "tune", "protocol": settings.protocol}
     if settings.protocol == "paper":
         tags["warning"] = PAPER_WARNING

@@ -215,13 +215,14 @@ def test_paper_protocol_is_tagged_in_mlflow(pipeline_output):
         assert run.data.tags["protocol"] == "paper" and "optimistic" in run.data.tags["warning"]
 
 
-def test_a_request_the_cluster_cannot_meet_is_logged(ray_session, caplog):
+def test_a_request_the_cluster_cannot_meet_is_refused(ray_session, caplog):
+    """A trial or task that no node can ever hold stops with the setting to change, instead
+    of Ray waiting forever; one that fits passes without a warning."""
     from pipelines import common
 
     with caplog.at_level(logging.WARNING, logger="pipelines"):
-        common.warn_if_short("the test's workers", cpus=0)
+        common.check_resources("a Tune trial", "tune.cpus_per_trial", 1, 0.0)
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="pipelines"):  # free CPUs lag behind finished tasks: not asserted
-        common.warn_if_short("the test's workers", cpus=64, gpus=1)
-    message = caplog.records[-1].getMessage()
-    assert "the test's workers need 64 CPU and 1 GPU" in message and "of 2 CPU and 0 of 0 GPU free" in message
+    with pytest.raises(common.ClusterTooSmall, match="tune.cpus_per_trial") as error:
+        common.check_resources("a Tune trial", "tune.cpus_per_trial / tune.gpus_per_trial", 1, 64.0, 1.0)
+    assert "only 0 fit" in str(error.value)
