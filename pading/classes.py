@@ -27,6 +27,11 @@ SEMANTIC_IGNORE_LABEL = 255
 PERCENT = 100.0
 
 SPLIT_NAMES = ("zsp_coco_panoptic_14", "zsi_coco_48_17", "zsi_coco_65_15", "zss_cocostuff_171_15")
+#: Open-vocabulary splits over LVIS v1 (``resources/lvis_v1_splits.json``, docs/lvis.md): the
+#: unseen classes are those whose LVIS ``frequency`` tag is listed in the split's ``unseen_frequency``.
+LVIS_SPLIT_NAMES = ("ovis_lvis_v1_rare",)
+#: LVIS frequency tags: rare (1-10 training images), common (11-100), frequent (> 100).
+LVIS_FREQUENCIES = ("r", "c", "f")
 
 _MERGED_SUFFIX = re.compile(r"-(merged|other|stuff)$")
 
@@ -78,9 +83,16 @@ def cocostuff_categories() -> list[dict]:
     return [dict(c) for c in _load_resource("cocostuff_categories.json")]
 
 
+def lvis_v1_categories() -> list[dict]:
+    """The 1,203 LVIS v1 categories (``id``, ``name``, ``synonyms``, ``frequency`` r/c/f,
+    ``synset``, ``def``), as the LVIS v1 annotation files carry them (all are things)."""
+    return [dict(c) for c in _load_resource("lvis_v1_categories.json")["categories"]]
+
+
 def zero_shot_split(name: str) -> dict:
-    """A split of the zero-shot literature: ``{"task", "dataset", "unseen", ["seen"]}``."""
-    splits = _load_resource("zero_shot_splits.json")
+    """A split of the zero-shot literature: ``{"task", "dataset", "unseen", ["seen"]}``; the
+    LVIS splits add ``"unseen_frequency"`` (see :meth:`ClassTable.from_split`)."""
+    splits = {**_load_resource("zero_shot_splits.json"), **_load_resource("lvis_v1_splits.json")}
     if name not in splits:
         raise UnknownClassError(f"split {name}", sorted(splits))
     return splits[name]
@@ -88,6 +100,8 @@ def zero_shot_split(name: str) -> dict:
 
 def default_categories_for_split(name: str) -> list[dict]:
     """The category list a split is defined over."""
+    if name in LVIS_SPLIT_NAMES:
+        return lvis_v1_categories()
     if name.startswith("zss_cocostuff"):
         return cocostuff_categories()
     if name.startswith("zsi_"):
@@ -190,11 +204,17 @@ class ClassTable:
     def from_split(cls, split: str, categories: Sequence[dict] | None = None) -> "ClassTable":
         """The vocabulary of a named zero-shot split, over ``categories`` (default: the
         split's own dataset categories). Categories absent from ``categories`` are
-        dropped from the split (for datasets that use a subset, like the synthetic one)."""
+        dropped from the split (for datasets that use a subset, like the synthetic one).
+
+        A split with ``unseen_frequency`` (the LVIS ones) marks unseen the categories whose
+        ``frequency`` tag is listed there, when every category carries one (the dataset's own
+        tags decide, as LVIS defines "rare"); otherwise its ``unseen`` names are used."""
         spec = zero_shot_split(split)
         cats = list(categories) if categories is not None else default_categories_for_split(split)
         present = {c["name"] for c in cats}
         unseen = [n for n in spec["unseen"] if n in present]
+        if "unseen_frequency" in spec and cats and all("frequency" in c for c in cats):
+            unseen = [c["name"] for c in cats if c["frequency"] in spec["unseen_frequency"]]
         seen = [n for n in spec["seen"] if n in present] if "seen" in spec else None
         return cls.from_categories(cats, unseen=unseen, seen=seen)
 

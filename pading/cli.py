@@ -1,7 +1,7 @@
 """The ``pading`` command line.
 
     pading data synth --out DIR --train N --val M --size S [--seed K]
-    pading evaluate {panoptic,instance,semantic} ...   (one JSON report on stdout)
+    pading evaluate {panoptic,instance,semantic,lvis} ...   (one JSON report on stdout)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pading.evaluation.metrics import (
     _load_coco,
     _load_json,
     evaluate_instance,
+    evaluate_lvis,
     evaluate_panoptic,
     evaluate_semantic,
     resolve_unseen_ids,
@@ -54,6 +55,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             coco_gt = _load_coco(args.gt_json)
             unseen_ids = resolve_unseen_ids(coco_gt.dataset["categories"], names)
             report = evaluate_instance(coco_gt, args.pred_json, unseen_ids=unseen_ids)
+        elif args.task == "lvis":
+            gt = _load_json(args.gt_json, ("images", "annotations", "categories"))
+            unseen_ids = resolve_unseen_ids(gt["categories"], names) if names else None  # None: the rare classes
+            report = evaluate_lvis(gt, args.pred_json, unseen_ids=unseen_ids)
         else:
             categories = _categories_from_file(args.categories) if args.categories else cocostuff_categories()
             unseen_ids = resolve_unseen_ids(categories, names)
@@ -73,7 +78,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_cli(subparsers) -> None:
-    """Add ``evaluate {panoptic,instance,semantic}`` to an argparse subparsers object."""
+    """Add ``evaluate {panoptic,instance,semantic,lvis}`` to an argparse subparsers object."""
     evaluate = subparsers.add_parser("evaluate", help="GZSL metrics (seen/unseen/HM) of COCO-format predictions")
     tasks = evaluate.add_subparsers(dest="task", required=True)
     unseen_help = "comma-separated unseen class names (cleaned names like 'tree' accepted); default: none"
@@ -93,8 +98,13 @@ def add_evaluate_cli(subparsers) -> None:
     semantic.add_argument("--pred-dir", required=True)
     semantic.add_argument("--categories", default=None, help="COCO-format JSON (default: the 171 COCO-Stuff classes)")
 
-    for sub in (panoptic, instance, semantic):
-        sub.add_argument("--unseen", default=None, help=unseen_help)
+    lvis = tasks.add_parser("lvis", help="LVIS mask AP, AP_r/c/f and seen/unseen AP of LVIS results (docs/lvis.md)")
+    lvis.add_argument("--gt-json", required=True, help="LVIS v1 JSON (categories with frequency tags)")
+    lvis.add_argument("--pred-json", required=True)
+
+    for sub in (panoptic, instance, semantic, lvis):
+        sub.add_argument("--unseen", default=None,
+                         help=unseen_help.replace("default: none", "default: the rare classes") if sub is lvis else unseen_help)
         sub.add_argument("--output", default=None, help="also write the JSON report here")
         sub.set_defaults(func=_run_evaluate)
 

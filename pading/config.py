@@ -88,12 +88,17 @@ class DataConfig:
 
     ``root`` is a COCO-2017-layout directory (detectron2's ``datasets/coco``). Relative
     paths below are relative to ``root``. ``format`` picks the annotation the training
-    targets come from: ``panoptic`` (the universal setting), ``instances`` (ZSI) or
-    ``semantic`` (ZSS, COCO-Stuff label PNGs).
+    targets come from: ``panoptic`` (the universal setting), ``instances`` (ZSI),
+    ``semantic`` (ZSS, COCO-Stuff label PNGs) or ``lvis`` (LVIS v1 instances over the COCO
+    images, open-vocabulary instance segmentation; docs/lvis.md).
+
+    ``unseen_in_train``: what prepare does with a training image that shows an unseen class:
+    ``drop_images`` (docs/method.md "Setting", the default) or ``drop_annotations`` (keep the
+    image, remove the unseen instances: the open-vocabulary LVIS protocol, docs/lvis.md).
     """
 
     root: str = field(default_factory=lambda: str(Path(default_datasets_root()) / "coco"))
-    format: Literal["panoptic", "instances", "semantic"] = "panoptic"
+    format: Literal["panoptic", "instances", "semantic", "lvis"] = "panoptic"
     split: str = "zsp_coco_panoptic_14"
     train_images: str = "train2017"
     val_images: str = "val2017"
@@ -103,6 +108,10 @@ class DataConfig:
     val_panoptic_dir: str = "panoptic_val2017"
     train_instances_json: str = "annotations/instances_train2017.json"
     val_instances_json: str = "annotations/instances_val2017.json"
+    # format lvis: detectron2's datasets/lvis/ beside datasets/coco/ (relative to root, like the rest)
+    train_lvis_json: str = "../lvis/lvis_v1_train.json"
+    val_lvis_json: str = "../lvis/lvis_v1_val.json"
+    unseen_in_train: Literal["drop_images", "drop_annotations"] = "drop_images"
     train_semantic_dir: str = "stuffthingmaps/train2017"
     val_semantic_dir: str = "stuffthingmaps/val2017"
     image_size: int = 64
@@ -113,6 +122,13 @@ class DataConfig:
     def __post_init__(self):
         if self.image_size < 16:
             raise ConfigError("data.image_size must be >= 16")
+
+    def instances_json(self, split: str) -> str:
+        """The instance annotation file of ``split`` ("train" / "val") for this format: the
+        LVIS JSON for ``lvis``, else COCO's ``instances_*.json`` (relative to ``root``)."""
+        if self.format == "lvis":
+            return self.train_lvis_json if split == "train" else self.val_lvis_json
+        return self.train_instances_json if split == "train" else self.val_instances_json
 
 
 @config_section
@@ -363,13 +379,22 @@ class ServeConfig:
     host: str = "127.0.0.1"  # bind address; 127.0.0.1 keeps the endpoint local
     port: int = 8000
     route_prefix: str = "/"
-    batching: bool = True  # False: every request runs alone (for load comparisons)
+    # auto: batch on a GPU, run every request alone on CPU (measured faster there, README
+    # "Serving"); on / off force it (true / false are accepted as on / off).
+    batching: Literal["auto", "on", "off"] = "auto"
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 4.0
-    max_ongoing_requests: int = 32
+    max_ongoing_requests: int = 32  # requests a replica works on at once
+    # Backpressure: requests waiting for a replica beyond this many (per proxy) get 503 with
+    # a Retry-After header at once instead of queueing without bound; -1 = no limit.
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0  # the Retry-After of those 503s
+    request_timeout_s: float = 60.0  # a request not answered in time gets 503 (Retry-After)
+    health_check_period_s: float = 10.0  # Serve calls check_health (a forward pass) this often
+    health_check_timeout_s: float = 30.0  # a replica whose check takes longer is replaced
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     max_image_pixels: int = 16_000_000  # larger images are refused with 413
@@ -382,6 +407,13 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0 or self.max_ongoing_requests < 1:
+            raise ConfigError("serve.max_ongoing_requests must be >= 1 and serve.max_queued_requests >= 1 "
+                              f"(or -1, no limit); got {self.max_ongoing_requests}, {self.max_queued_requests}")
+        if min(self.retry_after_s, self.request_timeout_s, self.health_check_period_s,
+               self.health_check_timeout_s) <= 0:
+            raise ConfigError("serve.retry_after_s, request_timeout_s, health_check_period_s and "
+                              "health_check_timeout_s must be > 0")
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ConfigError("serve.max_batch_size must be >= 1 and serve.batch_wait_timeout_s >= 0")
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -493,6 +525,38 @@ class TablesConfig:
             raise ConfigError("tables.iterations must be >= 0 and tables.tsne_per_class >= 1")
 
 
+#: Output formats of pipelines/segment.py (pading.serving.batch).
+SEGMENT_FORMATS = ("parquet", "coco-panoptic", "coco-instance", "semantic")
+
+
+@config_section
+class SegmentConfig:
+    """Batch segmentation of image collections (pipelines/segment.py, pading.serving.batch).
+
+    ``task`` None means the format's own task (parquet: panoptic). ``shard_size`` images
+    make one results file, the unit of resumable work.
+    """
+
+    format: Literal["parquet", "coco-panoptic", "coco-instance", "semantic"] = "parquet"
+    task: Optional[Literal["panoptic", "instance", "semantic", "all"]] = None
+    shard_size: int = 64
+    batch_size: int = 4  # images per segmenter forward pass inside an actor
+    concurrency: int = 1  # actors holding the model
+    num_cpus: float = 1.0  # per actor (also its torch threads)
+    num_gpus: float = 0.0  # per actor
+    min_score: float = 0.0  # segments scoring lower are left out
+    input_column: str = "path"  # the column of paths in a Parquet/CSV input
+    max_image_bytes: int = 64 * 1024 * 1024  # larger files are rejected unread
+    max_image_pixels: int = 40_000_000  # larger images are rejected before decoding the pixels
+    read_threads: int = 8  # files one actor reads and decodes at once
+
+    def __post_init__(self):
+        if self.shard_size < 1 or self.batch_size < 1 or self.concurrency < 1 or self.read_threads < 1:
+            raise ConfigError("segment.shard_size, batch_size, concurrency and read_threads must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise ConfigError("segment.num_cpus/num_gpus must be >= 0, max_image_bytes/max_image_pixels >= 1")
+
+
 @config_section
 class ExperimentConfig:
     name: str = "pading"
@@ -511,6 +575,7 @@ class ExperimentConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)  # the Serve endpoint (pipelines/serve.py)
     tune: TuneConfig = field(default_factory=TuneConfig)  # the Ray Tune search (pipelines/tune.py)
     tables: TablesConfig = field(default_factory=TablesConfig)  # the paper's tables (pipelines/tables.py)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)  # batch segmentation (pipelines/segment.py)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -550,6 +615,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML reads on/off as booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, not {value!r}")
         return value

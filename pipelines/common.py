@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from pading.run.layout import SUCCESS_FILE, WORKERS_DIR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 logger = logging.getLogger("pipelines")
 
@@ -136,6 +139,23 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # pragma: no cover - informational only
         pass
+
+
+def resolve_bundle(reference: str, config: ExperimentConfig | None = None) -> Path:
+    """A bundle directory, or an MLflow ``runs:/<id>/bundle`` / ``models:/...`` URI
+    downloaded into a temporary directory. ConfigError when it is not a bundle.
+    (Used by pipelines/serve.py and pipelines/segment.py.)"""
+    if str(reference).startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.tracking_uri((config or ExperimentConfig()).tracking))
+        target = tempfile.mkdtemp(prefix="pading-bundle-")
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(reference), dst_path=target))
+    else:
+        path = Path(reference).expanduser().resolve()
+    if not (path / "classes.json").is_file():
+        raise ConfigError(f"{reference}: not a model bundle (no classes.json in {path})")
+    return path
 
 
 class ClusterTooSmall(RuntimeError):

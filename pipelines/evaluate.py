@@ -76,7 +76,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     results = summarize(
         result_rows, table, data.format, predictions,
         gt_panoptic_json=resolve(root, data.val_panoptic_json), gt_panoptic_dir=resolve(root, data.val_panoptic_dir),
-        gt_instances_json=resolve(root, data.val_instances_json), gt_semantic_dir=resolve(root, data.val_semantic_dir),
+        gt_instances_json=resolve(root, data.instances_json("val")), gt_semantic_dir=resolve(root, data.val_semantic_dir),
         images=rows,
     )
     reports = results.pop("reports")
@@ -102,6 +102,12 @@ def format_table(results: dict) -> str:
             row = results[task]
             lines.append(f"| {label} | {metric.upper()} | {row['seen'][metric]:.1f} | {row['unseen'][metric]:.1f} | "
                          f"{row['hm'][metric]:.1f} |")
+    if "lvis" in results:  # seen = frequent + common, unseen = rare (AP_r), docs/lvis.md
+        row = results["lvis"]
+        lines.append(f"| OVIS (LVIS) | mask AP | {row['seen']['ap']:.1f} | {row['unseen']['ap']:.1f} | "
+                     f"{row['hm']['ap']:.1f} |")
+        lines += ["", "| LVIS mask AP | AP_r | AP_c | AP_f | AP50 |", "|---|---|---|---|---|",
+                  "| {ap:.1f} | {ap_r:.1f} | {ap_c:.1f} | {ap_f:.1f} | {ap50:.1f} |".format(**row["all"])]
     return "\n".join(lines)
 
 

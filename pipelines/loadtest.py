@@ -1,10 +1,16 @@
-"""Load test of the segmentation endpoint: N requests from C concurrent clients.
+"""Load test of the segmentation endpoint: N requests from C concurrent clients, optionally
+mixed with garbage requests and with classes added and removed while it runs.
 
     python pipelines/loadtest.py --url http://127.0.0.1:8000/ --concurrency 8 --requests 200
     python pipelines/loadtest.py --url ... --image ../shared/data/coco-samples/val2017/000000142238.jpg --task semantic
+    python pipelines/loadtest.py --url ... --concurrency 32 --requests 1000 --garbage 0.2 --churn "traffic cone"
 
-Prints throughput and p50/p95/p99 latency (and one JSON line with ``--json``). Only local
-endpoints (127.0.0.1, localhost, ::1) are accepted: this is a test tool, not a flooder.
+Prints throughput and p50/p95/p99 latency of the good requests, the statuses of every kind
+of garbage (each must get its 4xx), the class changes made meanwhile, and whether the
+replica that answered before the run still answers after it (one JSON line with
+``--json``). Exit status 1 when any request got a 5xx or no answer, a good request failed,
+or a garbage request was not refused with a 4xx. Only local endpoints (127.0.0.1,
+localhost, ::1) are accepted: this is a test tool, not a flooder.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,51 +34,164 @@ MAX_CONCURRENCY = 256
 DEFAULT_IMAGE_SIZE = (480, 640)  # (H, W) of the generated test image
 PERCENTILES = (50, 95, 99)
 REQUEST_TIMEOUT_S = 120.0
+CHURN_PAUSE_S = 0.5
+
+
+def _encode(pixels: np.ndarray, image_format: str, **options) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format, **options)
+    return buffer.getvalue()
 
 
 def default_image() -> bytes:
     """A 640x480 JPEG with smooth structure (so every request is the same work)."""
-    from PIL import Image
-
     height, width = DEFAULT_IMAGE_SIZE
     rows, cols = np.mgrid[0:height, 0:width]
     pixels = np.stack([rows * 255 // height, cols * 255 // width, (rows + cols) * 255 // (height + width)], -1)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return _encode(pixels.astype(np.uint8), "JPEG", quality=90)
 
 
-def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: str, warmup: int) -> dict:
-    """Send ``requests`` POST /v1/segment from ``concurrency`` threads; latency stats in ms."""
+def garbage_requests(good: bytes) -> dict[str, dict]:
+    """Kinds of bad request -> httpx request arguments (method, path, params, content or
+    files, headers). Every one must be answered with a 4xx."""
+    jpeg = {"content-type": "image/jpeg"}
+    small = np.zeros((8, 8, 3), np.uint8)
+    png = _encode(small, "PNG")
+    huge = _encode(np.zeros((4100, 4100), np.uint8), "PNG")  # 16.8 M pixels: above the default limit
+    segment = "v1/segment"
+    return {
+        "empty body": {"path": segment, "content": b"", "headers": jpeg},
+        "text as jpeg": {"path": segment, "content": b"this is not an image\n" * 20, "headers": jpeg},
+        "random bytes": {"path": segment, "content": np.random.default_rng(0).bytes(4096), "headers": jpeg},
+        "truncated jpeg": {"path": segment, "content": good[: len(good) // 3], "headers": jpeg},
+        "corrupt png": {"path": segment, "content": png[:40] + b"\x00" * 32 + png[72:],
+                        "headers": {"content-type": "image/png"}},
+        "gif": {"path": segment, "content": _encode(small, "GIF"), "headers": {"content-type": "image/gif"}},
+        "too many pixels": {"path": segment, "content": huge, "headers": {"content-type": "image/png"}},
+        "unknown task": {"path": segment, "params": {"task": "depth"}, "content": good, "headers": jpeg},
+        "unknown format": {"path": segment, "params": {"format": "tiff"}, "content": good, "headers": jpeg},
+        "png with all tasks": {"path": segment, "params": {"task": "all", "format": "png"}, "content": good,
+                               "headers": jpeg},
+        "min_score above 1": {"path": segment, "params": {"min_score": "2"}, "content": good, "headers": jpeg},
+        "min_score not a number": {"path": segment, "params": {"min_score": "high"}, "content": good,
+                                   "headers": jpeg},
+        "multipart without file": {"path": segment, "content": _multipart_without_file({"note": "no file"}),
+                                   "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        "GET on segment": {"method": "GET", "path": segment},
+        "class with empty name": {"path": "v1/classes", "json": {"names": [" "]}},
+        "classes not a list": {"path": "v1/classes", "json": {"names": "zebra"}},
+    }
+
+
+def _send(client, base: str, spec: dict):
+    spec = dict(spec)
+    method = spec.pop("method", "POST")
+    return client.request(method, base + spec.pop("path"), **spec)
+
+
+def _multipart_without_file(fields: dict) -> bytes:
+    parts = [f'--x\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    return ("".join(parts) + "--x--\r\n").encode()
+
+
+def _churn(client, base: str, name: str, stop: threading.Event, log: list) -> None:
+    """Add and remove the class ``name``, again and again, until ``stop``."""
+    while not stop.is_set():
+        for method, args in (("POST", {"json": {"names": [name]}}), ("DELETE", {})):
+            try:
+                path = "v1/classes" if method == "POST" else f"v1/classes/{name}"
+                status = client.request(method, base + path, **args).status_code
+            except Exception:  # noqa: BLE001 - a transport failure counts as a failed change
+                status = 0
+            log.append((method, status))
+        stop.wait(CHURN_PAUSE_S)
+
+
+def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: str, warmup: int,
+             garbage: float = 0.0, churn: str | None = None) -> dict:
+    """Send ``requests`` requests from ``concurrency`` threads: good POST /v1/segment, and a
+    ``garbage`` fraction of bad ones cycling through :func:`garbage_requests`; with
+    ``churn`` (a class name) that class is added and removed meanwhile. Latency stats (ms)
+    of the good ones; statuses of every kind."""
     import httpx
 
-    endpoint = url.rstrip("/") + "/v1/segment"
+    base = url.rstrip("/") + "/"
+    kinds = garbage_requests(body) if garbage > 0 else {}
+    names = list(kinds)
+    every = max(1, round(1 / garbage)) if garbage > 0 else 0
+    plan = [names[(i // every) % len(names)] if every and i % every == every - 1 else "good" for i in range(requests)]
+    good_spec = {"path": "v1/segment", "params": {"task": task}, "content": body,
+                 "headers": {"content-type": "image/jpeg"}}
     local = threading.local()
 
-    def one(_: int) -> tuple[float, int]:
+    def one(kind: str) -> tuple[str, float, int]:
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
         started = time.perf_counter()
         try:
-            status = local.client.post(endpoint, params={"task": task}, content=body,
-                                       headers={"content-type": "image/jpeg"}).status_code
+            status = _send(local.client, base, kinds.get(kind, good_spec)).status_code
         except httpx.HTTPError:
             status = 0
-        return 1000 * (time.perf_counter() - started), status
+        return kind, 1000 * (time.perf_counter() - started), status
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(one, range(warmup)))
-        started = time.perf_counter()
-        results = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - started
-    latencies = np.array([latency for latency, status in results if status == 200])
-    errors = sum(status != 200 for _, status in results)
-    stats = {"requests": requests, "concurrency": concurrency, "task": task, "errors": int(errors),
-             "wall_s": round(wall, 3), "throughput_rps": round((requests - errors) / wall, 3)}
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as control:
+        replica_before = _replica(control, base)
+        stop, churn_log = threading.Event(), []
+        churner = threading.Thread(target=_churn, args=(control, base, churn, stop, churn_log)) if churn else None
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(one, ["good"] * warmup))
+            if churner:
+                churner.start()
+            started = time.perf_counter()
+            results = list(pool.map(one, plan))
+            wall = time.perf_counter() - started
+        stop.set()
+        if churner:
+            churner.join()
+        replica_after = _replica(control, base)
+    good = [(latency, status) for kind, latency, status in results if kind == "good"]
+    latencies = np.array([latency for latency, status in good if status == 200])
+    statuses = Counter(status for _, _, status in results)
+    stats = {
+        "requests": requests, "concurrency": concurrency, "task": task, "good_requests": len(good),
+        "good_failed": sum(status != 200 for _, status in good),
+        "server_errors": sum(n for status, n in statuses.items() if status >= 500 or status == 0),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "wall_s": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 3),
+        "replica_alive": replica_before is not None and replica_after == replica_before,
+    }
+    if kinds:
+        by_kind: dict[str, Counter] = {}
+        for kind, _, status in results:
+            if kind != "good":
+                by_kind.setdefault(kind, Counter())[status] += 1
+        stats["garbage"] = {kind: {str(k): v for k, v in sorted(c.items())} for kind, c in by_kind.items()}
+        stats["garbage_not_4xx"] = sum(n for c in by_kind.values() for status, n in c.items()
+                                       if not 400 <= status < 500)
+    if churn:
+        stats["class_changes"] = {f"{method} {status}": n for (method, status), n in sorted(Counter(churn_log).items())}
     if latencies.size:
         stats.update({f"p{p}_ms": round(float(np.percentile(latencies, p)), 1) for p in PERCENTILES})
         stats["mean_ms"] = round(float(latencies.mean()), 1)
     return stats
+
+
+def _replica(client, base: str) -> int | None:
+    try:
+        response = client.get(base + "healthz")
+    except Exception:  # noqa: BLE001 - no answer: no replica
+        return None
+    return response.json().get("replica_pid") if response.status_code == 200 else None
+
+
+def failed(stats: dict) -> bool:
+    """The run broke the endpoint's promise: a 5xx / no answer, a good request failing, a
+    garbage request not refused with a 4xx, a failed class change or a replaced replica."""
+    churn_failed = any(not key.endswith(("200", "201")) for key in stats.get("class_changes", {}))
+    return bool(stats["server_errors"] or stats["good_failed"] or stats.get("garbage_not_4xx")
+                or churn_failed or not stats["replica_alive"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured requests first")
     parser.add_argument("--image", default=None, help="a JPEG/PNG/WebP file (default: a generated 640x480 JPEG)")
     parser.add_argument("--task", default="panoptic", choices=("panoptic", "instance", "semantic", "all"))
+    parser.add_argument("--garbage", type=float, default=0.0,
+                        help="fraction of requests that are garbage (16 kinds, each must get a 4xx), e.g. 0.2")
+    parser.add_argument("--churn", nargs="?", const="traffic cone", default=None, metavar="CLASS",
+                        help="add and remove a class by name while the load runs (default name: traffic cone)")
     parser.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     args = parser.parse_args(argv)
     host = urlparse(args.url).hostname
@@ -89,17 +213,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--url must point at this machine ({', '.join(LOCAL_HOSTS)}), not {host!r}")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY or not 1 <= args.requests <= MAX_REQUESTS or args.warmup < 0:
         parser.error(f"--concurrency must be 1..{MAX_CONCURRENCY}, --requests 1..{MAX_REQUESTS}, --warmup >= 0")
+    if not 0 <= args.garbage < 1:
+        parser.error("--garbage must be in [0, 1)")
     body = Path(args.image).read_bytes() if args.image else default_image()
     stats = run_load(args.url, body, concurrency=args.concurrency, requests=args.requests, task=args.task,
-                     warmup=args.warmup)
-    print(f"{stats['requests']} requests, concurrency {stats['concurrency']}, task {stats['task']}: "
-          f"{stats['throughput_rps']:.2f} req/s, {stats['errors']} errors, wall {stats['wall_s']:.1f} s")
+                     warmup=args.warmup, garbage=args.garbage, churn=args.churn)
+    print(f"{stats['requests']} requests ({stats['good_requests']} good), concurrency {stats['concurrency']}, "
+          f"task {stats['task']}: {stats['throughput_rps']:.2f} good req/s, wall {stats['wall_s']:.1f} s")
+    print(f"statuses {stats['statuses']}; 5xx or no answer: {stats['server_errors']}; good failed: "
+          f"{stats['good_failed']}; replica alive: {stats['replica_alive']}")
     if "p50_ms" in stats:
         print(f"latency ms: p50 {stats['p50_ms']:.1f}  p95 {stats['p95_ms']:.1f}  p99 {stats['p99_ms']:.1f}  "
               f"mean {stats['mean_ms']:.1f}")
+    for kind, counts in stats.get("garbage", {}).items():
+        print(f"  garbage {kind!r}: {counts}")
+    if "class_changes" in stats:
+        print(f"class changes during the run: {stats['class_changes']}")
     if args.json:
         print(json.dumps(stats))
-    return 1 if stats["errors"] else 0
+    return 1 if failed(stats) else 0
 
 
 if __name__ == "__main__":

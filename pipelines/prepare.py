@@ -59,11 +59,11 @@ class _Validate:
         self.data_format = data_format
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good, bad = validate_rows(batch.to_pylist(), self.table, self.data_format)
-        bad_by_id = {b["key"]: b for b in bad}
         rows = []
         for row in batch.to_pylist():
-            reject = bad_by_id.get(f"image_id={row['image_id']}")
+            # one row at a time: an image id may occur in both splits, so it cannot key the result
+            _, bad = validate_rows([row], self.table, self.data_format)
+            reject = bad[0] if bad else None
             rows.append({**row, "reject_source": reject["source"] if reject else "",
                          "reject_reason": reject["reason"] if reject else ""})
         schema = MANIFEST_SCHEMA.append(pa.field("reject_source", pa.string())).append(pa.field("reject_reason", pa.string()))
@@ -129,7 +129,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         good = [{k: v for k, v in r.items() if not k.startswith("reject_")} for r in mine if not r["reject_reason"]]
         filtered = 0
         if split == "train":
-            good, dropped = apply_seen_only_filter(good, table)
+            good, dropped = apply_seen_only_filter(good, table, config.data.unseen_in_train)
             filtered = len(dropped)
         good.sort(key=lambda r: r["image_id"])
         (stage_dir / split).mkdir(parents=True)

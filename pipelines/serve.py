@@ -10,14 +10,26 @@
 Endpoints (OpenAPI at /docs and /openapi.json): POST /v1/segment, GET/POST /v1/classes,
 DELETE /v1/classes/{name}, GET /healthz and a page to try it at GET /. Binds 127.0.0.1
 unless serve.host says otherwise. The logic lives in pading.serving.service; this file is HTTP.
+
+Production behaviour (settings in the ``serve`` config section, docs/serving.md):
+
+- backpressure: beyond ``max_ongoing_requests`` per replica and ``max_queued_requests``
+  waiting, requests get 503 with ``Retry-After`` at once;
+- a request not answered within ``request_timeout_s`` gets 503 with ``Retry-After``;
+- uploads are cut off at ``max_body_bytes`` while they are read, before any decoding;
+- Serve calls ``check_health`` (a real forward pass) every ``health_check_period_s`` and
+  replaces a replica that fails it or does not answer within ``health_check_timeout_s``;
+- metrics through ``ray.serve.metrics`` (Ray's Prometheus endpoint): ``pading_requests``
+  by task and status, ``pading_request_latency_ms``, ``pading_segments`` by class kind,
+  ``pading_vocabulary_version`` and ``pading_classes``.
 """
 
 import argparse
 import asyncio
 import json
 import logging
+import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve import metrics as serve_metrics
+from ray.serve.config import BackpressureConfig
 from starlette.datastructures import UploadFile
 
 from pading.config import ExperimentConfig, ServeConfig, from_dict, load_config, to_dict
@@ -33,20 +47,24 @@ from pading.errors import ConfigError, PadingError
 from pading.serving.service import (
     OUTPUT_FORMATS,
     TASK_CHOICES,
+    BusyError,
     ImageTooLargeError,
     RequestError,
     SegmentationService,
     check_request,
     http_status,
+    resolve_batching,
+    segment_counts,
 )
 from pipelines import common
+from pipelines.common import MLFLOW_SCHEMES, resolve_bundle  # noqa: F401 - re-exported (moved to common)
 
 logger = logging.getLogger("pipelines.serve")
 
 APP_NAME = "pading"
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 JSON_SEPARATORS = (",", ":")
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 
 api = FastAPI(
     title="PADing universal zero-shot segmentation",
@@ -60,13 +78,15 @@ api = FastAPI(
 )
 
 
-def _error(status: int, kind: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
+def _error(status: int, kind: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": kind, "detail": detail}, headers=headers)
 
 
 @api.exception_handler(PadingError)
 async def _library_error(request: Request, error: PadingError) -> JSONResponse:
-    return _error(http_status(error), type(error).__name__, str(error))
+    status = http_status(error)
+    headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, BusyError) else None
+    return _error(status, type(error).__name__, str(error), headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -97,10 +117,45 @@ IMAGE_BODY = {
 }
 
 
-@serve.deployment(name="PadingSegmenter")
-@serve.ingress(api)
-class SegmentationDeployment:
-    """One replica: a bundle, its SegmentationService and a batching queue."""
+class EndpointMetrics:
+    """Application metrics (``ray.serve.metrics``; Ray exports them on its Prometheus
+    endpoint with a ``ray_`` prefix, see docs/serving.md). Requests and segments are
+    counted by the HTTP front, the vocabulary by each model replica."""
+
+    def __init__(self, vocabulary: bool = True):
+        self.requests = serve_metrics.Counter(
+            "pading_requests", description="POST /v1/segment requests by task and HTTP status",
+            tag_keys=("task", "status"))
+        self.latency = serve_metrics.Histogram(
+            "pading_request_latency_ms", description="POST /v1/segment latency in the replica (ms)",
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("task",))
+        self.segments = serve_metrics.Counter(
+            "pading_segments", description="segments returned, by kind of class: seen, unseen or added at run time",
+            tag_keys=("kind",))
+        if vocabulary:
+            self.vocabulary_version = serve_metrics.Gauge(
+                "pading_vocabulary_version", description="vocabulary version served (+1 per class change)")
+            self.classes = serve_metrics.Gauge("pading_classes", description="classes in the vocabulary")
+
+    def request(self, task: str, status: int, seconds: float) -> None:
+        task = task if task in TASK_CHOICES else "invalid"  # bounded tag values
+        self.requests.inc(tags={"task": task, "status": str(status)})
+        self.latency.observe(1000 * seconds, tags={"task": task})
+
+    def result(self, result: dict) -> None:
+        for kind, count in segment_counts(result).items():
+            if count:
+                self.segments.inc(count, tags={"kind": kind})
+
+    def vocabulary(self, version: int, num_classes: int) -> None:
+        self.vocabulary_version.set(version)
+        self.classes.set(num_classes)
+
+
+@serve.deployment(name="PadingModel")
+class ModelDeployment:
+    """A model replica: a bundle, its SegmentationService and (when batching) a batching
+    queue. Called by the HTTP front (:class:`SegmentationDeployment`) through a handle."""
 
     def __init__(self, bundle_dir: str, serve_config: dict):
         import torch
@@ -112,11 +167,24 @@ class SegmentationDeployment:
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         device = "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.service = SegmentationService(Bundle.load(bundle_dir, map_location=device), self.config)
+        self.batching = resolve_batching(self.config.batching, device)
         self._segment_batch.set_max_batch_size(self.config.max_batch_size)
         self._segment_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        logger.info("replica ready: %s on %s, batching %s", bundle_dir, device, self.config.batching)
+        self.metrics = EndpointMetrics()
+        self._publish_vocabulary()
+        logger.info("model replica ready: %s on %s, batching %s (serve.batching=%s)", bundle_dir, device,
+                    "on" if self.batching else "off", self.config.batching)
 
-    # ---- segmentation ---------------------------------------------------------------
+    def _publish_vocabulary(self) -> None:
+        state = self.service.state
+        self.metrics.vocabulary(state.version, state.bundle.table.num_classes)
+
+    async def check_health(self) -> None:
+        """Called by Serve every ``serve.health_check_period_s``: a real forward pass; an
+        exception (or no answer within ``serve.health_check_timeout_s``) gets the replica
+        replaced."""
+        await asyncio.to_thread(self.service.health_check)
+
     def _segment_items(self, items: list) -> list:
         """items: (image, task, format, min_score) tuples -> results, or the error of one item."""
         try:
@@ -137,21 +205,113 @@ class SegmentationDeployment:
     async def _segment_batch(self, items: list) -> list:
         return await asyncio.to_thread(self._segment_items, items)
 
-    async def _read_image(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise ImageTooLargeError("request body", f"{declared} bytes, above the limit of {self.config.max_body_bytes}")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            files = [value for value in form.values() if isinstance(value, UploadFile)]
-            if not files:
-                raise RequestError("request body", "the multipart form has no file field")
-            data = await files[0].read()
+    async def segment(self, data: bytes, task: str, output_format: str, min_score: float) -> dict:
+        """Decode ``data`` and segment it; raises the library's error for bad input."""
+        image = await asyncio.to_thread(self.service.decode, data)
+        item = (image, task, output_format, min_score)
+        if self.batching:
+            result = await self._segment_batch(item)
         else:
-            data = await request.body()
-        if len(data) > self.config.max_body_bytes:
-            raise ImageTooLargeError("request body", f"{len(data)} bytes, above the limit of {self.config.max_body_bytes}")
-        return data
+            (result,) = await asyncio.to_thread(self._segment_items, [item])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def classes(self) -> dict:
+        return self.service.classes()
+
+    async def add_classes(self, names: list[str], isthing) -> dict:
+        result = await asyncio.to_thread(self.service.add_classes, names, isthing)
+        self._publish_vocabulary()
+        return result
+
+    async def delete_class(self, name: str) -> dict:
+        result = await asyncio.to_thread(self.service.delete_class, name)
+        self._publish_vocabulary()
+        return result
+
+    async def info(self) -> dict:
+        state = self.service.state
+        return {"vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
+                "device": str(state.bundle.device), "batching": self.batching, "replica_pid": os.getpid()}
+
+
+def _library_cause(error: BaseException) -> BaseException:
+    """The library error a model replica raised, from the error its handle re-raises."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, PadingError) else error
+
+
+@serve.deployment(name="PadingSegmenter")
+@serve.ingress(api)
+class SegmentationDeployment:
+    """The HTTP front: reads and size-checks requests, forwards them to the model replicas
+    (:class:`ModelDeployment`) and turns their absence (killed, restarting, backlogged,
+    too slow) into 503 + Retry-After, so clients never see a 500 or a hang for it."""
+
+    def __init__(self, model, serve_config: dict):
+        common.setup_logging()
+        self.config: ServeConfig = from_dict(ServeConfig, serve_config, prefix="serve")
+        self.model = model
+        self.metrics = EndpointMetrics(vocabulary=False)
+
+    async def _call(self, method: str, *args, timeout: float | None = None):
+        """``model.<method>(*args)``, given up after ``timeout`` seconds (None: no limit)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        retry = self.config.retry_after_s
+        response = getattr(self.model, method).remote(*args)
+        try:
+            async with asyncio.timeout(timeout):
+                return await response
+        except TimeoutError:
+            response.cancel()
+            raise BusyError(f"no answer within {timeout} s (serve.request_timeout_s for segmentation); retry later",
+                            retry) from None
+        except BackPressureError:
+            raise BusyError("every model replica is busy and the queue (serve.max_queued_requests) is full; "
+                            "retry later", retry) from None
+        except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError) as error:
+            logger.warning("model replica lost during a request: %s", type(error).__name__)
+            raise BusyError("the model replica serving this request stopped; it is being replaced, retry later",
+                            retry) from None
+        except PadingError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a library error wrapped by Ray: re-raise it as itself
+            cause = _library_cause(error)
+            if cause is error:
+                raise
+            raise cause from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes ``serve.max_body_bytes`` (by its
+        Content-Length, or while it streams in), before anything is decoded."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ImageTooLargeError("request body", f"{declared} bytes, above the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ImageTooLargeError("request body", f"more than {limit} bytes (the limit) sent")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _read_image(self, request: Request) -> bytes:
+        body = await self._read_body(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return body
+
+        async def replay() -> dict:  # the form parser reads the (already size-checked) body again
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form()
+        files = [value for value in form.values() if isinstance(value, UploadFile)]
+        if not files:
+            raise RequestError("request body", "the multipart form has no file field")
+        return await files[0].read()
 
     @api.post("/v1/segment", summary="Segment an image", openapi_extra=IMAGE_BODY,
               response_description="JSON segments with COCO RLE masks, or an id PNG with format=png")
@@ -165,15 +325,18 @@ class SegmentationDeployment:
         min_score: float = Query(0.0, ge=0.0, le=1.0, description="drop panoptic/instance segments scoring less"),
     ) -> Response:
         started = time.perf_counter()
-        check_request(task, format)
-        image = await asyncio.to_thread(self.service.decode, await self._read_image(request))
-        item = (image, task, format, min_score)
-        if self.config.batching:
-            result = await self._segment_batch(item)
-        else:
-            (result,) = await asyncio.to_thread(self._segment_items, [item])
-        if isinstance(result, Exception):
-            raise result
+        status = 500
+        try:
+            check_request(task, format)
+            result = await self._call("segment", await self._read_image(request), task, format, min_score,
+                                      timeout=self.config.request_timeout_s)
+            status = 200
+        except PadingError as error:
+            status = http_status(error)
+            raise
+        finally:
+            self.metrics.request(task, status, time.perf_counter() - started)
+        self.metrics.result(result)
         elapsed_ms = 1000 * (time.perf_counter() - started)
         headers = {"X-Process-Time-Ms": f"{elapsed_ms:.1f}", "Server-Timing": f"segment;dur={elapsed_ms:.1f}",
                    "X-Vocabulary-Version": str(result["vocabulary_version"])}
@@ -186,24 +349,22 @@ class SegmentationDeployment:
     # ---- vocabulary -----------------------------------------------------------------
     @api.get("/v1/classes", summary="List the vocabulary")
     async def list_classes(self) -> dict:
-        return self.service.classes()
+        return await self._call("classes", timeout=self.config.health_check_timeout_s)
 
     @api.post("/v1/classes", summary="Add classes by name (re-fits the classifier)", status_code=201)
     async def add_classes(self, body: NewClasses) -> JSONResponse:
-        result = await asyncio.to_thread(self.service.add_classes, body.names, body.isthing)
+        result = await self._call("add_classes", body.names, body.isthing)
         return JSONResponse(status_code=201, content=result,
                             headers={"X-Process-Time-Ms": f"{1000 * result['seconds']:.1f}"})
 
     @api.delete("/v1/classes/{name:path}", summary="Remove a class added at run time")
     async def delete_class(self, name: str) -> dict:
-        return await asyncio.to_thread(self.service.delete_class, name)
+        return await self._call("delete_class", name)
 
     # ---- health and page ------------------------------------------------------------
     @api.get("/healthz", summary="Liveness and the model in use")
     async def healthz(self) -> dict:
-        state = self.service.state
-        return {"status": "ok", "vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
-                "device": str(state.bundle.device), "batching": self.config.batching}
+        return {"status": "ok", **await self._call("info", timeout=self.config.health_check_timeout_s)}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -213,34 +374,27 @@ class SegmentationDeployment:
 # ---- building and deploying -------------------------------------------------------------
 
 
-def resolve_bundle(reference: str, config: ExperimentConfig | None = None) -> Path:
-    """A bundle directory, or an MLflow ``runs:/<id>/bundle`` / ``models:/...`` URI
-    downloaded into a temporary directory. ConfigError when it is not a bundle."""
-    if str(reference).startswith(MLFLOW_SCHEMES):
-        import mlflow
-
-        from pading.run import tracking
-
-        mlflow.set_tracking_uri(tracking.tracking_uri((config or ExperimentConfig()).tracking))
-        target = tempfile.mkdtemp(prefix="pading-bundle-")
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(reference), dst_path=target))
-    else:
-        path = Path(reference).expanduser().resolve()
-    if not (path / "classes.json").is_file():
-        raise ConfigError(f"{reference}: not a model bundle (no classes.json in {path})")
-    return path
-
-
 def build_application(bundle_dir: str | Path, config: ServeConfig):
-    """The Serve application over a local bundle directory, with autoscaling, resources
-    and request limits from ``config``."""
-    deployment = SegmentationDeployment.options(
+    """The Serve application over a local bundle directory: the HTTP front (no CPUs
+    reserved) and the model deployment, with autoscaling, resources, backpressure and
+    health checking from ``config``."""
+    model = ModelDeployment.options(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,  # per caller: the front gets BackPressureError -> 503
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
     )
-    return deployment.bind(str(bundle_dir), to_dict(config))
+    queue = config.max_queued_requests if config.max_queued_requests > 0 else 1000
+    front = SegmentationDeployment.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_replicas * config.max_ongoing_requests + queue,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
+    )
+    return front.bind(model.bind(str(bundle_dir), to_dict(config)), to_dict(config))
 
 
 def app(args: dict):

@@ -166,3 +166,19 @@ def test_rgb_id_round_trip():
     with pytest.raises(DataError):
         panoptic_to_rgb(np.array([[256**3]]))
 
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_semantic_large_vocabulary_equals_the_dense_argmax(peaked):
+    """Above SEMANTIC_DENSE_CLASSES the labels come from candidate classes plus an exact
+    fallback; they must equal the dense (C, H, W) argmax, pixel for pixel."""
+    from pading.evaluation.inference import _semantic_large_vocabulary
+
+    generator = torch.Generator().manual_seed(0)
+    queries, classes = 20, 1500
+    logits = torch.randn(queries, classes, generator=generator) * (8.0 if peaked else 0.5)
+    probs = logits.softmax(-1)
+    mask_probs = torch.rand(queries, 24, 32, generator=generator)
+    dense = torch.einsum("qc,qhw->chw", probs, mask_probs).argmax(0)
+    fast = _semantic_large_vocabulary(probs, mask_probs)
+    assert fast.shape == (24, 32) and torch.equal(fast, dense)

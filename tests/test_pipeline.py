@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +222,129 @@ def _mode(path: Path) -> str:
 
     with Image.open(path) as image:
         return image.mode
+
+
+# ---- faults: real SIGKILL / SIGINT of real processes ----------------------------------
+
+
+def _popen(args: list[str], tmp: Path) -> subprocess.Popen:
+    log = open(tmp / "log.txt", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(tmp), stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _pids_with(text: str, since: float) -> list[int]:
+    """Processes started after ``since`` whose command line (Ray's process title) has ``text``."""
+    found = []
+    ticks, boot = os.sysconf("SC_CLK_TCK"), float(Path("/proc/stat").read_text().split("btime ")[1].split()[0])
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                started = boot + int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+                if started >= since - 1:
+                    found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _finish(proc: subprocess.Popen, tmp: Path, timeout: int = 600) -> str:
+    proc.wait(timeout=timeout)
+    return (tmp / "log.txt").read_text()
+
+
+def _copy_stages(full_run, output: Path, *stages: str) -> None:
+    for stage in stages:
+        shutil.copytree(full_run["output"] / stage, output / stage)
+
+
+def test_extraction_survives_a_sigkilled_actor(full_run, dataset, tmp_path):
+    """One extraction actor is SIGKILLed after some shards: Ray Data restarts it and retries its
+    shard; the stage completes with exactly the rows of the undisturbed run, no duplicates."""
+    output = tmp_path / "out"
+    _copy_stages(full_run, output, "manifest", "pretrain")
+    started = time.time()
+    proc = _popen(["pipelines/extract.py", "--config", str(SMOKE), "--output", str(output),
+                   "--set", f"data.root={dataset['root']}", "--set", "ray.extract_shard_size=1"], tmp_path)
+    _wait_for(lambda: len(list((output / "features").glob("shard-*.parquet"))) >= 2, 300, "two shards", proc)
+    (victim,) = _pids_with("NodeRecordingExtractor", started)
+    os.kill(victim, signal.SIGKILL)
+    log = _finish(proc, tmp_path)
+    assert proc.returncode == 0, log[-3000:]
+    keys = ["image_id", "query", "label"]
+    after = pq.read_table(output / "features").select(keys).to_pylist()
+    before = pq.read_table(full_run["output"] / "features").select(keys).to_pylist()
+    assert len({(r["image_id"], r["query"]) for r in after}) == len(after)  # no duplicates
+    assert sorted(tuple(r.values()) for r in after) == sorted(tuple(r.values()) for r in before)
+    record = json.loads((output / "features" / "_SUCCESS.json").read_text())
+    assert record["shards"] == len(list((output / "features").glob("shard-*.parquet")))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "generator"])
+def test_training_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path, stage):
+    """The Ray Train worker process is SIGKILLed after a checkpoint: FailureConfig restarts the
+    worker group, it resumes from the last checkpoint and reaches the same final step."""
+    output = tmp_path / "out"
+    if stage == "pretrain":
+        _copy_stages(full_run, output, "manifest")
+        script, steps = "pipelines/pretrain.py", ["--set", "pretrain.iterations=60", "--set", "pretrain.checkpoint_every=5"]
+    else:
+        _copy_stages(full_run, output, "manifest", "pretrain", "features")
+        script = "pipelines/train_generator.py"
+        steps = ["--set", "generator_training.iterations=400", "--set", "generator_training.checkpoint_every=20"]
+    stage_dir = output / stage
+    proc = _popen([script, "--config", str(SMOKE), "--output", str(output), "--set", f"data.root={dataset['root']}",
+                   *steps], tmp_path)
+    worker = stage_dir / "workers" / "rank-0.json"
+    # Two checkpoints on disk: the first one is surely registered with Ray Train by then.
+    _wait_for(lambda: worker.is_file() and len(list((stage_dir / "ray").rglob("checkpoint_*"))) >= 2, 300,
+              "the worker and two checkpoints", proc)
+    victim = json.loads(worker.read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    log = _finish(proc, tmp_path)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resumed from checkpoint at step" in log
+    assert json.loads(worker.read_text())["pid"] != victim  # a new worker finished the job
+    history = [json.loads(line) for line in (stage_dir / "history.jsonl").read_text().splitlines()]
+    final = 60 if stage == "pretrain" else 400
+    steps_done = [h["step"] for h in history]
+    assert steps_done == sorted(set(steps_done)) and steps_done[-1] == final
+    assert (stage_dir / "_SUCCESS.json").is_file()
+
+
+def test_interrupted_full_run_resumes_without_redoing_stages(full_run, dataset, tmp_path):
+    """SIGINT to ``full.py`` while pretraining: it stops without marking the stage done; the
+    rerun skips prepare, redoes pretraining and finishes with a valid results.json."""
+    output = tmp_path / "out"
+    args = ["pipelines/full.py", "--config", str(SMOKE), "--output", str(output), "--set",
+            f"data.root={dataset['root']}", "--set", "pretrain.iterations=60"]
+    proc = _popen(args, tmp_path)
+    _wait_for(lambda: (output / "pretrain" / "workers" / "rank-0.json").is_file(), 300, "pretraining", proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    log = _finish(proc, tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert (output / "manifest" / "_SUCCESS.json").is_file()
+    assert not (output / "pretrain" / "_SUCCESS.json").is_file() and not (output / "results.json").is_file()
+    manifest_mtime = (output / "manifest" / "_SUCCESS.json").stat().st_mtime
+    rerun = _run(args, tmp_path)
+    assert rerun.returncode == 0, log[-2000:]
+    text = rerun.stdout + rerun.stderr
+    assert "prepare: already done" in text
+    assert (output / "manifest" / "_SUCCESS.json").stat().st_mtime == manifest_mtime
+    results = json.loads((output / "results.json").read_text())
+    assert results and (output / "pretrain" / "_SUCCESS.json").is_file()
+    history = [json.loads(line)["step"] for line in (output / "pretrain" / "history.jsonl").read_text().splitlines()]
+    assert history == sorted(set(history)) and history[-1] == 60

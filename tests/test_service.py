@@ -66,8 +66,8 @@ def test_decode_converts_every_mode_to_rgb():
     assert (decode_image(encode(rgba, "PNG"), max_pixels=LIMIT) == [10, 20, 30]).all()
     cmyk = Image.new("CMYK", (4, 4), color=(0, 0, 0, 0))  # no ink = white
     assert (decode_image(encode(cmyk, "JPEG"), max_pixels=LIMIT) == 255).all()
-    deep = Image.fromarray(np.full((2, 3), 1000, dtype=np.uint16))  # 16-bit PNG, scaled to 8 bits
-    assert (decode_image(encode(deep, "PNG"), max_pixels=LIMIT) == 255).all()
+    deep = Image.fromarray(np.array([[1000, 65535, 0]], dtype=np.uint16))  # 16-bit PNG: a fixed 65535 -> 255
+    assert (decode_image(encode(deep, "PNG"), max_pixels=LIMIT)[..., 0] == [[4, 255, 0]]).all()
     webp = decode_image(encode(Image.new("RGB", (6, 6), (200, 0, 0)), "WEBP", lossless=True), max_pixels=LIMIT)
     assert (webp == [200, 0, 0]).all()
 
@@ -260,3 +260,75 @@ def test_bundle_without_reference_features_refuses(bundle_dirs):
     bundle.reference_embeddings = bundle.reference_labels = None
     with pytest.raises(UnprocessableError, match="reference features"):
         SegmentationService(bundle).add_classes([EXTRA_NAMES[0]])
+
+
+# ---- health, batching choice, safe loading ----------------------------------------------
+
+
+def test_health_check_runs_the_model_and_catches_broken_weights(bundle_dirs):
+    from pading.serving.service import UnhealthyError
+
+    service = SegmentationService(Bundle.load(bundle_dirs["linear"]))
+    service.health_check()  # a healthy model passes
+    with torch.no_grad():
+        next(service.bundle.segmenter.parameters()).fill_(float("nan"))
+    with pytest.raises(UnhealthyError, match="non-finite"):
+        service.health_check()
+
+
+def test_batching_auto_is_on_only_with_a_gpu():
+    from pading.config import ServeConfig, load_config
+    from pading.serving.service import resolve_batching
+
+    assert ServeConfig().batching == "auto"
+    assert resolve_batching("auto", "cpu") is False and resolve_batching("auto", torch.device("cuda")) is True
+    assert resolve_batching("on", "cpu") is True and resolve_batching("off", "cuda") is False
+    # YAML's on/off/true/false all mean on/off
+    assert [load_config(None, [f"serve.batching={v}"]).serve.batching for v in ("on", "false", "auto")] == [
+        "on", "off", "auto"]
+
+
+class Payload:
+    """Unpickling this would create a file: the marker that pickled code ran."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(Payload.marker), "w"))
+
+
+def test_pickled_weights_are_refused_and_never_run(bundle_dirs, tmp_path):
+    import shutil
+
+    from pading.errors import DataError, MissingWeightsError
+    from pading.model.segmenter import _read_state_dict
+
+    Payload.marker = tmp_path / "pickle-ran"
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": Payload()}, checkpoint)
+    with pytest.raises(MissingWeightsError, match="weights_only=True"):
+        _read_state_dict(checkpoint)  # the path of segmenter.weights / backbone_weights
+    assert not Payload.marker.exists()
+    # A bundle whose safetensors file is replaced by a pickle.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dirs["linear"], bundle)
+    torch.save({"payload": Payload()}, bundle / "classifier.safetensors")
+    with pytest.raises(DataError, match="classifier.safetensors.*not a safetensors"):
+        Bundle.load(bundle)
+    assert not Payload.marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in [*root.glob("pading/**/*.py"), *root.glob("pipelines/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert calls and all(safe for _, safe in calls), calls

@@ -16,7 +16,7 @@ from pading.model.classifier import (
     class_weights,
     expand_classifier,
 )
-from pading.training.generator import GeneratorTrainer, fit_classifier
+from pading.training.generator import GeneratorTrainer, fit_added_classes, fit_classifier
 
 SEMANTIC_DIM, EMBED_DIM = 8, 16
 NUM_CLASSES = 6  # c0..c3 seen, c4 c5 unseen
@@ -231,3 +231,43 @@ def test_fit_classifier_learns_an_added_class(table):
     with torch.no_grad():
         predicted = classifier(trainer.synthesize_from_semantics(new_semantics, 16)).argmax(dim=1)
     assert (predicted == added_index).float().mean() > 0.5
+
+
+def test_fit_added_classes_trains_only_the_added_rows(table):
+    """The serve-time re-fit (pading.serving.service): the added class is learned, the trained
+    classes' and no object's rows are bit-identical, and the loss is the one fit_classifier
+    computes on the same batches (the frozen logits are only cached, not changed)."""
+    problem = ToyProblem()
+    trainer = GeneratorTrainer(table, problem.semantics, EMBED_DIM, _config("primitive"))
+    for _ in range(30):
+        trainer.step(*problem.batch())
+    new_semantics = torch.randn(1, SEMANTIC_DIM, generator=problem.rng)
+    classifier = expand_classifier(trainer.classifier, NUM_CLASSES + 1)
+    before = classifier.linear.weight.detach().clone()
+    added_index = NUM_CLASSES
+    real_embeddings, real_labels = problem.batch()
+    real_labels = torch.where(real_labels == NUM_CLASSES, NUM_CLASSES + 1, real_labels)
+    synthetic = trainer.synthesize_from_semantics(new_semantics, 64, generator=torch.Generator().manual_seed(0))
+    settings = dict(steps=40, weights=torch.ones(NUM_CLASSES + 2), config=GeneratorTrainingConfig(classifier_lr=0.05),
+                    per_class=8, batch_size=32)
+
+    def synthesize(class_indices, per_class):  # the same samples for both fits
+        assert class_indices.tolist() == [added_index]
+        return synthetic[:per_class]
+
+    losses = fit_added_classes(classifier, NUM_CLASSES, real_embeddings, real_labels, synthesize,
+                               torch.tensor([added_index]), **settings)
+    after = classifier.linear.weight.detach()
+    assert torch.equal(after[:NUM_CLASSES], before[:NUM_CLASSES]) and torch.equal(after[-1], before[-1])
+    assert not torch.equal(after[added_index], before[added_index])
+    assert sum(losses[-5:]) < sum(losses[:5])
+    with torch.no_grad():
+        predicted = classifier(trainer.synthesize_from_semantics(new_semantics, 16)).argmax(dim=1)
+    assert (predicted == added_index).float().mean() > 0.5
+    # Step 1 sees the same batch and the same weights as fit_classifier's step 1: the same loss.
+    reference = expand_classifier(trainer.classifier, NUM_CLASSES + 1)
+    with torch.no_grad():
+        reference.linear.weight.copy_(before)
+    first = fit_classifier(reference, real_embeddings, real_labels, synthesize, torch.tensor([added_index]),
+                           **{**settings, "steps": 1})
+    assert first[0] == pytest.approx(losses[0], rel=1e-5)

@@ -1,5 +1,5 @@
-"""Data: COCO readers in the real formats (panoptic, instances, semantic), per-image
-targets, the seen-only filter, and the synthetic embedded-default dataset."""
+"""Data: COCO readers in the real formats (panoptic, instances, semantic), the LVIS v1
+reader, per-image targets, the seen-only filter, and the synthetic embedded-default dataset."""
 
 from pading.data.coco import (
     ImageRecord,
@@ -12,6 +12,7 @@ from pading.data.coco import (
     seen_only_filter,
     semantic_categories,
 )
+from pading.data.lvis import read_lvis_index
 from pading.data.synthetic import add_data_cli, synthetic_table, write_synthetic_dataset
 from pading.data.targets import (
     Targets,
@@ -50,6 +51,7 @@ __all__ = [
     "read_coco_json",
     "read_instances_index",
     "read_label_png",
+    "read_lvis_index",
     "read_panoptic_index",
     "read_panoptic_png",
     "read_semantic_index",

@@ -18,9 +18,13 @@ import contextlib
 import io
 import json
 import logging
+import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Sequence
+
+import numpy as np
 
 from pading.classes import ClassTable, cocostuff_categories
 from pading.errors import AnnotationError, DataError
@@ -35,6 +39,10 @@ REQUIRED_JSON_KEYS = ("images", "annotations", "categories")
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _PANOPTIC_SEGMENT_KEYS = ("id", "category_id", "iscrowd", "area", "bbox")
 _INSTANCE_KEYS = ("id", "image_id", "category_id", "segmentation", "area", "bbox")
+#: How far (as a share of the image's width / height) a polygon vertex may lie outside the
+#: image. A little overshoot is clipped when rasterised; farther is an error, because
+#: pycocotools walks every pixel along every edge (a vertex at 1e30 or NaN never finishes).
+POLYGON_MARGIN = 1.0
 
 
 @dataclass
@@ -169,15 +177,92 @@ def _missing(record, keys: Sequence[str]) -> str | None:
     return f"missing key(s) {', '.join(map(repr, absent))}" if absent else None
 
 
-def _index_images(data: dict, source: str, rejects: list[Reject]) -> dict[int, dict]:
-    images = {}
+def _as_int(value) -> int | None:
+    """A JSON id or size as an int, or None when it is not one: integers (and floats without
+    a fraction) count; strings, booleans and null do not (``"7"`` would index a different
+    key than ``7`` in every dict keyed by id)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _loose_id(value) -> int | None:
+    """:func:`_as_int`, or the integer a numeric string spells (to tell which image a bad
+    annotation belongs to, never to accept it)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return _as_int(value)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _file_name_problem(name) -> str | None:
+    """A ``file_name`` must be a relative path that stays inside its folder."""
+    if not isinstance(name, str) or not name.strip():
+        return f"file_name {name!r} is not a file name"
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive:
+        return f"file_name {name!r} leaves the image folder (absolute or '..')"
+    return None
+
+
+def _image_problem(image) -> str | None:
+    problem = _missing(image, _IMAGE_KEYS)
+    if problem:
+        return problem
+    if _as_int(image["id"]) is None:
+        return f"has id {image['id']!r}, not an integer"
+    for key in ("height", "width"):
+        value = _as_int(image[key])
+        if value is None or value < 1:
+            return f"has {key} {image[key]!r}, not a positive integer"
+    return _file_name_problem(image["file_name"])
+
+
+def _box_area_problem(record: dict) -> str | None:
+    """``bbox`` (when present) must be 4 finite numbers with width and height >= 0, ``area``
+    a finite number >= 0 and ``iscrowd`` 0 or 1 (COCO's data format)."""
+    if "bbox" in record:
+        bbox = record["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_finite_number(v) for v in bbox):
+            return f"bbox {bbox!r} is not 4 finite numbers"
+        if bbox[2] < 0 or bbox[3] < 0:
+            return f"bbox {bbox!r} has a negative width or height"
+    if "area" in record and (not _is_finite_number(record["area"]) or record["area"] < 0):
+        return f"area {record['area']!r} is not a finite number >= 0"
+    if "iscrowd" in record and (isinstance(record["iscrowd"], float) or record["iscrowd"] not in (0, 1)):
+        return f"iscrowd {record['iscrowd']!r} is not 0 or 1"
+    return None
+
+
+def _index_images(data: dict, source: str, rejects: list[Reject]) -> tuple[dict[int, dict], set[int]]:
+    """``(usable image entries by id, ids of rejected entries)``. An entry with a missing or
+    invalid key is rejected, and so is every entry of an id that occurs more than once
+    (which file and size the annotations of that id belong to is unknowable)."""
+    parsed = []
     for position, image in enumerate(data["images"]):
-        problem = _missing(image, _IMAGE_KEYS)
+        image_id = _as_int(image.get("id")) if isinstance(image, dict) else None
+        parsed.append((position, image, image_id))
+    occurrences = Counter(image_id for _, _, image_id in parsed if image_id is not None)
+    images, unusable = {}, set()
+    for position, image, image_id in parsed:
+        key = f"image_id={image_id}" if image_id is not None else f"images[{position}]"
+        problem = _image_problem(image)
+        if problem is None and occurrences[image_id] > 1:
+            problem = f"repeats image id {image_id} ({occurrences[image_id]} entries of 'images' have it)"
         if problem:
-            rejects.append(Reject(source, f"images[{position}]", f"image entry {problem}"))
+            rejects.append(Reject(source, key, f"image entry images[{position}] {problem}"))
+            if image_id is not None:
+                unusable.add(image_id)
             continue
-        images[int(image["id"])] = image
-    return images
+        images[image_id] = image
+    return images, unusable
 
 
 def _category_ids(data: dict, source: str) -> set[int]:
@@ -185,7 +270,10 @@ def _category_ids(data: dict, source: str) -> set[int]:
     for position, category in enumerate(data["categories"]):
         if not isinstance(category, dict) or "id" not in category:
             raise AnnotationError(source, f"categories[{position}] has no 'id'")
-        ids.add(int(category["id"]))
+        category_id = _as_int(category["id"])
+        if category_id is None:
+            raise AnnotationError(source, f"categories[{position}] has id {category['id']!r}, not an integer")
+        ids.add(category_id)
     return ids
 
 
@@ -202,75 +290,175 @@ def _record(image: dict, image_dir: str | Path, split: str, **paths) -> ImageRec
 
 
 # ---- panoptic -----------------------------------------------------------------------
+def _panoptic_segments(segments_info, known_categories: set[int]) -> tuple[list[Segment], str | None]:
+    """``(segments, None)`` or ``([], what is wrong)`` for one annotation's ``segments_info``."""
+    if not isinstance(segments_info, list):
+        return [], f"segments_info is a {type(segments_info).__name__}, expected a list"
+    segments, ids = [], set()
+    for position, info in enumerate(segments_info):
+        problem = _missing(info, _PANOPTIC_SEGMENT_KEYS)
+        if problem is None:
+            segment_id, category_id = _as_int(info["id"]), _as_int(info["category_id"])
+            if segment_id is None or segment_id < 1:
+                problem = f"has id {info['id']!r}, not a positive integer (0 is void in the PNG)"
+            elif category_id is None:
+                problem = f"has category_id {info['category_id']!r}, not an integer"
+            elif category_id not in known_categories:
+                problem = f"has unknown category id {category_id}"
+            elif segment_id in ids:
+                problem = f"repeats segment id {segment_id}"
+            else:
+                problem = _box_area_problem(info)
+        if problem:
+            return [], f"segments_info[{position}] {problem}"
+        ids.add(segment_id)
+        segments.append(Segment.from_dict(info))
+    return segments, None
+
+
 def read_panoptic_index(
     json_path: str | Path, image_dir: str | Path, panoptic_dir: str | Path, split: str
 ) -> tuple[list[ImageRecord], list[dict], list[Reject]]:
     """Read ``panoptic_*.json`` -> (records sorted by image id, categories, rejects).
 
-    A bad annotation (missing key, no matching image, unknown category id, repeated
-    segment id) or an image without an annotation becomes a :class:`Reject`.
+    A bad image entry (missing or invalid key, repeated id) or annotation (missing key, no
+    matching image, more than one for an image, a bad segment: unknown category id,
+    repeated or void segment id, invalid bbox/area) becomes a :class:`Reject`, as does an
+    image without an annotation (it has no PNG, so no ground truth). docs/bad_inputs.md
+    lists each case.
     """
     source = str(json_path)
     data = read_coco_json(json_path)
     rejects: list[Reject] = []
-    images = _index_images(data, source, rejects)
+    images, unusable = _index_images(data, source, rejects)
     known_categories = _category_ids(data, source)
-    records: dict[int, ImageRecord] = {}
+    by_image: dict[int, list[tuple[int, dict]]] = {}
     for position, ann in enumerate(data["annotations"]):
-        key = f"annotations[{position}]"
         problem = _missing(ann, ("image_id", "file_name", "segments_info"))
+        if problem is None and _as_int(ann["image_id"]) is None:
+            problem = f"has image_id {ann['image_id']!r}, not an integer"
+        if problem is None:
+            problem = _file_name_problem(ann["file_name"])
         if problem:
-            rejects.append(Reject(source, key, f"panoptic annotation {problem}"))
+            rejects.append(Reject(source, f"annotations[{position}]", f"panoptic annotation {problem}"))
             continue
-        image_id = int(ann["image_id"])
+        by_image.setdefault(_as_int(ann["image_id"]), []).append((position, ann))
+    records: dict[int, ImageRecord] = {}
+    for image_id, anns in by_image.items():
         key = f"image_id={image_id}"
+        if image_id in unusable:  # rejected with its image entry
+            continue
         if image_id not in images:
             rejects.append(Reject(source, key, "annotation has no matching entry in 'images'"))
             continue
-        if image_id in records:
-            rejects.append(Reject(source, key, "image has more than one panoptic annotation"))
+        if len(anns) > 1:
+            where = ", ".join(f"annotations[{position}]" for position, _ in anns)
+            rejects.append(Reject(source, key, f"image has {len(anns)} panoptic annotations ({where})"))
             continue
-        segments, reason = [], None
-        for seg_position, info in enumerate(ann["segments_info"]):
-            problem = _missing(info, _PANOPTIC_SEGMENT_KEYS)
-            if problem:
-                reason = f"segments_info[{seg_position}] {problem}"
-            elif int(info["category_id"]) not in known_categories:
-                reason = f"segments_info[{seg_position}] has unknown category id {info['category_id']}"
-            elif any(s.id == int(info["id"]) for s in segments):
-                reason = f"segments_info[{seg_position}] repeats segment id {info['id']}"
-            if reason:
-                break
-            segments.append(Segment.from_dict(info))
+        segments, reason = _panoptic_segments(anns[0][1]["segments_info"], known_categories)
         if reason:
             rejects.append(Reject(source, key, reason))
             continue
-        record = _record(images[image_id], image_dir, split, panoptic_path=str(Path(panoptic_dir) / ann["file_name"]))
+        record = _record(images[image_id], image_dir, split,
+                         panoptic_path=str(Path(panoptic_dir) / anns[0][1]["file_name"]))
         record.segments = segments
         records[image_id] = record
-    for image_id in sorted(set(images) - set(records)):
-        if not any(r.key == f"image_id={image_id}" for r in rejects):
-            rejects.append(Reject(source, f"image_id={image_id}", "image has no panoptic annotation"))
+    for image_id in sorted(set(images) - set(by_image)):
+        rejects.append(Reject(source, f"image_id={image_id}", "image has no panoptic annotation"))
     logger.info("%s: %d records, %d rejects", source, len(records), len(rejects))
     return [records[i] for i in sorted(records)], list(data["categories"]), rejects
 
 
 # ---- instances ----------------------------------------------------------------------
-def _segmentation_problem(segmentation) -> str | None:
+def _rle_string_total(counts: str) -> int | None:
+    """Pixels covered by a compressed COCO RLE string (the sum of its runs, decoded as
+    pycocotools' ``rleFrString`` does), or None when the string is malformed (a character
+    outside the alphabet, a cut-off number, a negative run)."""
+    total, runs, position = 0, [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        total += value
+    return total
+
+
+def segmentation_problem(segmentation, height: int | None = None, width: int | None = None) -> str | None:
+    """What is wrong with a COCO instance ``segmentation`` (polygons, RLE, uncompressed
+    RLE), or None.
+
+    Given the image's ``height`` and ``width`` it also checks that polygon vertices stay
+    within :data:`POLYGON_MARGIN` of the image and that an RLE has the image's size. An
+    RLE must cover exactly height x width pixels in any case: pycocotools decodes a short
+    one into uninitialised memory.
+    """
+    sized = height is not None and width is not None
     if isinstance(segmentation, list):
         if not segmentation:
             return "segmentation is an empty polygon list"
         for polygon in segmentation:
             if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
                 return "segmentation polygon needs an even number (>= 6) of coordinates"
+            try:
+                coords = np.asarray(polygon, dtype=np.float64)  # (2V,)
+            except (TypeError, ValueError):
+                return "segmentation polygon has a coordinate that is not a number"
+            if coords.ndim != 1 or not np.isfinite(coords).all():
+                return "segmentation polygon has a coordinate that is not a finite number"
+            if sized:
+                xs, ys = coords[0::2], coords[1::2]
+                if (xs.min() < -POLYGON_MARGIN * width or xs.max() > (1 + POLYGON_MARGIN) * width
+                        or ys.min() < -POLYGON_MARGIN * height or ys.max() > (1 + POLYGON_MARGIN) * height):
+                    return (f"segmentation polygon spans x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}, "
+                            f"far outside the {width}x{height} image")
         return None
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
             return "segmentation RLE needs 'counts' and 'size'"
-        if not isinstance(segmentation["counts"], (str, list)):
+        size, counts = segmentation["size"], segmentation["counts"]
+        if not isinstance(size, list) or len(size) != 2 or any(_as_int(v) is None or _as_int(v) < 0 for v in size):
+            return f"segmentation RLE size {size!r} is not [height, width]"
+        rle_height, rle_width = int(size[0]), int(size[1])
+        if sized and [rle_height, rle_width] != [height, width]:
+            return f"segmentation RLE size {[rle_height, rle_width]} differs from the image's {[height, width]}"
+        if isinstance(counts, list):
+            try:
+                runs = np.asarray(counts)  # (R,); a crowd region has thousands of runs
+            except (ValueError, OverflowError):
+                runs = np.asarray([None])
+            if runs.size and (runs.ndim != 1 or runs.dtype.kind not in "iuf" or not np.isfinite(runs).all()
+                              or (runs != np.round(runs)).any() or runs.min() < 0):
+                return "segmentation RLE counts must be non-negative integers"
+            total = int(runs.sum())
+        elif isinstance(counts, str):
+            total = _rle_string_total(counts)
+            if total is None:
+                return "segmentation RLE counts string is malformed"
+        else:
             return "segmentation RLE 'counts' must be a string or a list"
+        if total != rle_height * rle_width:
+            return f"segmentation RLE runs cover {total} pixels, not {rle_height}x{rle_width} = {rle_height * rle_width}"
         return None
     return f"segmentation is a {type(segmentation).__name__}, expected polygons or RLE"
+
+
+#: The name the LVIS reader imports.
+_segmentation_problem = segmentation_problem
 
 
 def read_instances_index(
@@ -278,33 +466,54 @@ def read_instances_index(
 ) -> tuple[list[ImageRecord], list[dict], list[Reject]]:
     """Read ``instances_*.json`` through pycocotools -> (records, categories, rejects).
 
-    One :class:`Segment` per annotation (segmentation kept as JSON). An annotation with a
-    missing key, bad segmentation, unknown image or category becomes a Reject, and so does
-    its image (a partly labelled image would teach "background" on the lost object).
-    Images without annotations are kept with no segments, as in COCO.
+    One :class:`Segment` per annotation (segmentation kept as JSON). A bad image entry is a
+    Reject (as in :func:`read_panoptic_index`). An annotation with a missing or invalid key
+    (non-integer or repeated id, unknown image or category, bad segmentation, bbox, area
+    or iscrowd) becomes a Reject, and so does its image (a partly labelled image would
+    teach "background" on the lost object). Images without annotations are kept with no
+    segments, as in COCO. docs/bad_inputs.md lists each case.
     """
     from pycocotools.coco import COCO
 
     source = str(json_path)
     data = read_coco_json(json_path)
     rejects: list[Reject] = []
-    images = _index_images(data, source, rejects)
+    images, unusable = _index_images(data, source, rejects)
     known_categories = _category_ids(data, source)
+    annotation_ids = Counter(_as_int(a.get("id")) for a in data["annotations"] if isinstance(a, dict))
     good_annotations, bad_images = [], set()
     for position, ann in enumerate(data["annotations"]):
+        is_dict = isinstance(ann, dict)
+        ann_id = _as_int(ann.get("id")) if is_dict else None
+        image_id = _as_int(ann.get("image_id")) if is_dict else None
+        # the image a bad annotation is charged to: "7" names image 7 even though it is no valid id
+        owner = image_id if image_id is not None or not is_dict else _loose_id(ann.get("image_id"))
+        key = f"annotation id={ann_id}" if ann_id is not None else f"annotations[{position}]"
+        if owner in unusable:  # rejected with its image entry
+            continue
         problem = _missing(ann, _INSTANCE_KEYS)
-        key = f"annotation id={ann['id']}" if isinstance(ann, dict) and "id" in ann else f"annotations[{position}]"
         if problem is None:
-            if int(ann["image_id"]) not in images:
-                problem = f"image id {ann['image_id']} has no entry in 'images'"
-            elif int(ann["category_id"]) not in known_categories:
-                problem = f"unknown category id {ann['category_id']}"
+            category_id = _as_int(ann["category_id"])
+            if ann_id is None:
+                problem = f"has id {ann['id']!r}, not an integer"
+            elif annotation_ids[ann_id] > 1:
+                problem = f"repeats annotation id {ann_id} ({annotation_ids[ann_id]} annotations have it)"
+            elif image_id is None:
+                problem = f"has image_id {ann['image_id']!r}, not an integer"
+            elif image_id not in images:
+                problem = f"image id {image_id} has no entry in 'images'"
+            elif category_id is None:
+                problem = f"has category_id {ann['category_id']!r}, not an integer"
+            elif category_id not in known_categories:
+                problem = f"unknown category id {category_id}"
             else:
-                problem = _segmentation_problem(ann["segmentation"])
+                image = images[image_id]
+                problem = _box_area_problem(ann) or segmentation_problem(
+                    ann["segmentation"], int(image["height"]), int(image["width"]))
         if problem:
             rejects.append(Reject(source, key, f"instance annotation {problem}"))
-            if isinstance(ann, dict) and ann.get("image_id") in images:
-                bad_images.add(int(ann["image_id"]))
+            if owner in images:
+                bad_images.add(owner)
             continue
         good_annotations.append(ann)
     for image_id in sorted(bad_images):

@@ -5,6 +5,7 @@ rejects table. Ray-free: pipelines/prepare.py maps :func:`validate_rows` over sh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,11 +24,14 @@ from pading.data import (
     load_panoptic_targets,
     load_semantic_targets,
     read_instances_index,
+    read_lvis_index,
     read_panoptic_index,
     read_semantic_index,
     seen_only_filter,
 )
 from pading.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -74,6 +78,8 @@ def read_split_index(data: DataConfig, split: str) -> tuple[list[ImageRecord], l
     elif data.format == "instances":
         json_path = resolve(root, data.train_instances_json if split == "train" else data.val_instances_json)
         records, categories, rejects = read_instances_index(json_path, images, split)
+    elif data.format == "lvis":
+        records, categories, rejects = read_lvis_index(resolve(root, data.instances_json(split)), images, split)
     else:
         label_dir = resolve(root, data.train_semantic_dir if split == "train" else data.val_semantic_dir)
         records, categories, rejects = read_semantic_index(images, label_dir, split)
@@ -91,7 +97,7 @@ def class_table_for(data: DataConfig, categories: Sequence[dict]) -> ClassTable:
 def load_targets(record: ImageRecord, table: ClassTable, data_format: str) -> Targets:
     if data_format == "panoptic":
         return load_panoptic_targets(record, table)
-    if data_format == "instances":
+    if data_format in ("instances", "lvis"):
         return load_instance_targets(record, table)
     return load_semantic_targets(record, table)
 
@@ -143,8 +149,22 @@ def rejects_to_table(rejects: Sequence[Reject | dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
 
 
-def apply_seen_only_filter(rows: Sequence[dict], table: ClassTable) -> tuple[list[dict], list[dict]]:
-    """Train rows without any unseen segment; the dropped ones as reject-like rows."""
+def apply_seen_only_filter(rows: Sequence[dict], table: ClassTable,
+                           rule: str = "drop_images") -> tuple[list[dict], list[dict]]:
+    """Train rows without any unseen segment; the dropped ones as reject-like rows.
+
+    ``rule`` (``data.unseen_in_train``): ``drop_images`` drops every row with an unseen
+    segment (docs/method.md "Setting"); ``drop_annotations`` keeps every row and removes its
+    unseen segments (docs/lvis.md), so nothing is dropped."""
+    if rule == "drop_annotations":
+        unseen = table.unseen_ids
+        kept = [{**r, "segments": [s for s in r["segments"] if s["category_id"] not in unseen], "has_unseen": False}
+                for r in rows]
+        removed = sum(len(r["segments"]) for r in rows) - sum(len(r["segments"]) for r in kept)
+        logger.info("unseen annotations removed from %d training images: %d", len(rows), removed)
+        return kept, []
+    if rule != "drop_images":
+        raise ValueError(f"unknown data.unseen_in_train rule {rule!r}")
     kept_records, dropped = seen_only_filter([ImageRecord.from_row(r) for r in rows], table)
     kept_ids = {r.image_id for r in kept_records}
     kept = [r for r in rows if r["image_id"] in kept_ids]

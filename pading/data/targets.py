@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pading.classes import SEMANTIC_IGNORE_LABEL, ClassTable
-from pading.data.coco import ImageRecord, Reject, Segment, semantic_categories
+from pading.data.coco import ImageRecord, Reject, Segment, segmentation_problem, semantic_categories
 from pading.errors import AnnotationError, CorruptImageError, DataError
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,15 @@ logger = logging.getLogger(__name__)
 PANOPTIC_ID_WEIGHTS = np.array([1, 256, 256 * 256], dtype=np.int32)
 _EIGHT_BIT_MAX = 255
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+_SIXTEEN_BIT_MAX = 65535
 
 
 def _open_decoded(path: str | Path) -> Image.Image:
     """Open and fully decode an image file, or raise CorruptImageError naming it."""
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise CorruptImageError(str(path), "is not a regular file (a directory or device)")
         raise CorruptImageError(str(path), "file does not exist")
     if path.stat().st_size == 0:
         raise CorruptImageError(str(path), "file is empty")
@@ -49,12 +52,15 @@ def _open_decoded(path: str | Path) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8 RGB: grayscale, RGBA, CMYK and palette images are
-    converted, 16-bit/float grayscale is scaled to 8 bits."""
+    converted; 16-bit integer grayscale maps by a fixed factor (65535 -> 255, so a dark image
+    stays dark), float grayscale is taken as 0..1 when it fits there, else as 0..255."""
     if image.mode in _HIGH_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)  # (H, W)
-        peak = max(float(values.max()), 1.0) if values.size else 1.0
-        scale = _EIGHT_BIT_MAX / peak if peak > _EIGHT_BIT_MAX else 1.0
-        gray = np.clip(values * scale, 0, _EIGHT_BIT_MAX).astype(np.uint8)
+        if image.mode == "F":
+            scale = _EIGHT_BIT_MAX if values.size and float(values.max()) <= 1.0 else 1.0
+        else:
+            scale = _EIGHT_BIT_MAX / _SIXTEEN_BIT_MAX
+        gray = np.clip(np.rint(values * scale), 0, _EIGHT_BIT_MAX).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
     if image.mode in ("P", "PA") and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -167,38 +173,54 @@ class Targets:
 def load_panoptic_targets(record: ImageRecord, table: ClassTable) -> Targets:
     """Masks of a record's panoptic PNG; segments of classes outside ``table`` are left out.
 
-    Raises AnnotationError if the PNG's size differs from the record's or the PNG holds
-    an id that is not among the record's segments.
+    Raises AnnotationError if the PNG's size differs from the record's, the PNG holds an
+    id that is not among the record's segments, or a segment has no pixel in the PNG
+    (COCO's panoptic evaluation refuses both mismatches; docs/bad_inputs.md).
     """
     if not record.panoptic_path:
         raise AnnotationError(f"image_id={record.image_id}", "record has no panoptic PNG path")
     segment_id_map = read_panoptic_png(record.panoptic_path)  # (H, W)
     _check_size(record.panoptic_path, segment_id_map, record)
     known = {s.id for s in record.segments}
-    for segment_id in np.unique(segment_id_map).tolist():
+    present = set(np.unique(segment_id_map).tolist())
+    for segment_id in sorted(present):
         if segment_id != 0 and segment_id not in known:
             raise AnnotationError(
                 record.panoptic_path,
                 f"segment id {segment_id} is not in the annotation's segments_info (image_id={record.image_id})",
+            )
+    for segment in record.segments:
+        if segment.id not in present:
+            raise AnnotationError(
+                record.panoptic_path,
+                f"segments_info has segment id {segment.id} with no pixel in the PNG (image_id={record.image_id})",
             )
     items = []
     for segment in record.segments:
         if not table.has_id(segment.category_id):
             continue
         mask = segment_id_map == segment.id  # (H, W)
-        if not mask.any():
-            logger.debug("%s: segment %d has no pixels", record.panoptic_path, segment.id)
-            continue
         items.append((mask, table.index_of_id(segment.category_id), segment.category_id, segment.iscrowd, segment.id))
     return Targets.build(record.height, record.width, items)
 
 
 def decode_segmentation(segmentation, height: int, width: int, source: str = "segmentation") -> np.ndarray:
-    """COCO polygons / RLE / uncompressed RLE (or their JSON) -> (H, W) bool mask."""
+    """COCO polygons / RLE / uncompressed RLE (or their JSON) -> (H, W) bool mask.
+
+    The segmentation is checked first (``pading.data.coco.segmentation_problem``): a
+    polygon with a NaN or far-away vertex would hang pycocotools, a short RLE would decode
+    uninitialised memory. Raises AnnotationError naming ``source``.
+    """
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, str):
-        segmentation = json.loads(segmentation)
+        try:
+            segmentation = json.loads(segmentation)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(source, f"segmentation is not valid JSON ({err})") from None
+    problem = segmentation_problem(segmentation, height, width)
+    if problem:
+        raise AnnotationError(source, problem)
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):

@@ -55,8 +55,45 @@ def _probabilities(mask_logits: Tensor, class_logits: Tensor, table: ClassTable)
 def semantic_inference(mask_logits: Tensor, class_logits: Tensor, *, table: ClassTable) -> np.ndarray:
     """(H, W) int64 class indices: argmax_c Σ_q p_q[c] · m_q (no-object column dropped)."""
     class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
-    scores = torch.einsum("qc,qhw->chw", class_probs[:, :-1], mask_probs)  # (C, H, W)
-    return scores.argmax(0).cpu().numpy().astype(np.int64)
+    probs = class_probs[:, :-1]  # (Q, C)
+    if probs.shape[1] <= SEMANTIC_DENSE_CLASSES:
+        scores = torch.einsum("qc,qhw->chw", probs, mask_probs)  # (C, H, W)
+        return scores.argmax(0).cpu().numpy().astype(np.int64)
+    return _semantic_large_vocabulary(probs, mask_probs).cpu().numpy().astype(np.int64)
+
+
+#: Up to this many classes the (C, H, W) score volume is built at once; above it,
+#: :func:`_semantic_large_vocabulary` avoids it (10,000 classes x 640x480 would be 12 GB).
+SEMANTIC_DENSE_CLASSES = 256
+_SEMANTIC_CHUNK = 512
+
+
+def _semantic_large_vocabulary(probs: Tensor, mask_probs: Tensor) -> Tensor:
+    """The exact argmax_c Σ_q p_qc m_q(x) for a large vocabulary, in (H, W).
+
+    Score only the K = SEMANTIC_DENSE_CLASSES classes of largest mass M_c = Σ_q p_qc first.
+    Any other class c has s_c(x) <= M_c · max_q m_q(x) <= M_(K+1) · max_q m_q(x), so a pixel
+    whose best candidate score beats that bound is decided; the (usually few) others are
+    scored against every class in chunks. Same labels as the dense volume (docs/method.md
+    "Inference")."""
+    masks = mask_probs.flatten(1)  # (Q, P)
+    mass = probs.sum(0)  # (C,)
+    order = mass.argsort(descending=True)
+    chosen = order[:SEMANTIC_DENSE_CLASSES].sort().values
+    best, index = (probs[:, chosen].t() @ masks).max(0)  # (P,)
+    labels = chosen[index]
+    bound = mass[order[SEMANTIC_DENSE_CLASSES]] * masks.max(0).values
+    undecided = torch.nonzero(best <= bound).squeeze(1)
+    if undecided.numel():
+        sub = masks[:, undecided]  # (Q, U)
+        top = torch.full((sub.shape[1],), -1.0, dtype=sub.dtype, device=sub.device)
+        arg = torch.zeros(sub.shape[1], dtype=torch.long, device=sub.device)
+        for start in range(0, probs.shape[1], _SEMANTIC_CHUNK):
+            values, where = (probs[:, start:start + _SEMANTIC_CHUNK].t() @ sub).max(0)
+            better = values > top  # strict: the lowest index wins ties, as argmax does
+            top, arg = torch.where(better, values, top), torch.where(better, where + start, arg)
+        labels[undecided] = arg
+    return labels.view(mask_probs.shape[1:])
 
 
 def semantic_to_label_map(index_map: np.ndarray, table: ClassTable) -> np.ndarray:

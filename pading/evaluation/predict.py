@@ -32,7 +32,7 @@ from pading.evaluation.inference import (
     semantic_inference,
     semantic_to_label_map,
 )
-from pading.evaluation.metrics import evaluate_instance, evaluate_panoptic, evaluate_semantic
+from pading.evaluation.metrics import evaluate_instance, evaluate_lvis, evaluate_panoptic, evaluate_semantic
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.serving.bundle import Bundle
 
@@ -87,8 +87,11 @@ def postprocess(mask_logits: torch.Tensor, class_logits: torch.Tensor, *, table:
 
 
 def tasks_for(data_format: str) -> tuple[str, ...]:
-    """The tasks a dataset's ground truth scores: panoptic GT all three, instances ZSI, semantic ZSS."""
-    return TASKS if data_format == "panoptic" else (("instance",) if data_format == "instances" else ("semantic",))
+    """The tasks a dataset's ground truth scores: panoptic GT all three, instances and LVIS
+    instance segmentation, semantic ZSS."""
+    if data_format == "panoptic":
+        return TASKS
+    return ("instance",) if data_format in ("instances", "lvis") else ("semantic",)
 
 
 def write_prediction(row: dict, prediction: Prediction, table: ClassTable, data_format: str, output: Path) -> dict:
@@ -191,7 +194,11 @@ def summarize(
     """Write prediction files and compute ZSP / ZSI / ZSS Seen, Unseen and HM.
 
     Returns ``{"panoptic": {...}, "instance": {...}, "semantic": {...}, "reports": {...}}``
-    (only the tasks the data format supports; values in percent)."""
+    (only the tasks the data format supports; values in percent). For ``lvis``,
+    ``gt_instances_json`` is the LVIS val JSON and the result is ``{"lvis": {"seen"|"unseen"|"hm":
+    {"ap"}, "all": {"ap", "ap50", "ap75", "aps", "apm", "apl", "ap_r", "ap_c", "ap_f", "ar"}}}``
+    (mask AP by the LVIS rules on the ``images`` given, else on the predicted ones; an image
+    that failed to predict counts as a miss; docs/lvis.md)."""
     output = Path(output_dir)
     good = [r for r in rows if not r["error"]]
     unseen_ids = table.unseen_ids
@@ -215,6 +222,15 @@ def summarize(
         gt_instances_json = output / "gt_instances.json"
         gt_instances_json.write_text(json.dumps(gt))
         gt_semantic_dir = output / "gt_semantic"
+    if data_format == "lvis":
+        detections = [d for r in good for d in json.loads(r["instances"] or "[]")]
+        (output / "instance_predictions.json").write_text(json.dumps(detections))
+        evaluated = [int(r["image_id"]) for r in (images if images is not None else good)]  # an error is a miss
+        report = evaluate_lvis(str(gt_instances_json), detections, unseen_ids, image_ids=evaluated)
+        lvis = _group(report, ("ap",))
+        lvis["all"] = {k: float(v) for k, v in report["LVIS"].items() if not k.startswith("n_")}
+        results["lvis"] = lvis
+        results["reports"]["lvis"] = report
     if data_format in ("panoptic", "instances"):
         detections = [d for r in good for d in json.loads(r["instances"] or "[]")]
         (output / "instance_predictions.json").write_text(json.dumps(detections))

@@ -108,6 +108,18 @@ def build_mask2former_config(config: SegmenterConfig, num_classes: int) -> Mask2
 # ---- checkpoint reading -------------------------------------------------------------
 
 
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file. A file that is not one (e.g. a pickle put in
+    its place) raises DataError naming it; nothing in it is ever unpickled or run."""
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise DataError(str(path), "weights file is missing") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise DataError(str(path), f"not a safetensors weights file ({type(err).__name__}: {err}); "
+                        "weights are only read from safetensors, never unpickled") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a checkpoint file or a save_pretrained directory (safetensors or a
     ``weights_only`` torch file; never pickle)."""
@@ -123,11 +135,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                loaded = load_file(str(file), device="cpu")
-            else:
+                loaded = read_safetensors(file)
+            else:  # weights_only: tensors and plain containers, never arbitrary pickled objects
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a bad file
-            raise MissingWeightsError(f"{file}: cannot read weights ({err})") from err
+            raise MissingWeightsError(f"{file}: cannot read weights ({type(err).__name__}: {err}); checkpoints "
+                                      "are loaded with weights_only=True, so pickled objects are refused") from err
         for nest_key in ("state_dict", "model"):
             if isinstance(loaded, dict) and isinstance(loaded.get(nest_key), dict):
                 loaded = loaded[nest_key]
@@ -370,7 +383,7 @@ class Segmenter(nn.Module):
             raise DataError(str(meta_path), f"not a valid segmenter description ({err})") from err
         config_data.update(weights=None, backbone_weights=None)  # the weights are in this directory
         model = cls(from_dict(SegmenterConfig, config_data, prefix="segmenter"), num_classes)
-        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+        state = read_safetensors(directory / WEIGHTS_FILE)
         optional = () if head_saved else ("class_predictor.",)
         state = {k.removeprefix("mask2former."): v for k, v in state.items()}
         _load_matching(model.mask2former, state, source=str(directory), optional_prefixes=optional, warn_skipped=False)

@@ -47,10 +47,10 @@ ABLATION_LABELS = {
 }
 #: (task, metric) columns, each with seen / unseen / HM.
 METRIC_COLUMNS = (("panoptic", "pq"), ("panoptic", "sq"), ("panoptic", "rq"), ("instance", "map50"),
-                  ("semantic", "miou"))
+                  ("semantic", "miou"), ("lvis", "ap"))
 GROUPS = ("seen", "unseen", "hm")
-TASK_LABELS = {"panoptic": "ZSP", "instance": "ZSI", "semantic": "ZSS"}
-METRIC_LABELS = {"pq": "PQ", "sq": "SQ", "rq": "RQ", "map50": "mAP@0.5", "miou": "mIoU"}
+TASK_LABELS = {"panoptic": "ZSP", "instance": "ZSI", "semantic": "ZSS", "lvis": "OVIS (LVIS)"}
+METRIC_LABELS = {"pq": "PQ", "sq": "SQ", "rq": "RQ", "map50": "mAP@0.5", "miou": "mIoU", "ap": "mask AP"}
 GROUP_LABELS = {"seen": "Seen", "unseen": "Unseen", "hm": "HM"}
 
 
@@ -159,7 +159,7 @@ def evaluate_classifier(cache: Sequence[CachedImage], classifier: nn.Module, tab
         results = summarize(
             rows, table, data.format, output,
             gt_panoptic_json=resolve(root, data.val_panoptic_json), gt_panoptic_dir=resolve(root, data.val_panoptic_dir),
-            gt_instances_json=resolve(root, data.val_instances_json), gt_semantic_dir=resolve(root, data.val_semantic_dir),
+            gt_instances_json=resolve(root, data.instances_json("val")), gt_semantic_dir=resolve(root, data.val_semantic_dir),
             images=[image.row for image in cache if not image.error],
         )
     results.pop("reports", None)

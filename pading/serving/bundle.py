@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from pading.classes import ClassTable
@@ -41,7 +41,7 @@ from pading.config import (
 from pading.errors import DataError
 from pading.model.classifier import Classifier, ProjectionClassifier
 from pading.model.generator import build_generator
-from pading.model.segmenter import Segmenter
+from pading.model.segmenter import Segmenter, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +164,11 @@ class Bundle:
             meta = json.loads((directory / "generator.json").read_text())
             generator_config = from_dict(GeneratorConfig, meta["config"])
             generator = build_generator(generator_config, meta["semantic_dim"], meta["embed_dim"])
-            generator.load_state_dict(load_file(str(directory / "generator.safetensors"), device=str(device)))
+            generator.load_state_dict(read_safetensors(directory / "generator.safetensors", device))
             generator.to(device).eval()
         reference_embeddings = reference_labels = None
         if (directory / "reference_features.safetensors").is_file():
-            reference = load_file(str(directory / "reference_features.safetensors"))
+            reference = read_safetensors(directory / "reference_features.safetensors")
             reference_embeddings = reference["embeddings"].numpy()
             reference_labels = reference["labels"].numpy()
         return cls(config, table, semantics, encoder, segmenter.to(device).eval(), classifier, generator, generator_config,
@@ -190,7 +190,7 @@ def save_classifier(classifier: nn.Module, directory: Path) -> None:
 
 def load_classifier(directory: Path, device: torch.device) -> nn.Module:
     meta = json.loads((directory / "classifier.json").read_text())
-    state = load_file(str(directory / "classifier.safetensors"), device=str(device))
+    state = read_safetensors(directory / "classifier.safetensors", device)
     if meta["kind"] == "projection":
         classifier = ProjectionClassifier(meta["embed_dim"], state["class_semantics"], temperature=meta["temperature"])
     elif meta["kind"] == "linear":

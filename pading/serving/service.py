@@ -41,6 +41,7 @@ from pading.errors import (
     CorruptImageError,
     DataError,
     MissingWeightsError,
+    PadingError,
     UnknownClassError,
 )
 from pading.evaluation.inference import panoptic_to_rgb
@@ -54,7 +55,7 @@ from pading.model.classifier import (
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.model.semantics import encode_with_config
 from pading.serving.bundle import Bundle
-from pading.training.generator import fit_classifier
+from pading.training.generator import fit_added_classes
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +82,24 @@ class UnprocessableError(DataError):
     """A valid request the model cannot carry out (HTTP 422): e.g. a name without a vector."""
 
 
+class BusyError(PadingError):
+    """The service cannot answer in time (request timeout): HTTP 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnhealthyError(RuntimeError):
+    """The model's health check failed: its forward pass errs or gives non-finite output."""
+
+
 class ClassConflictError(DataError):
     """A class that already exists, or that may not be removed (HTTP 409)."""
 
 
 #: First match wins: subclasses before their bases.
-_STATUS_BY_ERROR = ((ImageTooLargeError, 413), (TruncatedImageError, 422), (UnprocessableError, 422),
+_STATUS_BY_ERROR = ((BusyError, 503), (ImageTooLargeError, 413), (TruncatedImageError, 422), (UnprocessableError, 422),
                     (ClassConflictError, 409), (UnknownClassError, 404), (DataError, 400), (ConfigError, 422))
 
 
@@ -126,6 +139,26 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "request body") 
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise TruncatedImageError(source, f"{image.format} image is truncated or corrupt ({err})") from None
     return to_rgb(image)
+
+
+def resolve_batching(setting: str, device: torch.device | str) -> bool:
+    """``serve.batching``: ``on``/``off``, or ``auto`` = batch on a GPU only. On CPU the
+    unbatched replica measured faster at every concurrency (README "Serving"): requests run
+    side by side on threads, while a batch waits for its slowest image."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"
+
+
+def segment_counts(result: dict) -> dict[str, int]:
+    """Segments of one :meth:`SegmentationService.segment` result by kind of class:
+    ``{"seen", "unseen", "added"}`` (an added class counts as added only)."""
+    counts = {"seen": 0, "unseen": 0, "added": 0}
+    for task in TASKS:
+        for entry in result.get(task, ()):
+            kind = "added" if entry.get("added") else "unseen" if entry.get("unseen") else "seen"
+            counts[kind] += 1
+    return counts
 
 
 def check_request(task: str, output_format: str = "json") -> tuple[str, ...]:
@@ -204,6 +237,25 @@ class SegmentationService:
 
     def decode(self, data: bytes, source: str = "request body") -> np.ndarray:
         return decode_image(data, max_pixels=self.config.max_image_pixels, source=source)
+
+    @torch.no_grad()
+    def health_check(self, size: int = 32) -> None:
+        """One real forward pass and post-processing on a small synthetic image; raises
+        :class:`UnhealthyError` when it fails or the logits are not finite (e.g. corrupted
+        weights), so the endpoint's replica is replaced (pipelines/serve.py)."""
+        rows, cols = np.mgrid[0:size, 0:size]
+        image = np.stack([rows * 255 // size, cols * 255 // size, np.full_like(rows, 128)], -1).astype(np.uint8)
+        bundle = self._state.bundle
+        try:
+            batch = prepare_batch([image], bundle.config.data.image_size)
+            output = bundle.segmenter(batch["pixel_values"].to(bundle.device))
+            finite = bool(torch.isfinite(output.mask_logits).all() and torch.isfinite(output.class_logits).all())
+            if finite:
+                self.segment([image], "all")
+        except Exception as err:  # noqa: BLE001 - any failure of the model path means unhealthy
+            raise UnhealthyError(f"health check forward pass failed: {type(err).__name__}: {err}") from err
+        if not finite:
+            raise UnhealthyError("health check forward pass gave non-finite logits (corrupted weights?)")
 
     def classes(self) -> dict:
         """``{"vocabulary_version", "num_classes", "classes": [{index, id, name, isthing,
@@ -339,7 +391,7 @@ class SegmentationService:
         return cleaned
 
     def _refit(self, bundle: Bundle, table: ClassTable, semantics: np.ndarray) -> tuple[nn.Module, int]:
-        """The bundle's classifier expanded to ``table`` and re-fitted; (classifier, steps)."""
+        """The bundle's classifier expanded to ``table`` and its added rows fitted; (classifier, steps)."""
         old = bundle.classifier
         device = bundle.device
         semantic_tensor = torch.as_tensor(semantics, dtype=torch.float32, device=device)  # (C', S)
@@ -362,8 +414,11 @@ class SegmentationService:
             semantic = semantic_tensor[class_indices.to(device)].repeat_interleave(per_class, dim=0)  # (M*k, S)
             return generator(semantic, generator=noise)  # (M*k, D)
 
-        fit_classifier(
-            expanded, real_embeddings, real_labels, synthesize, torch.as_tensor(table.unseen_indices),
+        # Only the added rows are fitted (the trained classes' and no object's rows stay): the
+        # frozen logits of the reference rows are computed once, which keeps adding a class
+        # fast at 10,000 classes (benchmarks/vocab_scaling.py).
+        fit_added_classes(
+            expanded, old.num_classes, real_embeddings, real_labels, synthesize, torch.as_tensor(table.unseen_indices),
             steps=self.config.fit_steps, weights=class_weights(table, bundle.config.generator_training),
             config=bundle.config.generator_training, per_class=self.config.fit_per_class,
             batch_size=self.config.fit_batch_size, seed=seed,

@@ -132,6 +132,88 @@ def fit_classifier(
     return losses
 
 
+def fit_added_classes(
+    classifier: Classifier,
+    num_trained: int,
+    real_embeddings: torch.Tensor,
+    real_labels: torch.Tensor,
+    synthesize_fn: Optional[SynthesizeFn],
+    synthetic_class_indices: torch.Tensor,
+    *,
+    steps: int,
+    weights: torch.Tensor,
+    config: GeneratorTrainingConfig,
+    per_class: int,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+) -> list[float]:
+    """:func:`fit_classifier` for classes appended by :func:`~pading.model.classifier.expand_classifier`
+    (run-time classes): only the rows of classes ``num_trained .. C-1`` are trained; the rows
+    of the first ``num_trained`` classes and of "no object" stay as they are, so adding a class
+    leaves the logits of every existing class unchanged.
+
+    The same batches as :func:`fit_classifier` (same seed, same draws) and the same weighted
+    cross-entropy over all C+1 logits, but the frozen logits of the real embeddings are
+    computed once, so a step costs O(batch x added x D) plus O(synthetic x C x D) instead of
+    a forward and backward pass of every row over the batch: with C = 10,000 classes that is
+    most of the time of adding a class (benchmarks/vocab_scaling.py, docs/lvis.md).
+
+    Args:
+        classifier: the expanded classifier (C classes + no object); its added rows are
+            trained in place.
+        num_trained: classes before the added ones.
+        Others: as :func:`fit_classifier`.
+    Returns:
+        the loss of every step.
+    """
+    if not isinstance(classifier, Classifier):
+        raise DataError("fit_added_classes", f"expected a Classifier, got {type(classifier).__name__}")
+    if real_embeddings.dim() != 2 or real_labels.shape != real_embeddings.shape[:1]:
+        raise DataError("fit_added_classes", f"expected embeddings (N, D) and labels (N,), got "
+                        f"{tuple(real_embeddings.shape)} and {tuple(real_labels.shape)}")
+    num_classes = classifier.num_classes
+    if not 0 <= num_trained <= num_classes:
+        raise DataError("fit_added_classes", f"num_trained={num_trained} outside [0, {num_classes}]")
+    device = real_embeddings.device
+    weight, bias = classifier.linear.weight, classifier.linear.bias  # (C+1, D), (C+1,)
+    frozen = torch.cat([torch.arange(num_trained), torch.tensor([num_classes])]).to(weight.device)  # old + no object
+    frozen_weight, frozen_bias = weight.detach()[frozen], bias.detach()[frozen]  # (T+1, D), (T+1,)
+    added = nn.Linear(classifier.embed_dim, num_classes - num_trained).to(weight.device)
+    with torch.no_grad():
+        added.weight.copy_(weight[num_trained:num_classes])
+        added.bias.copy_(bias[num_trained:num_classes])
+        real_frozen = real_embeddings @ frozen_weight.t() + frozen_bias  # (N, T+1), once
+    chooser = torch.Generator().manual_seed(seed)
+    optimizer = make_classifier_optimizer(added, config)
+    weights = weights.to(device)
+    synthetic_class_indices = synthetic_class_indices.to(torch.long).cpu()
+    losses = []
+    for _ in range(steps):
+        features, frozen_logits, targets = real_embeddings, real_frozen, real_labels.to(torch.long)
+        if batch_size is not None and batch_size < real_embeddings.shape[0]:
+            rows = torch.randperm(real_embeddings.shape[0], generator=chooser)[:batch_size].to(device)
+            features, frozen_logits, targets = features[rows], frozen_logits[rows], targets[rows]
+        if synthesize_fn is not None and synthetic_class_indices.numel() > 0 and per_class > 0:
+            count = min(config.unseen_classes_per_step, synthetic_class_indices.numel())
+            chosen = synthetic_class_indices[torch.randperm(synthetic_class_indices.numel(), generator=chooser)[:count]]
+            with torch.no_grad():
+                synthetic = synthesize_fn(chosen, per_class).to(device)  # (count*per_class, D)
+                synthetic_frozen = synthetic @ frozen_weight.t() + frozen_bias  # (M, T+1)
+            features = torch.cat([features, synthetic], dim=0)
+            frozen_logits = torch.cat([frozen_logits, synthetic_frozen], dim=0)
+            targets = torch.cat([targets, chosen.to(device).repeat_interleave(per_class)], dim=0)
+        logits = torch.cat([frozen_logits[:, :num_trained], added(features), frozen_logits[:, num_trained:]], dim=1)
+        loss = F.cross_entropy(logits, targets, weight=weights)  # (n, C+1) in table order
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        weight[num_trained:num_classes] = added.weight
+        bias[num_trained:num_classes] = added.bias
+    return losses
+
+
 class GeneratorTrainer:
     """Generator + classifier training state for one experiment.
 

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def start(workdir: Path) -> dict:
-    """``{"url", "bundle_dir"}`` of the running app, starting Ray (own local instance,
+    """``{"url", "bundle_dir", "metrics_url", "config"}`` of the running app, starting Ray (own local instance,
     2 CPUs) and Serve on a free 127.0.0.1 port the first time."""
     if _running:
         return _running
@@ -41,12 +41,14 @@ def start(workdir: Path) -> dict:
     bundle_dir = Path(workdir) / "bundle"
     build_tiny_bundle(bundle_dir)
     overrides = [f"serve.port={free_port()}", "serve.num_cpus=1", f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
-                 f"serve.max_body_bytes={MAX_BODY_BYTES}", "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02"]
+                 f"serve.max_body_bytes={MAX_BODY_BYTES}", "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
+                 "serve.batching=on"]  # auto would turn it off on CPU; this app tests the batching path
     config = load_config(bundle_dir / "config.yaml", overrides)
     env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    metrics_port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars},
-             log_to_driver=False)
+             log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         url = serve_module.deploy(bundle_dir, config)
         deadline = time.time() + READY_TIMEOUT_S
@@ -62,7 +64,8 @@ def start(workdir: Path) -> dict:
     except BaseException:
         stop(force=True)
         raise
-    _running.update(url=url, bundle_dir=bundle_dir)
+    _running.update(url=url, bundle_dir=bundle_dir, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                    config=config)
     return _running
 
 
