@@ -1,2 +1,4 @@
 """The trained model as a product: the bundle on disk (``bundle``), the endpoint's logic
-without HTTP or Ray (``service``) and overlays (``visualize``)."""
+without HTTP or Ray (``service``), overlays (``visualize``), and batch segmentation of image
+collections (``inputs``: listing and reading the images; ``batch``: the shard worker and the
+output formats of pipelines/segment.py)."""
