@@ -22,7 +22,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -212,8 +212,9 @@ def _file_name_problem(name) -> str | None:
     return None
 
 
-def _image_problem(image) -> str | None:
-    problem = _missing(image, _IMAGE_KEYS)
+def _id_and_size_problem(image: dict, keys: Sequence[str]) -> str | None:
+    """An image record needs ``keys``, an integer ``id`` and positive integer sizes."""
+    problem = _missing(image, keys)
     if problem:
         return problem
     if _as_int(image["id"]) is None:
@@ -222,7 +223,39 @@ def _image_problem(image) -> str | None:
         value = _as_int(image[key])
         if value is None or value < 1:
             return f"has {key} {image[key]!r}, not a positive integer"
-    return _file_name_problem(image["file_name"])
+    return None
+
+
+def _image_problem(image) -> str | None:
+    return _id_and_size_problem(image, _IMAGE_KEYS) or _file_name_problem(image["file_name"])
+
+
+def instance_annotation_problem(ann: dict, ann_id: int | None, id_counts: Counter, image_id: int | None,
+                                images: dict[int, dict], known_categories: set[int],
+                                category_problem: Callable[[int, dict], str | None] | None = None) -> str | None:
+    """What is wrong with one instance annotation (COCO or LVIS), or None: its keys, an
+    integer id used once, an image among the usable ``images``, a known category (and
+    ``category_problem(category_id, image)``, e.g. LVIS's negative categories), its box and
+    area, and a segmentation that fits the image."""
+    problem = _missing(ann, _INSTANCE_KEYS)
+    if problem:
+        return problem
+    category_id = _as_int(ann["category_id"])
+    if ann_id is None:
+        return f"has id {ann['id']!r}, not an integer"
+    if id_counts[ann_id] > 1:
+        return f"repeats annotation id {ann_id} ({id_counts[ann_id]} annotations have it)"
+    if image_id is None:
+        return f"has image_id {ann['image_id']!r}, not an integer"
+    if image_id not in images:
+        return f"image id {image_id} has no usable entry in 'images'"
+    if category_id is None:
+        return f"has category_id {ann['category_id']!r}, not an integer"
+    if category_id not in known_categories:
+        return f"unknown category id {category_id}"
+    image = images[image_id]
+    return ((category_problem(category_id, image) if category_problem else None) or _box_area_problem(ann)
+            or segmentation_problem(ann["segmentation"], int(image["height"]), int(image["width"])))
 
 
 def _box_area_problem(record: dict) -> str | None:
@@ -491,25 +524,7 @@ def read_instances_index(
         key = f"annotation id={ann_id}" if ann_id is not None else f"annotations[{position}]"
         if owner in unusable:  # rejected with its image entry
             continue
-        problem = _missing(ann, _INSTANCE_KEYS)
-        if problem is None:
-            category_id = _as_int(ann["category_id"])
-            if ann_id is None:
-                problem = f"has id {ann['id']!r}, not an integer"
-            elif annotation_ids[ann_id] > 1:
-                problem = f"repeats annotation id {ann_id} ({annotation_ids[ann_id]} annotations have it)"
-            elif image_id is None:
-                problem = f"has image_id {ann['image_id']!r}, not an integer"
-            elif image_id not in images:
-                problem = f"image id {image_id} has no entry in 'images'"
-            elif category_id is None:
-                problem = f"has category_id {ann['category_id']!r}, not an integer"
-            elif category_id not in known_categories:
-                problem = f"unknown category id {category_id}"
-            else:
-                image = images[image_id]
-                problem = _box_area_problem(ann) or segmentation_problem(
-                    ann["segmentation"], int(image["height"]), int(image["width"]))
+        problem = instance_annotation_problem(ann, ann_id, annotation_ids, image_id, images, known_categories)
         if problem:
             rejects.append(Reject(source, key, f"instance annotation {problem}"))
             if owner in images:

@@ -36,17 +36,15 @@ from urllib.parse import urlparse
 
 from pading.classes import LVIS_FREQUENCIES
 from pading.data.coco import (
-    _INSTANCE_KEYS,
     ImageRecord,
     Reject,
     Segment,
     _as_int,
-    _box_area_problem,
     _category_ids,
     _file_name_problem,
-    _missing,
+    _id_and_size_problem,
+    instance_annotation_problem,
     read_coco_json,
-    segmentation_problem,
 )
 from pading.errors import AnnotationError
 
@@ -96,16 +94,16 @@ def _check_categories(data: dict, source: str) -> set[int]:
     return known
 
 
+def _negative_category_problem(category_id: int, image: dict) -> str | None:
+    if category_id in {_as_int(v) for v in image.get("neg_category_ids", [])}:
+        return f"category id {category_id} is in the image's neg_category_ids"
+    return None
+
+
 def _image_problem(image, known_categories: set[int]) -> str | None:
-    problem = _missing(image, LVIS_IMAGE_KEYS)
+    problem = _id_and_size_problem(image, LVIS_IMAGE_KEYS)
     if problem:
         return problem
-    if _as_int(image["id"]) is None:
-        return f"has id {image['id']!r}, not an integer"
-    for key in ("height", "width"):
-        value = _as_int(image[key])
-        if value is None or value < 1:
-            return f"has {key} {image[key]!r}, not a positive integer"
     for key in LVIS_IMAGE_LISTS:
         values = image.get(key, [])
         if not isinstance(values, list) or any(_as_int(v) is None for v in values):
@@ -162,23 +160,8 @@ def read_lvis_index(
         ann_id = _as_int(ann.get("id")) if isinstance(ann, dict) else None
         image_id = _as_int(ann.get("image_id")) if isinstance(ann, dict) else None
         key = f"annotation id={ann_id}" if ann_id is not None else f"annotations[{position}]"
-        problem = _missing(ann, _INSTANCE_KEYS)
-        if problem is None:
-            category_id = _as_int(ann["category_id"])
-            image = images.get(image_id)
-            if ann_id is None:
-                problem = f"has id {ann['id']!r}, not an integer"
-            elif annotation_ids[ann_id] > 1:
-                problem = f"repeats annotation id {ann_id} ({annotation_ids[ann_id]} annotations have it)"
-            elif image is None:
-                problem = f"image id {ann['image_id']!r} has no usable entry in 'images'"
-            elif category_id is None or category_id not in known_categories:
-                problem = f"unknown category id {ann['category_id']!r}"
-            elif category_id in {_as_int(v) for v in image.get("neg_category_ids", [])}:
-                problem = f"category id {category_id} is in the image's neg_category_ids"
-            else:
-                problem = _box_area_problem(ann) or segmentation_problem(
-                    ann["segmentation"], int(image["height"]), int(image["width"]))
+        problem = instance_annotation_problem(ann, ann_id, annotation_ids, image_id, images, known_categories,
+                                              _negative_category_problem)
         if problem:
             rejects.append(Reject(source, key, f"instance annotation {problem}"))
             if image_id in images:

@@ -104,32 +104,49 @@ def fit_classifier(
     Returns:
         the loss of every step.
     """
+    _check_real("fit_classifier", real_embeddings, real_labels)
+    optimizer = make_classifier_optimizer(classifier, config)
+    weights = weights.to(real_embeddings.device)
+    losses = []
+    for rows, synthetic, synthetic_labels in _refit_draws(real_embeddings, synthesize_fn, synthetic_class_indices,
+                                                          steps, config, per_class, batch_size, seed):
+        features, targets = real_embeddings, real_labels.to(torch.long)
+        if rows is not None:
+            features, targets = features[rows], targets[rows]
+        if synthetic is not None:
+            features = torch.cat([features, synthetic], dim=0)
+            targets = torch.cat([targets, synthetic_labels], dim=0)
+        losses.append(classifier_step(classifier, optimizer, features, targets, weights))
+    return losses
+
+
+def _check_real(name: str, real_embeddings: torch.Tensor, real_labels: torch.Tensor) -> None:
     if real_embeddings.dim() != 2 or real_labels.shape != real_embeddings.shape[:1]:
-        raise DataError(
-            "fit_classifier",
-            f"expected embeddings (N, D) and labels (N,), got {tuple(real_embeddings.shape)} "
-            f"and {tuple(real_labels.shape)}",
-        )
+        raise DataError(name, f"expected embeddings (N, D) and labels (N,), got {tuple(real_embeddings.shape)} "
+                        f"and {tuple(real_labels.shape)}")
+
+
+def _refit_draws(real_embeddings: torch.Tensor, synthesize_fn: Optional[SynthesizeFn],
+                 synthetic_class_indices: torch.Tensor, steps: int, config: GeneratorTrainingConfig, per_class: int,
+                 batch_size: Optional[int], seed: int):
+    """The seeded draws of a classifier re-fit, per step: ``(rows, synthetic, labels)`` =
+    the real samples' row indices (None: all), (M, D) synthetic embeddings of
+    ``config.unseen_classes_per_step`` chosen classes and their (M,) labels (None, None
+    without a generator)."""
     device = real_embeddings.device
     chooser = torch.Generator().manual_seed(seed)
-    optimizer = make_classifier_optimizer(classifier, config)
-    weights = weights.to(device)
     synthetic_class_indices = synthetic_class_indices.to(torch.long).cpu()
-    losses = []
     for _ in range(steps):
-        features, targets = real_embeddings, real_labels.to(torch.long)
+        rows = synthetic = labels = None
         if batch_size is not None and batch_size < real_embeddings.shape[0]:
             rows = torch.randperm(real_embeddings.shape[0], generator=chooser)[:batch_size].to(device)
-            features, targets = features[rows], targets[rows]
         if synthesize_fn is not None and synthetic_class_indices.numel() > 0 and per_class > 0:
             count = min(config.unseen_classes_per_step, synthetic_class_indices.numel())
             chosen = synthetic_class_indices[torch.randperm(synthetic_class_indices.numel(), generator=chooser)[:count]]
             with torch.no_grad():
                 synthetic = synthesize_fn(chosen, per_class).to(device)  # (count*per_class, D)
-            features = torch.cat([features, synthetic], dim=0)
-            targets = torch.cat([targets, chosen.to(device).repeat_interleave(per_class)], dim=0)
-        losses.append(classifier_step(classifier, optimizer, features, targets, weights))
-    return losses
+            labels = chosen.to(device).repeat_interleave(per_class)
+        yield rows, synthetic, labels
 
 
 def fit_added_classes(
@@ -168,9 +185,7 @@ def fit_added_classes(
     """
     if not isinstance(classifier, Classifier):
         raise DataError("fit_added_classes", f"expected a Classifier, got {type(classifier).__name__}")
-    if real_embeddings.dim() != 2 or real_labels.shape != real_embeddings.shape[:1]:
-        raise DataError("fit_added_classes", f"expected embeddings (N, D) and labels (N,), got "
-                        f"{tuple(real_embeddings.shape)} and {tuple(real_labels.shape)}")
+    _check_real("fit_added_classes", real_embeddings, real_labels)
     num_classes = classifier.num_classes
     if not 0 <= num_trained <= num_classes:
         raise DataError("fit_added_classes", f"num_trained={num_trained} outside [0, {num_classes}]")
@@ -183,25 +198,20 @@ def fit_added_classes(
         added.weight.copy_(weight[num_trained:num_classes])
         added.bias.copy_(bias[num_trained:num_classes])
         real_frozen = real_embeddings @ frozen_weight.t() + frozen_bias  # (N, T+1), once
-    chooser = torch.Generator().manual_seed(seed)
     optimizer = make_classifier_optimizer(added, config)
     weights = weights.to(device)
-    synthetic_class_indices = synthetic_class_indices.to(torch.long).cpu()
     losses = []
-    for _ in range(steps):
+    for rows, synthetic, synthetic_labels in _refit_draws(real_embeddings, synthesize_fn, synthetic_class_indices,
+                                                          steps, config, per_class, batch_size, seed):
         features, frozen_logits, targets = real_embeddings, real_frozen, real_labels.to(torch.long)
-        if batch_size is not None and batch_size < real_embeddings.shape[0]:
-            rows = torch.randperm(real_embeddings.shape[0], generator=chooser)[:batch_size].to(device)
+        if rows is not None:
             features, frozen_logits, targets = features[rows], frozen_logits[rows], targets[rows]
-        if synthesize_fn is not None and synthetic_class_indices.numel() > 0 and per_class > 0:
-            count = min(config.unseen_classes_per_step, synthetic_class_indices.numel())
-            chosen = synthetic_class_indices[torch.randperm(synthetic_class_indices.numel(), generator=chooser)[:count]]
+        if synthetic is not None:
             with torch.no_grad():
-                synthetic = synthesize_fn(chosen, per_class).to(device)  # (count*per_class, D)
                 synthetic_frozen = synthetic @ frozen_weight.t() + frozen_bias  # (M, T+1)
             features = torch.cat([features, synthetic], dim=0)
             frozen_logits = torch.cat([frozen_logits, synthetic_frozen], dim=0)
-            targets = torch.cat([targets, chosen.to(device).repeat_interleave(per_class)], dim=0)
+            targets = torch.cat([targets, synthetic_labels], dim=0)
         logits = torch.cat([frozen_logits[:, :num_trained], added(features), frozen_logits[:, num_trained:]], dim=1)
         loss = F.cross_entropy(logits, targets, weight=weights)  # (n, C+1) in table order
         optimizer.zero_grad(set_to_none=True)

@@ -288,7 +288,7 @@ def _image_file_cases(writer: _Writer, real: Path | None) -> list[Case]:
                  f"image_id={item.image_id}")
     else:
         cases.append(Case("annotation of an image id not in 'images'", "val", item.image_id, False,
-                          f"image id {item.image_id} has no entry in 'images'",
+                          f"image id {item.image_id} has no usable entry in 'images'",
                           tuple(f"annotation id={a['id']}" for a in item.anns)))
 
     item = writer.new_image()
