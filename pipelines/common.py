@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+#: How long a Ray Data actor pool may take to start all its actors before the stage fails.
+ACTOR_START_TIMEOUT_S = 600
 
 logger = logging.getLogger("pipelines")
 

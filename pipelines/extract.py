@@ -86,6 +86,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                                "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
                                config.ray.extract_concurrency, config.ray.cpus_per_worker, config.ray.extract_gpus)
         stage_dir.mkdir(parents=True, exist_ok=True)
+        # Start every actor before handing out shards (check_resources said they fit), so the
+        # work spreads over all of them and their nodes instead of the first one to be ready.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = common.ACTOR_START_TIMEOUT_S
         work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
         results = work.map_batches(
             NodeRecordingExtractor,

@@ -143,6 +143,7 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
                            "--concurrency / --num-gpus / segment.num_cpus",
                            settings.concurrency, settings.num_cpus, settings.num_gpus)
     started = time.time()
+    ray.data.DataContext.get_current().wait_for_min_actors_s = common.ACTOR_START_TIMEOUT_S  # all actors up first
     work = ray.data.from_items(pending)
     results = work.map_batches(
         SegmenterActor,

@@ -308,9 +308,15 @@ def test_training_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path,
     proc = _popen([script, "--config", str(SMOKE), "--output", str(output), "--set", f"data.root={dataset['root']}",
                    *steps], tmp_path)
     worker = stage_dir / "workers" / "rank-0.json"
-    # Two checkpoints on disk: the first one is surely registered with Ray Train by then.
-    _wait_for(lambda: worker.is_file() and len(list((stage_dir / "ray").rglob("checkpoint_*"))) >= 2, 300,
-              "the worker and two checkpoints", proc)
+    # Kill only once Ray Train's controller has registered a checkpoint (its snapshot file
+    # lists it): a checkpoint directory alone may not be registered yet.
+    def registered() -> bool:
+        snapshots = list((stage_dir / "ray").rglob("checkpoint_manager_snapshot.json"))
+        try:
+            return bool(snapshots) and bool(json.loads(snapshots[0].read_text()).get("checkpoint_results"))
+        except ValueError:  # being written
+            return False
+    _wait_for(lambda: worker.is_file() and registered(), 300, "a registered checkpoint", proc)
     victim = json.loads(worker.read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     log = _finish(proc, tmp_path)
