@@ -4,6 +4,7 @@ markers. Thin on purpose: the work is in ``pading``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-#: How long a Ray Data actor pool may take to start all its actors before the stage fails.
-ACTOR_START_TIMEOUT_S = 600
+#: How long a Ray Data actor pool whose resources are free may take to start all its actors.
+ACTOR_START_TIMEOUT_S = 300
 
 logger = logging.getLogger("pipelines")
 
@@ -164,11 +165,12 @@ class ClusterTooSmall(RuntimeError):
     """The cluster can never run what a stage asks for (Ray would wait forever)."""
 
 
-def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0) -> None:
+def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0) -> bool:
     """Stop with :class:`ClusterTooSmall` when ``count`` actors or workers of ``cpus`` CPUs and
     ``gpus`` GPUs each can never be placed on the cluster's alive nodes (Ray would wait
     without saying so; a 0-CPU head node offers nothing). Only warn when they fit but are
-    not free now (another job or a Serve deployment holds them; the autoscaler may add nodes)."""
+    not free now (another job or a Serve deployment holds them; the autoscaler may add nodes).
+    Returns whether they are free now."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -188,6 +190,26 @@ def check_resources(what: str, setting: str, count: int, cpus: float, gpus: floa
             "%s need %g CPU and %g GPU; %g CPU and %g GPU are free now. Ray will wait until other work (another "
             "job, a Serve deployment) releases them or the autoscaler adds nodes.",
             what, count * cpus, count * gpus, free.get("CPU", 0.0), free.get("GPU", 0.0))
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def whole_actor_pool(enabled: bool):
+    """Within this block Ray Data starts every actor of a pool before handing out work, so
+    the work spreads over all of them (and their nodes) instead of the first one to be
+    ready. Enable it only when :func:`check_resources` said the actors are free now;
+    otherwise Ray Data starts what fits and adds the rest as resources free up."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = context.wait_for_min_actors_s
+    if enabled:
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    try:
+        yield
+    finally:
+        context.wait_for_min_actors_s = before
 
 
 def train_scaling(config: ExperimentConfig, num_workers: int | None = None):

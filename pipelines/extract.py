@@ -82,23 +82,22 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
     total_rows, nodes, steady = 0, [], 0.0
     if pending:
-        common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
-                               "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
-                               config.ray.extract_concurrency, config.ray.cpus_per_worker, config.ray.extract_gpus)
+        free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
+                                      "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
+                                      config.ray.extract_concurrency, config.ray.cpus_per_worker,
+                                      config.ray.extract_gpus)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        # Start every actor before handing out shards (check_resources said they fit), so the
-        # work spreads over all of them and their nodes instead of the first one to be ready.
-        ray.data.DataContext.get_current().wait_for_min_actors_s = common.ACTOR_START_TIMEOUT_S
         work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
-        results = work.map_batches(
-            NodeRecordingExtractor,
-            fn_constructor_kwargs={
-                "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
-                "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
-            },
-            batch_size=1, concurrency=config.ray.extract_concurrency, num_gpus=config.ray.extract_gpus or None,
-            num_cpus=config.ray.cpus_per_worker,
-        ).take_all()
+        with common.whole_actor_pool(free):
+            results = work.map_batches(
+                NodeRecordingExtractor,
+                fn_constructor_kwargs={
+                    "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
+                    "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
+                },
+                batch_size=1, concurrency=config.ray.extract_concurrency, num_gpus=config.ray.extract_gpus or None,
+                num_cpus=config.ray.cpus_per_worker,
+            ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
         # steady-state throughput: each actor's images over its first-shard-to-last window (start-up
