@@ -198,13 +198,18 @@ def test_trainer_rejects_bad_batches(table):
         GeneratorTrainer(table, problem.semantics[:3], EMBED_DIM, _config())
 
 
-def test_fit_classifier_learns_an_added_class(table):
+def _trained_with_one_more_class(table):
+    """A briefly trained toy generator, a new class's semantics and the classifier expanded by one row."""
     problem = ToyProblem()
     trainer = GeneratorTrainer(table, problem.semantics, EMBED_DIM, _config("primitive"))
     for _ in range(30):
         trainer.step(*problem.batch())
     new_semantics = torch.randn(1, SEMANTIC_DIM, generator=problem.rng)
-    classifier = expand_classifier(trainer.classifier, NUM_CLASSES + 1)
+    return trainer, problem, new_semantics, expand_classifier(trainer.classifier, NUM_CLASSES + 1)
+
+
+def test_fit_classifier_learns_an_added_class(table):
+    trainer, problem, new_semantics, classifier = _trained_with_one_more_class(table)
     added_index = NUM_CLASSES  # the new class; no object is now NUM_CLASSES + 1
     real_embeddings, real_labels = problem.batch()
     real_labels = torch.where(real_labels == NUM_CLASSES, NUM_CLASSES + 1, real_labels)
@@ -237,12 +242,7 @@ def test_fit_added_classes_trains_only_the_added_rows(table):
     """The serve-time re-fit (pading.serving.service): the added class is learned, the trained
     classes' and no object's rows are bit-identical, and the loss is the one fit_classifier
     computes on the same batches (the frozen logits are only cached, not changed)."""
-    problem = ToyProblem()
-    trainer = GeneratorTrainer(table, problem.semantics, EMBED_DIM, _config("primitive"))
-    for _ in range(30):
-        trainer.step(*problem.batch())
-    new_semantics = torch.randn(1, SEMANTIC_DIM, generator=problem.rng)
-    classifier = expand_classifier(trainer.classifier, NUM_CLASSES + 1)
+    trainer, problem, new_semantics, classifier = _trained_with_one_more_class(table)
     before = classifier.linear.weight.detach().clone()
     added_index = NUM_CLASSES
     real_embeddings, real_labels = problem.batch()
