@@ -231,6 +231,9 @@ class PretrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.05
     grad_clip: float = 0.01
+    # Exponential moving average of the weights (0 = off, the paper's setting): the stage saves
+    # the average, not the last step's weights (pading.training.pretrain.WeightAverage).
+    ema_decay: float = 0.0
     checkpoint_every: int = 5000
     log_every: int = 50
 
@@ -239,6 +242,8 @@ class PretrainConfig:
             raise ConfigError("pretrain.iterations, batch_size and grad_accumulation must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("pretrain.lr must be > 0 and pretrain.warmup_steps >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @config_section

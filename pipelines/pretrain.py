@@ -8,6 +8,7 @@ from it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ def train_loop(loop_config: dict) -> None:
     from pading.model.segmenter import Segmenter
     from pading.training.pretrain import (
         SegmenterLoss,
+        WeightAverage,
         build_pretrain_optimizer,
         learning_rate,
         load_training_batch,
@@ -90,6 +92,7 @@ def train_loop(loop_config: dict) -> None:
     segmenter = Segmenter(config.segmenter, table.num_classes)
     model = common.prepare_model(SegmenterLoss(segmenter), world)
     optimizer = build_pretrain_optimizer(model, config.pretrain)
+    average = WeightAverage(segmenter, config.pretrain.ema_decay) if config.pretrain.ema_decay else None
     step, drawn, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -97,6 +100,8 @@ def train_loop(loop_config: dict) -> None:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
             segmenter.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if average is not None:
+                average.load_state_dict(state["average"])
             step, drawn = int(state["step"]), int(state.get("batches_drawn", state["step"]))
             history = read_history(Path(directory) / HISTORY_FILE)
         if rank == 0:
@@ -110,10 +115,17 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                            "batches_drawn": drawn}, Path(tmp) / STATE_FILE)
+                state = {"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "batches_drawn": drawn}
+                if average is not None:
+                    state["average"] = average.state_dict()
+                torch.save(state, Path(tmp) / STATE_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-                segmenter.save(Path(tmp) / "segmenter")
+                saved = segmenter
+                if average is not None:  # the checkpoint's segmenter/ is the average (the stage's output)
+                    saved = copy.deepcopy(segmenter)
+                    average.copy_to(saved)
+                saved.save(Path(tmp) / "segmenter")
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -140,6 +152,8 @@ def train_loop(loop_config: dict) -> None:
         set_learning_rate(optimizer, learning_rate(config.pretrain, step))
         losses = pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
         step += 1
+        if average is not None:
+            average.update(segmenter, step)
         history.append({"step": step, **losses, "lr": learning_rate(config.pretrain, step - 1), "elapsed_s": round(time.time() - started, 3)})
         if rank == 0 and (step % config.pretrain.log_every == 0 or step == 1):
             rate = (time.time() - started) / max(1, len(history))

@@ -177,3 +177,39 @@ def test_pretraining_learning_rate_schedule():
     assert learning_rate(poly, 100) == 0.0
     constant = PretrainConfig(iterations=100, lr=1e-3, warmup_steps=0, lr_schedule="constant")
     assert {learning_rate(constant, s) for s in (0, 50, 99)} == {1e-3}
+
+
+def test_weight_average_follows_the_ema_recurrence_and_copies_integer_buffers():
+    from pading.config import PretrainConfig
+    from pading.errors import ConfigError
+    from pading.training.pretrain import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.9)
+    expected = {k: v.clone() for k, v in initial.items() if v.is_floating_point()}
+    for step in range(1, 31):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        model.train()
+        model(torch.randn(4, 3))  # moves the BatchNorm statistics and its integer step count
+        decay = min(0.9, (1 + step) / (10 + step))  # 2/11 at step 1: early steps count more
+        for key, value in model.state_dict().items():
+            if key in expected:
+                expected[key] = decay * expected[key] + (1 - decay) * value
+        average.update(model, step)
+    for key, value in average.state_dict().items():
+        if key in expected:
+            assert torch.allclose(value, expected[key], atol=1e-6), key
+            assert not torch.allclose(value, model.state_dict()[key]), key  # it is not the last weights
+        else:
+            assert torch.equal(value, model.state_dict()[key]), key  # num_batches_tracked is copied
+    copy = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average.copy_to(copy)
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in average.state_dict().items())
+    restored = WeightAverage(copy, decay=0.9)
+    restored.load_state_dict({k: v.clone() for k, v in average.state_dict().items()})
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in average.state_dict().items())
+    with pytest.raises(ConfigError, match="ema_decay"):
+        PretrainConfig(ema_decay=1.0)

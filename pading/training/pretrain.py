@@ -143,6 +143,46 @@ def pretrain_step(
     return totals
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point state (weights and
+    BatchNorm statistics); integer buffers are copied. ``update`` after each optimiser step
+    ``t`` (1-based) uses ``min(decay, (1 + t) / (10 + t))``, so early steps, when the
+    average would mostly remember the random initialisation, count more. The average is
+    what the pretraining stage saves when ``pretrain.ema_decay`` > 0: with a constant
+    learning rate the last step's weights are one noisy point of the trajectory, and the
+    average is a steadier model (measured in the README, "Results")."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        for key, value in model.state_dict().items():
+            average = self.state[key]
+            if average.is_floating_point():
+                average.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            else:
+                average.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.state) ^ set(state)
+        if missing:
+            raise DataError("weight average", f"keys differ from the model's: {sorted(missing)[:5]}")
+        for key, value in state.items():
+            self.state[key].copy_(value)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Loads the average into ``model``."""
+        model.load_state_dict(self.state)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
