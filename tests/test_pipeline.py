@@ -176,6 +176,34 @@ def test_pretrain_survives_a_worker_failure_and_resumes(full_run, dataset, tmp_p
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
+def test_pretrain_weight_average_is_saved_and_survives_a_resume(full_run, dataset, tmp_path):
+    """With ``pretrain.ema_decay`` the stage saves the average, not the last weights, and a
+    run that fails at step 4 and resumes from step 3 saves exactly the average of a run
+    that was never interrupted (the average is checkpointed with the weights)."""
+    import torch
+
+    from pading.model.segmenter import Segmenter
+
+    saved = {}
+    for name, env in (("whole", None), ("resumed", {"PADING_TEST_FAIL_AT_STEP": "4"})):
+        output = tmp_path / name
+        shutil.copytree(full_run["output"] / "manifest", output / "manifest")
+        proc = _run(["pipelines/pretrain.py", "--config", str(SMOKE), "--output", str(output),
+                     "--set", f"data.root={dataset['root']}", "--set", "pretrain.checkpoint_every=3",
+                     "--set", "pretrain.ema_decay=0.5"], tmp_path, extra_env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        saved[name] = Segmenter.load(output / "pretrain" / "segmenter").state_dict()
+        if env:
+            assert "resumed from checkpoint at step 3" in proc.stdout + proc.stderr
+        else:
+            info = json.loads((output / "pretrain" / "_SUCCESS.json").read_text())
+            last = torch.load(Path(info["checkpoint"]) / "train_state.pt", weights_only=True)["model"]
+            assert last.keys() == saved[name].keys()
+            assert any(not torch.equal(saved[name][k], v) for k, v in last.items() if v.is_floating_point())
+    assert saved["whole"].keys() == saved["resumed"].keys()
+    assert all(torch.equal(saved["whole"][k], saved["resumed"][k]) for k in saved["whole"])
+
+
 def test_prepare_refuses_a_split_without_usable_images(tmp_path):
     """Every train image unreadable: prepare exits non-zero with the counts and the most common
     reject reason, and does not mark its manifest finished (the rerun redoes it)."""
