@@ -148,9 +148,10 @@ class WeightAverage:
     BatchNorm statistics); integer buffers are copied. ``update`` after each optimiser step
     ``t`` (1-based) uses ``min(decay, (1 + t) / (10 + t))``, so early steps, when the
     average would mostly remember the random initialisation, count more. The average is
-    what the pretraining stage saves when ``pretrain.ema_decay`` > 0: with a constant
-    learning rate the last step's weights are one noisy point of the trajectory, and the
-    average is a steadier model (measured in the README, "Results")."""
+    what the pretraining stage saves when ``pretrain.ema_decay`` > 0, in place of the last
+    step's weights (one noisy point of a constant-rate trajectory). On the demo it did not
+    make the unseen score steadier over seeds (README, "What makes the demo's numbers
+    move"), so it is off by default."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
