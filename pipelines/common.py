@@ -27,7 +27,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 #: How long a Ray Data actor pool whose resources are free may take to start all its actors.
 ACTOR_START_TIMEOUT_S = 300
-#: How long check_resources waits for a finished stage's workers to give their CPUs back.
+#: How long a stage that starts an actor pool whole waits for a finished stage's workers to give their CPUs back.
 RELEASE_GRACE_S = 20.0
 
 logger = logging.getLogger("pipelines")
@@ -167,13 +167,15 @@ class ClusterTooSmall(RuntimeError):
     """The cluster can never run what a stage asks for (Ray would wait forever)."""
 
 
-def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0) -> bool:
+def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0,
+                    wait_s: float = 0.0) -> bool:
     """Stop with :class:`ClusterTooSmall` when ``count`` actors or workers of ``cpus`` CPUs and
     ``gpus`` GPUs each can never be placed on the cluster's alive nodes (Ray would wait
     without saying so; a 0-CPU head node offers nothing). Only warn when they fit but are
-    not free now, after giving a stage that just ended up to ``RELEASE_GRACE_S`` to release its
-    workers (another job or a Serve deployment holds them; the autoscaler may add nodes).
-    Returns whether they are free now."""
+    not free now (another job or a Serve deployment holds them; the autoscaler may add nodes).
+    Returns whether they are free now, after waiting up to ``wait_s`` for them: callers that
+    start an actor pool whole when they are free pass ``RELEASE_GRACE_S``, because a Train
+    stage that just ended gives its workers' CPUs back a little late."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -187,12 +189,13 @@ def check_resources(what: str, setting: str, count: int, cpus: float, gpus: floa
         raise ClusterTooSmall(
             f"{what}: {count} x ({cpus:g} CPU, {gpus:g} GPU) cannot be placed on this cluster's nodes ({listing}); "
             f"only {placed} fit. Lower {setting} or add nodes.")
+
     def short(free):
         return free.get("CPU", 0.0) + 1e-9 < count * cpus or free.get("GPU", 0.0) + 1e-9 < count * gpus
 
     free = ray.available_resources()
-    deadline = time.monotonic() + RELEASE_GRACE_S
-    while short(free) and time.monotonic() < deadline:  # a stage that just ended releases its workers late
+    deadline = time.monotonic() + wait_s
+    while short(free) and time.monotonic() < deadline:
         time.sleep(0.5)
         free = ray.available_resources()
     if short(free):

@@ -85,7 +85,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
                                       "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
                                       config.ray.extract_concurrency, config.ray.cpus_per_worker,
-                                      config.ray.extract_gpus)
+                                      config.ray.extract_gpus, wait_s=common.RELEASE_GRACE_S)
         stage_dir.mkdir(parents=True, exist_ok=True)
         work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
         with common.whole_actor_pool(free):
