@@ -28,7 +28,7 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 #: How long a Ray Data actor pool whose resources are free may take to start all its actors.
 ACTOR_START_TIMEOUT_S = 300
 #: How long a stage that starts an actor pool whole waits for a finished stage's workers to give their CPUs back.
-RELEASE_GRACE_S = 20.0
+RELEASE_GRACE_S = 60.0
 
 logger = logging.getLogger("pipelines")
 
@@ -223,6 +223,24 @@ def whole_actor_pool(enabled: bool):
         yield
     finally:
         context.wait_for_min_actors_s = before
+
+
+def shard_work(items: list):
+    """A dataset of one block per item (a shard of images), so each shard is its own task
+    and goes to whichever actor is free; Ray Data's own block count may pack several
+    shards into one task, and so onto one actor."""
+    import ray
+
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def fixed_actor_pool(size: int):
+    """A pool of ``size`` actors that each hold one shard at a time: a shard waits for a free
+    actor instead of queueing behind a busy one, so shards spread over every started actor
+    (and its node) rather than piling onto the first one up."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
 def train_scaling(config: ExperimentConfig, num_workers: int | None = None):

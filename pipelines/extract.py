@@ -61,9 +61,6 @@ class NodeRecordingExtractor(FeatureExtractor):
 
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
-    import ray
-
-
     stage_dir = RunLayout(output).features
     done = common.begin_stage("extract", stage_dir, force)
     if done:
@@ -87,7 +84,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                                       config.ray.extract_concurrency, config.ray.cpus_per_worker,
                                       config.ray.extract_gpus, wait_s=common.RELEASE_GRACE_S)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        work = ray.data.from_items([{"shard": i, "image_ids": shards[i]} for i in pending])
+        work = common.shard_work([{"shard": i, "image_ids": shards[i]} for i in pending])
         with common.whole_actor_pool(free):
             results = work.map_batches(
                 NodeRecordingExtractor,
@@ -95,7 +92,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                     "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
                     "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
                 },
-                batch_size=1, concurrency=config.ray.extract_concurrency, num_gpus=config.ray.extract_gpus or None,
+                batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency), num_gpus=config.ray.extract_gpus or None,
                 num_cpus=config.ray.cpus_per_worker,
             ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)

@@ -135,8 +135,6 @@ def run(args: argparse.Namespace) -> dict:
 def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict], task: str, only_ids, overlays: bool,
                     total_shards: int) -> tuple[int, float, float]:
     """Run the pending shards on an actor pool; (images, seconds, steady images/s)."""
-    import ray
-
     settings = config.segment
     common.init_ray(config)
     free = common.check_resources(f"{settings.concurrency} segmentation actor(s)",
@@ -144,7 +142,7 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
                                   settings.concurrency, settings.num_cpus, settings.num_gpus)
     started = time.time()
     with common.whole_actor_pool(free):  # all actors up before shards are handed out
-        work = ray.data.from_items(pending)
+        work = common.shard_work(pending)
         results = work.map_batches(
             SegmenterActor,
             fn_constructor_kwargs={
@@ -154,7 +152,7 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
                 "max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels,
                 "read_threads": settings.read_threads, "num_cpus": settings.num_cpus,
             },
-            batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.concurrency), num_cpus=settings.num_cpus,
+            batch_size=1, compute=common.fixed_actor_pool(settings.concurrency), num_cpus=settings.num_cpus,
             num_gpus=settings.num_gpus or None,
         )
         rows = []
