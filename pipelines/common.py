@@ -4,7 +4,6 @@ markers. Thin on purpose: the work is in ``pading``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -207,31 +206,24 @@ def check_resources(what: str, setting: str, count: int, cpus: float, gpus: floa
     return True
 
 
-@contextlib.contextmanager
-def whole_actor_pool(enabled: bool):
-    """Within this block Ray Data starts every actor of a pool before handing out work, so
-    the work spreads over all of them (and their nodes) instead of the first one to be
-    ready. Enable it only when :func:`check_resources` said the actors are free now;
-    otherwise Ray Data starts what fits and adds the rest as resources free up."""
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    before = context.wait_for_min_actors_s
-    if enabled:
-        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    try:
-        yield
-    finally:
-        context.wait_for_min_actors_s = before
-
-
-def shard_work(items: list):
+def shard_work(items: list, whole_pool: bool):
     """A dataset of one block per item (a shard of images), so each shard is its own task
-    and goes to whichever actor is free; Ray Data's own block count may pack several
-    shards into one task, and so onto one actor."""
+    and goes to whichever actor is free (Ray Data's own block count may pack several shards
+    into one task, and so onto one actor).
+
+    ``whole_pool``: Ray Data starts every actor of the pool that maps this dataset before
+    handing out work, so the work spreads over all of them (and their nodes) instead of
+    the first one to be ready. Pass True only when :func:`check_resources` said the actors
+    are free now; otherwise Ray Data starts what fits and adds the rest as resources free
+    up. The setting lives in this dataset's own context: a dataset keeps a copy of the
+    context that was current when it was made, so changing the global one later does
+    nothing to it."""
     import ray
 
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    if whole_pool:
+        dataset.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    return dataset
 
 
 def fixed_actor_pool(size: int):

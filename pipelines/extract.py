@@ -84,17 +84,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                                       config.ray.extract_concurrency, config.ray.cpus_per_worker,
                                       config.ray.extract_gpus, wait_s=common.RELEASE_GRACE_S)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        work = common.shard_work([{"shard": i, "image_ids": shards[i]} for i in pending])
-        with common.whole_actor_pool(free):
-            results = work.map_batches(
-                NodeRecordingExtractor,
-                fn_constructor_kwargs={
-                    "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
-                    "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
-                },
-                batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency), num_gpus=config.ray.extract_gpus or None,
-                num_cpus=config.ray.cpus_per_worker,
-            ).take_all()
+        work = common.shard_work([{"shard": i, "image_ids": shards[i]} for i in pending], whole_pool=free)
+        results = work.map_batches(
+            NodeRecordingExtractor,
+            fn_constructor_kwargs={
+                "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
+                "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
+            },
+            batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency),
+            num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+        ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
         # steady-state throughput: each actor's images over its first-shard-to-last window (start-up

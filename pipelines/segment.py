@@ -141,27 +141,26 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
                                   "--concurrency / --num-gpus / segment.num_cpus",
                                   settings.concurrency, settings.num_cpus, settings.num_gpus)
     started = time.time()
-    with common.whole_actor_pool(free):  # all actors up before shards are handed out
-        work = common.shard_work(pending)
-        results = work.map_batches(
-            SegmenterActor,
-            fn_constructor_kwargs={
-                "bundle_dir": str(output / batch.BUNDLE_DIR), "output_dir": str(output), "task": task,
-                "output_format": settings.format, "overlays": overlays, "only_class_ids": only_ids,
-                "batch_size": settings.batch_size, "min_score": settings.min_score,
-                "max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels,
-                "read_threads": settings.read_threads, "num_cpus": settings.num_cpus,
-            },
-            batch_size=1, compute=common.fixed_actor_pool(settings.concurrency), num_cpus=settings.num_cpus,
-            num_gpus=settings.num_gpus or None,
-        )
-        rows = []
-        finished_before = total_shards - len(pending)
-        for row in results.iter_rows():
-            rows.append(row)
-            logger.info("segment: shard %d done: %d images, %d rejected, %d segments, %.1f s [%d/%d shards]",
-                        int(row["shard"]), int(row["images"]), int(row["rejected"]), int(row["segments"]),
-                        float(row["seconds"]), finished_before + len(rows), total_shards)
+    work = common.shard_work(pending, whole_pool=free)  # all actors up before shards are handed out
+    results = work.map_batches(
+        SegmenterActor,
+        fn_constructor_kwargs={
+            "bundle_dir": str(output / batch.BUNDLE_DIR), "output_dir": str(output), "task": task,
+            "output_format": settings.format, "overlays": overlays, "only_class_ids": only_ids,
+            "batch_size": settings.batch_size, "min_score": settings.min_score,
+            "max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels,
+            "read_threads": settings.read_threads, "num_cpus": settings.num_cpus,
+        },
+        batch_size=1, compute=common.fixed_actor_pool(settings.concurrency), num_cpus=settings.num_cpus,
+        num_gpus=settings.num_gpus or None,
+    )
+    rows = []
+    finished_before = total_shards - len(pending)
+    for row in results.iter_rows():
+        rows.append(row)
+        logger.info("segment: shard %d done: %d images, %d rejected, %d segments, %.1f s [%d/%d shards]",
+                    int(row["shard"]), int(row["images"]), int(row["rejected"]), int(row["segments"]),
+                    float(row["seconds"]), finished_before + len(rows), total_shards)
     return sum(int(r["images"]) for r in rows), time.time() - started, batch.steady_throughput(rows)
 
 

@@ -123,8 +123,9 @@ def test_the_job_succeeds_with_work_on_two_worker_nodes(two_node_job):
         assert [w["rank"] for w in workers] == [0, 1]
         assert len({w["node_id"] for w in workers}) == 2, (stage, workers)  # one Train worker per node
     extract = json.loads((output / "features" / "_SUCCESS.json").read_text())
-    extract_log = [line for line in two_node_job["log"].splitlines() if "extract" in line]
-    assert len(extract["actor_nodes"]) == 2, (extract, extract_log)  # extraction actors on both nodes
+    if len(extract["actor_nodes"]) != 2:  # shown with the failure: where the actors started, waits, warnings
+        print("\n".join(line for line in two_node_job["log"].splitlines() if "extract" in line or "actor" in line))
+    assert len(extract["actor_nodes"]) == 2, extract  # extraction actors on both nodes
     pretrain_nodes = {w["node_id"] for w in json.loads((output / "pretrain" / "_SUCCESS.json").read_text())["workers"]}
     assert set(extract["actor_nodes"]) == pretrain_nodes  # the two worker nodes (the head offers no CPU)
     assert (output / "datasets" / "synthetic-coco-smoke" / "annotations").is_dir()  # data where every node sees it
