@@ -290,9 +290,27 @@ class LossConfig:
     # Seen features of the alignment/disentanglement terms: "synthetic" (default, docs/method.md) or "real".
     alignment_seen_features: Literal["synthetic", "real"] = "synthetic"
     disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
+    # (row, column) pairs per chunk of the relation network, the alignment KL and the MMD kernels; a chunk's
+    # activations are recomputed in the backward pass, so the relation network holds about 4 x chunk_size x D
+    # floats at once (docs/method.md, "Large vocabularies").
+    chunk_size: int = 65536
+    # Candidate classes of the seen samples' relation scores per step: the batch's own classes plus a fresh
+    # uniform sample of the others, up to this many; 0 = every class (the paper's objective).
+    relation_class_sample: int = 2048
+    # Unseen classes per step whose synthetic samples the alignment and relation terms use (a fresh uniform
+    # sample each step); 0 = every unseen class (the paper's objective).
+    unseen_class_sample: int = 512
 
     def __post_init__(self):
         self.mmd_sigmas_squared = tuple(float(s) for s in self.mmd_sigmas_squared)
+        if self.chunk_size < 1:
+            raise ConfigError(f"losses.chunk_size must be >= 1 (pairs per chunk), got {self.chunk_size}")
+        if self.relation_class_sample < 0 or self.unseen_class_sample < 0:
+            raise ConfigError("losses.relation_class_sample and losses.unseen_class_sample must be >= 0 "
+                              "(0 = every class)")
+        if 0 < self.relation_class_sample < 2:
+            raise ConfigError("losses.relation_class_sample must be 0 (every class) or >= 2: a relation "
+                              "cross-entropy over one candidate learns nothing")
         if self.alignment_temperature <= 0 or self.unrelated_temperature <= 0:
             raise ConfigError("losses.alignment_temperature and unrelated_temperature must be > 0")
         if not self.mmd_sigmas_squared or min(self.mmd_sigmas_squared) <= 0:

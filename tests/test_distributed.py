@@ -5,7 +5,10 @@ synchronised by :class:`pading.training.distributed.TorchCollective`) and for pr
 Ray Train's ``prepare_model``, :func:`pading.training.pretrain.pretrain_step`), k steps on 2 Ray
 Train workers, each given its half of every global batch, must end with the parameters of
 one worker trained on the whole batches, and identical parameters on both ranks. The same
-runs *without* the synchronisation must not: that is what makes the test able to fail.
+runs *without* the synchronisation must not: that is what makes the test able to fail. The
+generator is also checked at 1,200 classes with the full objective over every class, where
+each worker computes only its own rows' share of the batch-global terms: the per-step losses
+must match too, and a worker's gradient share counted twice or dropped must be caught.
 
 Exact equality needs the randomness to be partition-invariant. Generator noise, class
 choices and pretraining's point sampling are (drawn per global row / per global
@@ -66,25 +69,33 @@ def _compare(reference: dict, run: dict, skip_degenerate: bool = True) -> float:
 
 # ---- the generator stage --------------------------------------------------------------------
 
+#: The small problem (6 classes) and the large-vocabulary one: 1,200 classes, 300 unseen, the full
+#: objective over every class (no sampling) in chunks of 4,096 pairs.
+SMALL = {"num_classes": NUM_CLASSES, "num_unseen": 2, "losses": {}}
+LARGE = {"num_classes": 1200, "num_unseen": 300,
+         "losses": {"relation_class_sample": 0, "unseen_class_sample": 0, "chunk_size": 4096}}
 
-def _generator_problem():
-    """A class table, class semantics, GENERATOR_STEPS global batches of 32 query rows
-    (20 matched seen queries and 12 "no object" each) and a config without dropout."""
+
+def _generator_problem(num_classes: int = NUM_CLASSES, num_unseen: int = 2, losses: dict | None = None):
+    """A class table (the last ``num_unseen`` classes unseen), class semantics, GENERATOR_STEPS
+    global batches of 32 query rows (20 matched seen queries and 12 "no object" each) and a
+    config without dropout."""
     from pading.classes import ClassTable
     from pading.config import tiny_config
 
-    table = ClassTable.from_categories([{"id": 10 + i, "name": f"c{i}", "isthing": 1} for i in range(NUM_CLASSES)],
-                                       unseen=["c4", "c5"])
+    table = ClassTable.from_categories([{"id": 10 + i, "name": f"c{i}", "isthing": 1} for i in range(num_classes)],
+                                       unseen=[f"c{i}" for i in range(num_classes - num_unseen, num_classes)])
     rng = torch.Generator().manual_seed(0)
-    semantics = torch.randn(NUM_CLASSES, SEMANTIC_DIM, generator=rng)  # (C, S)
+    semantics = torch.randn(num_classes, SEMANTIC_DIM, generator=rng)  # (C, S)
     batches = []
     for _ in range(GENERATOR_STEPS):
-        labels = torch.cat([torch.randint(0, 4, (20,), generator=rng), torch.full((12,), NUM_CLASSES)])
+        labels = torch.cat([torch.randint(0, num_classes - num_unseen, (20,), generator=rng),
+                            torch.full((12,), num_classes)])
         order = torch.randperm(32, generator=rng)
         embeddings = F.layer_norm(torch.randn(32, EMBED_DIM, generator=rng), (EMBED_DIM,))
         batches.append((embeddings[order], labels[order]))
     config = tiny_config(
-        losses={"variant": "full", "disentangler_dropout": 0.0, "disentangle_weight": 0.5},
+        losses={"variant": "full", "disentangler_dropout": 0.0, "disentangle_weight": 0.5, **(losses or {})},
         generator={"dropout": 0.0}, generator_training={"iterations": GENERATOR_STEPS, "generator_lr": 1e-3})
     return table, semantics, batches, config
 
@@ -104,44 +115,83 @@ def _halves(batches, rank: int, world: int):
     return out
 
 
+def _fit(problem: dict, collective=None, batches_of=lambda batches: batches):
+    """Train GENERATOR_STEPS steps; returns (parameters, the generator/* losses of every step)."""
+    from pading.training.generator import GeneratorTrainer, fit_generator
+
+    table, semantics, batches, config = _generator_problem(**problem)
+    trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config, collective=collective)
+    losses = []
+    fit_generator(trainer, iter(batches_of(batches)), GENERATOR_STEPS,
+                  on_step=lambda _, metrics: losses.append({k: v for k, v in metrics.items()
+                                                            if k.startswith("generator/")}))
+    return _trainer_parameters(trainer), losses
+
+
+def _faulty_collectives():
+    """Collectives with one deliberate fault each, which the comparison with one worker must catch."""
+    from pading.training.distributed import LocalCollective, TorchCollective
+
+    class ShareCountedTwice(TorchCollective):  # rank 0's gradient share enters the sum twice
+        def _reduce_gradients(self, parameters, divide):
+            parameters = list(parameters)
+            for p in parameters:
+                if p.grad is not None and self.rank == 0:
+                    p.grad = p.grad * 2
+            super()._reduce_gradients(parameters, divide)
+
+    class ShareDropped(TorchCollective):  # rank 1's gradient share never reaches the sum
+        def _reduce_gradients(self, parameters, divide):
+            parameters = list(parameters)
+            for p in parameters:
+                if p.grad is not None and self.rank == 1:
+                    p.grad = torch.zeros_like(p.grad)
+            super()._reduce_gradients(parameters, divide)
+
+    return {"synchronised": TorchCollective, "share-counted-twice": ShareCountedTwice,
+            "share-dropped": ShareDropped, "without-sync": LocalCollective}
+
+
 def _generator_worker(loop_config: dict) -> None:
     import ray.train
-
-    from pading.training.distributed import LocalCollective, TorchCollective
-    from pading.training.generator import GeneratorTrainer, fit_generator
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    table, semantics, batches, config = _generator_problem()
-    collective = TorchCollective() if loop_config["sync"] else LocalCollective()
-    trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config, collective=collective)
-    fit_generator(trainer, iter(_halves(batches, rank, world)), GENERATOR_STEPS)
-    torch.save(_trainer_parameters(trainer), Path(loop_config["out"]) / f"generator-rank{rank}.pt")
+    results = {}
+    for name, make in _faulty_collectives().items():
+        if name in loop_config["variants"]:
+            results[name] = _fit(loop_config["problem"], make(), lambda batches: _halves(batches, rank, world))
+    torch.save(results, Path(loop_config["out"]) / f"generator-rank{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def generator_reference() -> dict:
-    """One worker (this process, no process group) on the whole batches."""
-    from pading.training.generator import GeneratorTrainer, fit_generator
-
-    table, semantics, batches, config = _generator_problem()
-    trainer = GeneratorTrainer(table, semantics, EMBED_DIM, config)
-    fit_generator(trainer, iter(batches), GENERATOR_STEPS)
-    return _trainer_parameters(trainer)
+def _loss_difference(reference: list[dict], run: list[dict]) -> float:
+    """Largest relative difference of the per-step generator losses."""
+    worst = 0.0
+    for want, got in zip(reference, run, strict=True):
+        for name, value in want.items():
+            worst = max(worst, abs(got[name] - value) / max(abs(value), 1e-12))
+    return worst
 
 
-@pytest.mark.parametrize("sync", [True, False], ids=["synchronised", "without-sync"])
-def test_generator_two_workers_match_one(ray_local, generator_reference, tmp_path, sync):
-    _fit_on_two_workers(_generator_worker, {"sync": sync, "out": str(tmp_path)})
+@pytest.mark.parametrize("problem", [SMALL, LARGE], ids=["6-classes", "1200-classes"])
+def test_generator_two_workers_match_one(ray_local, tmp_path, problem):
+    """2 workers, each with half of every global batch, end where one worker on the whole
+    batches ends (parameters and every step's losses); each fault breaks that."""
+    variants = list(_faulty_collectives()) if problem is LARGE else ["synchronised", "without-sync"]
+    reference_parameters, reference_losses = _fit(problem)  # one worker, this process
+    _fit_on_two_workers(_generator_worker, {"problem": problem, "variants": variants, "out": str(tmp_path)})
     ranks = [torch.load(tmp_path / f"generator-rank{r}.pt", weights_only=True) for r in range(2)]
-    difference = _compare(generator_reference, ranks[0])
-    across_ranks = _compare(ranks[0], ranks[1], skip_degenerate=False)
-    if sync:
-        assert difference < RELATIVE_TOLERANCE, difference
-        assert across_ranks == 0.0
-    else:  # each worker trains on its half alone: the check above must catch that
-        assert difference > 1e-2 and across_ranks > 1e-4, (difference, across_ranks)
+    for name in variants:
+        difference = _compare(reference_parameters, ranks[0][name][0])
+        across_ranks = _compare(ranks[0][name][0], ranks[1][name][0], skip_degenerate=False)
+        losses = _loss_difference(reference_losses, ranks[0][name][1])
+        if name == "synchronised":
+            assert difference < RELATIVE_TOLERANCE, (name, difference)
+            assert losses < RELATIVE_TOLERANCE, (name, losses)
+            assert across_ranks == 0.0
+        else:  # the check above must catch every fault
+            assert difference > 1e-2, (name, difference)
 
 
 # ---- pretraining ------------------------------------------------------------------------------

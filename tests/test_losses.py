@@ -4,13 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pading.config import LossConfig
-from pading.errors import ConfigError
 from pading.model.losses import (
     Disentangler,
-    PadingLoss,
     composed_alignment_loss,
     mmd_loss,
     relation_loss,
@@ -168,88 +164,54 @@ def test_unrelated_loss_zero_when_features_equal_noise():
     assert unrelated_noise_loss(torch.zeros(4, EMBED_DIM), 0.1, noise=noise).item() > 0
 
 
-# ---- total loss --------------------------------------------------------------------------
+# ---- chunked computation ----------------------------------------------------------------
 
 
-def _loss_inputs(with_logits=True):
-    real_seen = torch.randn(8, EMBED_DIM)
-    synthetic_seen = torch.randn(8, EMBED_DIM, requires_grad=True)
-    seen_labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    unseen_indices = torch.tensor([4, 5])
-    return dict(
-        real_seen=real_seen,
-        synthetic_seen=synthetic_seen,
-        seen_labels=seen_labels,
-        synthetic_seen_logits=torch.randn(8, NUM_CLASSES + 1, requires_grad=True) if with_logits else None,
-        synthetic_unseen=torch.randn(2, EMBED_DIM, requires_grad=True),
-        unseen_labels=unseen_indices,
-        unseen_indices=unseen_indices,
-        class_embeddings=torch.randn(NUM_CLASSES, EMBED_DIM, requires_grad=True),
-    )
+def _explicit_relation(network, features, class_embeddings):
+    """R on the explicit concatenation [h_i, ã_j] of every pair (the textbook form)."""
+    n, m = features.shape[0], class_embeddings.shape[0]
+    pairs = torch.cat([features.unsqueeze(1).expand(n, m, -1), class_embeddings.unsqueeze(0).expand(n, m, -1)], dim=2)
+    return torch.sigmoid(network.score(torch.relu(network.hidden(pairs))).squeeze(-1))
 
 
-@pytest.mark.parametrize("variant", ["gmmn", "primitive"])
-def test_mmd_only_variants_have_no_lambda_terms(variant):
-    loss = PadingLoss(LossConfig(variant=variant), EMBED_DIM)
-    assert loss.disentangler is None
-    inputs = _loss_inputs()
-    total, terms = loss(**inputs)
-    for name in ("alignment", "unrelated", "relation", "reconstruction"):
-        assert terms[name] == 0.0
-    expected = mmd_loss(inputs["synthetic_seen"], inputs["real_seen"], SIGMAS_SQUARED) + 0.001 * F.cross_entropy(
-        inputs["synthetic_seen_logits"], inputs["seen_labels"]
-    )
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, None])
+def test_chunked_relation_scores_and_gradients_equal_the_explicit_ones(chunk_size):
+    network = Disentangler(EMBED_DIM).relation_network.double()
+    features = torch.randn(4, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    classes = torch.randn(7, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 7, dtype=torch.float64)
+    expected = _explicit_relation(network, features, classes)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [features, classes, *network.parameters()])
+    got = network(features, classes, chunk_size)
+    got_grads = torch.autograd.grad((got * weights).sum(), [features, classes, *network.parameters()])
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+    for a, b in zip(got_grads, expected_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_alignment_variant_uses_raw_features_only():
-    config = LossConfig(variant="alignment", disentangle_weight=1.0)
-    loss = PadingLoss(config, EMBED_DIM)
-    assert loss.disentangler is None
-    inputs = _loss_inputs(with_logits=False)
-    total, terms = loss(**inputs)
-    assert terms["alignment"] > 0 and terms["classification"] == 0.0
-    assert terms["unrelated"] == terms["relation"] == terms["reconstruction"] == 0.0
-    raw = composed_alignment_loss(
-        seen_features=inputs["synthetic_seen"],
-        seen_labels=inputs["seen_labels"],
-        unseen_features=inputs["synthetic_unseen"],
-        unseen_labels=inputs["unseen_labels"],
-        class_embeddings=inputs["class_embeddings"],
-        temperature=config.alignment_temperature,
-    )
-    assert terms["alignment"] == pytest.approx(raw.item(), rel=1e-5)
-    assert total.item() == pytest.approx(terms["mmd"] + terms["alignment"], rel=1e-5)
+def test_relation_scores_pass_gradcheck_in_chunks():
+    from pading.model.losses import _RelationScores
+
+    torch.manual_seed(1)
+    inputs = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, dtype=torch.float64, requires_grad=True),
+              torch.randn(1, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda a, b, w, c: _RelationScores.apply(a, b, w, c, 5), inputs)
 
 
-def test_full_variant_total_follows_the_formula():
-    config = LossConfig(
-        variant="full", disentangle_weight=0.5, alignment_weight=2.0, relation_weight=3.0, reconstruction_weight=4.0
-    )
-    loss = PadingLoss(config, EMBED_DIM).eval()  # no dropout, but ε is still random
-    inputs = _loss_inputs()
-    total, terms = loss(**inputs)
-    for name in ("alignment", "unrelated", "relation", "reconstruction"):
-        assert terms[name] > 0 and math.isfinite(terms[name])
-    expected = (
-        terms["mmd"]
-        + 0.001 * terms["classification"]
-        + 0.5
-        * (
-            2.0 * (terms["alignment"] + 0.5 * terms["unrelated"])
-            + 3.0 * 0.2 * terms["relation"]
-            + 4.0 * terms["reconstruction"]
-        )
-    )
-    assert total.item() == pytest.approx(expected, rel=1e-5)
-    total.backward()
-    assert inputs["synthetic_unseen"].grad.abs().sum() > 0
-    assert loss.disentangler.related_encoder[0].weight.grad.abs().sum() > 0
-    assert loss.disentangler.unrelated_encoder[0].weight.grad.abs().sum() > 0
-
-
-def test_padingloss_rejects_projection_and_bad_source():
-    with pytest.raises(ConfigError, match="projection"):
-        PadingLoss(LossConfig(variant="projection"), EMBED_DIM)
-    with pytest.raises(ConfigError, match="alignment_seen_features"):
-        PadingLoss(LossConfig(alignment_seen_features="both"), EMBED_DIM)
+@pytest.mark.parametrize("chunk_size", [1, 7, 40])
+def test_chunked_mmd_and_alignment_equal_one_block(chunk_size):
+    x = torch.randn(9, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, EMBED_DIM, dtype=torch.float64)
+    class_embeddings = torch.randn(NUM_CLASSES, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, NUM_CLASSES, (9,))
+    for function in (lambda c: mmd_loss(x, y, SIGMAS_SQUARED, chunk_size=c),
+                     lambda c: relationship_alignment_loss(x, labels, class_embeddings, 0.1, chunk_size=c)):
+        whole = function(None)
+        whole_grads = torch.autograd.grad(whole, [x, class_embeddings], allow_unused=True)
+        chunked = function(chunk_size)
+        chunked_grads = torch.autograd.grad(chunked, [x, class_embeddings], allow_unused=True)
+        assert abs(float(chunked - whole)) <= 1e-12 * abs(float(whole))
+        for a, b in zip(chunked_grads, whole_grads):
+            assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-15)

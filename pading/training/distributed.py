@@ -4,14 +4,14 @@ The generator's losses are *batch-global*: the MMD compares every synthetic feat
 every real one, the alignment KL compares every pair, and the classifier's weighted
 cross-entropy divides by the batch's total class weight. Averaging per-worker gradients of
 per-worker losses (what plain DDP does) therefore does *not* give the gradient of the
-global batch. :class:`TorchCollective` makes W workers compute exactly what one worker
-computes on the union of their rows (docs/architecture.md, "Distributed training"):
+global batch. W workers compute exactly what one worker computes on the union of their rows,
+and each does only its own rows' part of the work (docs/architecture.md, "Distributed training"):
 
-1. features each worker produced (real rows, synthetic rows *with* their autograd graph)
-   are all-gathered in rank order, so every worker evaluates the identical global loss;
-2. after ``backward`` the gradients are all-reduced: a parameter's gradient on worker r
-   holds W x (the contribution of r's rows, through the gather) + (the direct paths), so
-   summing over workers and dividing by W gives the global gradient exactly.
+1. each worker computes its rows' share of every term against the columns gathered from all
+   workers (:mod:`pading.training.objective`); the gathered columns are leaves, and their
+   gradients are summed over the workers in one all-reduce and returned to the rows' owners;
+2. after ``backward`` every parameter's gradient holds its worker's share; summing them over
+   the workers (:meth:`TorchCollective.sum_gradients`) gives the global gradient exactly.
 
 :class:`LocalCollective` is the one-process case (identity gather, no reduction): the
 single-process path of the same code. Nothing here imports Ray: a Ray Train worker has an
@@ -20,7 +20,7 @@ initialised ``torch.distributed`` process group, and :func:`default_collective` 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -31,9 +31,14 @@ class LocalCollective:
     world_size = 1
     rank = 0
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(n_r, ...) on every rank -> (sum_r n_r, ...) in rank order, differentiable."""
+    def gather(self, tensor: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(n_r, ...) on every rank -> (sum_r n_r, ...) in rank order, differentiable;
+        ``sizes``: every rank's n_r, when the caller knows them (saves a collective)."""
         return tensor
+
+    def row_counts(self, count: int) -> list[int]:
+        """Every rank's ``count``, in rank order."""
+        return [int(count)]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over ranks (no gradient)."""
@@ -61,12 +66,23 @@ class TorchCollective(LocalCollective):
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        # all_gather needs one shape on every rank: gather the row counts, pad, trim.
-        count = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
-        self._dist.all_gather(counts, count)
-        sizes = [int(c.item()) for c in counts]
+    def _device(self) -> torch.device:
+        """Where this group's collectives take their tensors (NCCL: the current GPU)."""
+        if self._dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def row_counts(self, count: int) -> list[int]:
+        local = torch.tensor([count], dtype=torch.long, device=self._device())
+        counts = [torch.zeros_like(local) for _ in range(self.world_size)]
+        self._dist.all_gather(counts, local)
+        return [int(c.item()) for c in counts]
+
+    def gather(self, tensor: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        # all_gather needs one shape on every rank: pad to the longest, trim.
+        sizes = list(sizes) if sizes is not None else self.row_counts(tensor.shape[0])
+        if sizes[self.rank] != tensor.shape[0]:
+            raise RuntimeError(f"gather: rank {self.rank} has {tensor.shape[0]} rows, sizes say {sizes[self.rank]}")
         longest = max(sizes)
         padded = tensor
         if tensor.shape[0] < longest:

@@ -42,8 +42,8 @@ from pading.model.classifier import (
     make_classifier_optimizer,
 )
 from pading.model.generator import GMMNGenerator, build_generator
-from pading.model.losses import PadingLoss
 from pading.training.distributed import LocalCollective, default_collective
+from pading.training.objective import LossInputs, PadingLoss
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,31 @@ logger = logging.getLogger(__name__)
 _SEED_BOUND = 2**62
 
 SynthesizeFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepClasses:
+    """What one generator step ranges over (the same on every worker).
+
+    Attributes:
+        unseen_set: (U_t,) unseen class indices whose synthetic samples the step uses, in class order.
+        seen_candidates: (M,) class indices the seen rows' relation scores range over; None = every class.
+        embedded: (P,) class indices whose projected embeddings the step needs, sorted; None = every class.
+        num_classes: C.
+    """
+
+    unseen_set: torch.Tensor
+    seen_candidates: Optional[torch.Tensor]
+    embedded: Optional[torch.Tensor]
+    num_classes: int
+
+    def positions(self, class_indices: torch.Tensor) -> torch.Tensor:
+        """Places of ``class_indices`` in ``embedded`` (the class indices themselves when every class is embedded)."""
+        if self.embedded is None:
+            return class_indices
+        lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.embedded.device)
+        lookup[self.embedded] = torch.arange(self.embedded.numel(), device=self.embedded.device)
+        return lookup[class_indices]
 
 
 @contextlib.contextmanager
@@ -358,7 +383,7 @@ class GeneratorTrainer:
             embeddings: (N, D) query embeddings of the batch's images (all queries).
             labels: (N,) matched class index, or ``table.no_object_index`` for unmatched queries.
         Returns:
-            floats for logging: ``generator/<term>`` (see :class:`~pading.model.losses.PadingLoss`),
+            floats for logging: ``generator/<term>`` (see :class:`~pading.training.objective.PadingLoss`),
             ``generator/lr``, ``classifier/loss``, ``classifier/num_synthetic``, ``step``.
         """
         self._check_batch(embeddings, labels)
@@ -393,6 +418,46 @@ class GeneratorTrainer:
         shape = (self.generator.num_layers, num_rows, self.embed_dim)
         return torch.randn(shape, generator=generator)[:, rows].to(self.device)
 
+    def _share(self, num_rows: int) -> tuple[slice, list[int]]:
+        """This worker's contiguous slice of ``num_rows`` rows that every worker knows, and
+        every worker's row count (rank order)."""
+        world, rank = self.collective.world_size, self.collective.rank
+        per = -(-num_rows // world)
+        counts = [max(0, min(num_rows, (r + 1) * per) - r * per) for r in range(world)]
+        start = sum(counts[:rank])
+        return slice(start, start + counts[rank]), counts
+
+    def _step_classes(self, all_seen_labels: torch.Tensor, step_seed: int) -> StepClasses:
+        """The classes this step's relation and alignment terms range over (identical on every
+        worker): the unseen set (``losses.unseen_class_sample``), the seen rows' relation
+        candidates (``losses.relation_class_sample``: the batch's classes plus a uniform sample
+        of the others) and the classes whose projected embeddings the step needs."""
+        cfg = self.config.losses
+        device = self.device
+        chooser = torch.Generator().manual_seed(step_seed + 2)
+        num_unseen = self.unseen_indices.numel()
+        unseen_set = self.unseen_indices[:0]
+        if self.loss.uses_alignment and num_unseen:
+            unseen_set = self.unseen_indices
+            if 0 < cfg.unseen_class_sample < num_unseen:
+                picked = torch.randperm(num_unseen, generator=chooser)[: cfg.unseen_class_sample]
+                unseen_set = self.unseen_indices[picked.sort().values.to(device)]  # (U_t,) in class order
+        candidates = None
+        if self.loss.uses_disentanglement and 0 < cfg.relation_class_sample < self.num_classes:
+            batch_classes = torch.unique(all_seen_labels)  # (b,) sorted
+            in_batch = torch.zeros(self.num_classes, dtype=torch.bool)
+            in_batch[batch_classes.cpu()] = True
+            order = torch.randperm(self.num_classes, generator=chooser)
+            others = order[~in_batch[order]][: max(0, cfg.relation_class_sample - batch_classes.numel())]
+            candidates = torch.cat([batch_classes, others.to(device)]).sort().values  # (M,) class indices
+        if self.loss.uses_disentanglement and candidates is None:
+            embedded = None  # every class: positions are class indices
+        else:
+            parts = [all_seen_labels, unseen_set] + ([candidates] if candidates is not None else [])
+            embedded = torch.unique(torch.cat(parts)) if self.loss.uses_alignment else all_seen_labels[:0]
+        return StepClasses(unseen_set=unseen_set, seen_candidates=candidates, embedded=embedded,
+                           num_classes=self.num_classes)
+
     def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
                         step_seed: int) -> dict[str, float]:
         seen = self._seen_rows(labels)  # (N,)
@@ -404,41 +469,48 @@ class GeneratorTrainer:
         self.generator.train()
         self.loss.train()
         seen_labels = labels[seen]  # (n,) this worker's
-        counts = self.collective.gather(torch.tensor([seen_labels.numel()], device=self.device))  # (W,)
-        offset = int(counts[: self.collective.rank].sum())
+        seen_counts = self.collective.row_counts(seen_labels.numel())
+        offset = sum(seen_counts[: self.collective.rank])
+        own_seen = slice(offset, offset + seen_labels.numel())
+        num_seen = all_seen_labels.numel()
+        classes = self._step_classes(all_seen_labels, step_seed)
+        own_unseen, unseen_counts = self._share(classes.unseen_set.numel())
         noise = torch.Generator().manual_seed(step_seed)
-        local_noise = self._draw_noise(noise, all_seen_labels.numel(), slice(offset, offset + seen_labels.numel()))
-        synthetic_local = self.generator(self.class_semantics[seen_labels], local_noise)  # (n, D)
-        real_seen = self.collective.gather(embeddings[seen])  # (n_global, D)
-        synthetic_seen = self.collective.gather(synthetic_local)  # (n_global, D), keeps the graph
-        if self.loss.uses_alignment and self.unseen_indices.numel() > 0:
-            unseen_labels = self.unseen_indices  # (U,) one synthetic sample per unseen class
-            unseen_noise = self._draw_noise(noise, unseen_labels.numel(), slice(None))
-            synthetic_unseen = self.generator(self.class_semantics[unseen_labels], unseen_noise)  # (U, D)
-        else:
-            unseen_labels = self.unseen_indices[:0]
-            synthetic_unseen = synthetic_seen[:0]
-        class_embeddings = self.generator.project(self.class_semantics)  # (C, D)
-        logits = None
-        if self.config.losses.auxiliary_classification_weight > 0:
-            logits = self.classifier(synthetic_seen)  # (n_global, C+1)
-        total, terms = self.loss(
-            real_seen=real_seen,
-            synthetic_seen=synthetic_seen,
-            seen_labels=all_seen_labels,
-            synthetic_seen_logits=logits,
-            synthetic_unseen=synthetic_unseen,
-            unseen_labels=unseen_labels,
-            unseen_indices=self.unseen_indices,
-            class_embeddings=class_embeddings,
-        )
+        seen_noise = self._draw_noise(noise, num_seen, own_seen)
+        unseen_noise = self._draw_noise(noise, classes.unseen_set.numel(), own_unseen)
+        unrelated_seen = unrelated_unseen = None
+        if self.loss.uses_disentanglement:  # ε of L_unrel, per global row
+            unrelated_seen = torch.randn((num_seen, self.embed_dim), generator=noise)[own_seen].to(self.device)
+            unrelated_unseen = torch.randn((classes.unseen_set.numel(), self.embed_dim),
+                                           generator=noise)[own_unseen].to(self.device)
+        synthetic_seen = self.generator(self.class_semantics[seen_labels], seen_noise)  # (n, D)
+        unseen_labels = classes.unseen_set[own_unseen]  # (u,)
+        synthetic_unseen = self.generator(self.class_semantics[unseen_labels], unseen_noise)  # (u, D)
+        embedded = classes.embedded
+        semantics = self.class_semantics if embedded is None else self.class_semantics[embedded]
+        class_embeddings = self.generator.project(semantics)  # (P, D)
+        classify = self.classifier if self.config.losses.auxiliary_classification_weight > 0 else None
+        result = self.loss(LossInputs(
+            real_seen=embeddings[seen], synthetic_seen=synthetic_seen, seen_labels=seen_labels,
+            seen_positions=classes.positions(seen_labels), synthetic_unseen=synthetic_unseen,
+            unseen_positions=classes.positions(unseen_labels),
+            unseen_candidates=classes.positions(classes.unseen_set), class_embeddings=class_embeddings,
+            num_seen_total=num_seen, num_unseen_total=classes.unseen_set.numel(),
+            seen_candidates=None if classes.seen_candidates is None else classes.positions(classes.seen_candidates),
+            seen_positions_total=classes.positions(all_seen_labels), seen_rows_per_worker=seen_counts,
+            unseen_rows_per_worker=unseen_counts, classify=classify,
+            unrelated_noise_seen=unrelated_seen, unrelated_noise_unseen=unrelated_unseen,
+        ), self.collective)
         self.generator_optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.collective.average_gradients(self._generator_parameters())
+        result.backward()
+        terms = result.terms
+        del result  # frees the retained graph before the optimiser step
+        self.collective.sum_gradients(self._generator_parameters())
         self.generator_optimizer.step()
         self.generator_scheduler.step()
         metrics.update({f"generator/{name}": value for name, value in terms.items()})
-        metrics["generator/num_real_seen"] = float(all_seen_labels.numel())
+        metrics["generator/num_real_seen"] = float(num_seen)
+        metrics["generator/num_unseen_in_step"] = float(classes.unseen_set.numel())
         return metrics
 
     def _generator_parameters(self) -> list[nn.Parameter]:
@@ -456,38 +528,42 @@ class GeneratorTrainer:
     def _classifier_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
                          step_seed: int) -> dict[str, float]:
         """Weighted cross-entropy over the global batch (real rows of every worker plus the
-        synthetic unseen rows, which every worker draws identically):
-        sum_i w_i CE_i / sum_i w_i. A worker's share is its real rows' numerator plus 1/W
-        of the synthetic rows', over the global denominator, so summing the workers'
-        gradients gives the global gradient."""
-        world = self.collective.world_size
+        synthetic unseen rows of the step's chosen classes, which the workers split between
+        them): sum_i w_i CE_i / sum_i w_i. A worker's share is its rows' numerator over the
+        global denominator, so summing the workers' gradients gives the global gradient."""
         num_unseen = self.unseen_indices.numel()
         count = min(self.config.generator_training.unseen_classes_per_step, num_unseen)
         synthetic, synthetic_targets = embeddings[:0], labels[:0]
+        synthetic_weight_total = self.class_weights.new_zeros(())
+        num_synthetic = 0
         if self.generator is not None and count > 0:
             choices = torch.Generator().manual_seed(step_seed + 1)
             chosen = self.unseen_indices[torch.randperm(num_unseen, generator=choices)[:count].to(self.device)]  # (n,)
             per_class = self._synthetic_per_class(all_labels)
-            noise = self._draw_noise(choices, count * per_class, slice(None))
+            all_targets = chosen.repeat_interleave(per_class)  # (n*per_class,) every worker's synthetic rows
+            own, _ = self._share(all_targets.numel())
+            noise = self._draw_noise(choices, all_targets.numel(), own)
+            synthetic_targets = all_targets[own]
             with torch.no_grad():
-                synthetic = self.generator(self.class_semantics[chosen.repeat_interleave(per_class)], noise)
-            synthetic_targets = chosen.repeat_interleave(per_class)  # (n*per_class,)
+                synthetic = self.generator(self.class_semantics[synthetic_targets], noise)  # (m, D)
+            synthetic_weight_total = self.class_weights[all_targets].sum()
+            num_synthetic = all_targets.numel()
         self.classifier.train()
         real_weights = self.class_weights[labels]  # (N,)
-        synthetic_weights = self.class_weights[synthetic_targets]  # (M,)
-        denominator = self.collective.all_reduce_sum(real_weights.sum()) + synthetic_weights.sum()
-        real_losses = F.cross_entropy(self.classifier(embeddings), labels, reduction="none")  # (N,)
-        numerator = (real_weights * real_losses).sum()
-        if synthetic.shape[0]:
-            synthetic_losses = F.cross_entropy(self.classifier(synthetic), synthetic_targets, reduction="none")
-            numerator = numerator + (synthetic_weights * synthetic_losses).sum() / world
-        loss = numerator / denominator
+        synthetic_weights = self.class_weights[synthetic_targets]  # (m,)
+        denominator = self.collective.all_reduce_sum(real_weights.sum()) + synthetic_weight_total
+        features = torch.cat([embeddings, synthetic], dim=0)  # (N + m, D)
+        targets = torch.cat([labels, synthetic_targets], dim=0)
+        weights = torch.cat([real_weights, synthetic_weights], dim=0)
+        losses = F.cross_entropy(self.classifier(features), targets, reduction="none")  # (N + m,)
+        loss = (weights * losses).sum() / denominator
         self.classifier_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.collective.sum_gradients(self.classifier.parameters())
         self.classifier_optimizer.step()
         global_loss = float(self.collective.all_reduce_sum(loss.detach()))
-        return {"classifier/loss": global_loss, "classifier/num_synthetic": float(synthetic.shape[0])}
+        return {"classifier/loss": global_loss, "classifier/num_synthetic": float(num_synthetic)}
+
 
     # ---- sampling ----------------------------------------------------------------------
 
