@@ -290,10 +290,10 @@ class LossConfig:
     # Seen features of the alignment/disentanglement terms: "synthetic" (default, docs/method.md) or "real".
     alignment_seen_features: Literal["synthetic", "real"] = "synthetic"
     disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
-    # (row, column) pairs per chunk of the relation network, the alignment KL and the MMD kernels; a chunk's
-    # activations are recomputed in the backward pass, so the relation network holds about 4 x chunk_size x D
-    # floats at once (docs/method.md, "Large vocabularies").
-    chunk_size: int = 65536
+    # (sample, class) pairs per block of the relation network, whose (pairs, D) hidden layer is recomputed in
+    # the backward pass (about 4 x chunk_size x D floats alive); the alignment KL and the MMD kernels use
+    # blocks D times larger. 0 = auto: 4,096 on a CPU (cache-sized), 2^20 on a GPU (docs/method.md).
+    chunk_size: int = 0
     # Candidate classes of the seen samples' relation scores per step: the batch's own classes plus a fresh
     # uniform sample of the others, up to this many; 0 = every class (the paper's objective).
     relation_class_sample: int = 2048
@@ -303,8 +303,8 @@ class LossConfig:
 
     def __post_init__(self):
         self.mmd_sigmas_squared = tuple(float(s) for s in self.mmd_sigmas_squared)
-        if self.chunk_size < 1:
-            raise ConfigError(f"losses.chunk_size must be >= 1 (pairs per chunk), got {self.chunk_size}")
+        if self.chunk_size < 0:
+            raise ConfigError(f"losses.chunk_size must be >= 1 (pairs per block) or 0 (auto), got {self.chunk_size}")
         if self.relation_class_sample < 0 or self.unseen_class_sample < 0:
             raise ConfigError("losses.relation_class_sample and losses.unseen_class_sample must be >= 0 "
                               "(0 = every class)")

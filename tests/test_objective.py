@@ -188,7 +188,7 @@ def test_bad_loss_settings_are_refused_naming_the_setting():
     with pytest.raises(ConfigError, match="alignment_seen_features"):
         PadingLoss(LossConfig(alignment_seen_features="both"), EMBED_DIM)
     with pytest.raises(ConfigError, match="losses.chunk_size"):
-        LossConfig(chunk_size=0)
+        LossConfig(chunk_size=-1)
     with pytest.raises(ConfigError, match="relation_class_sample"):
         LossConfig(relation_class_sample=1)
     with pytest.raises(ConfigError, match="unseen_class_sample"):

@@ -279,14 +279,23 @@ def _pair_blocks(num_rows: int, num_columns: int, chunk_size: int) -> list[tuple
 
 class _RelationScores(torch.autograd.Function):
     """sigmoid(w · ReLU(a_i + b_j) + β) for every pair (i, j), in blocks of pairs, keeping only
-    the (N, M) output: the backward pass recomputes each block's (rows, columns, D) hidden layer."""
+    the (N, M) output: the backward pass recomputes each block's (rows, columns, D) hidden layer.
+
+    The backward uses ∂/∂a_i = w ⊙ Σ_j g_ij 1[h_ij > 0] (a batched matrix product) and
+    ∂/∂b_j = w ⊙ Σ_i g_ij 1[h_ij > 0], with the ReLU's mask made in place from the hidden layer
+    (sign of a non-negative number), so a block costs a few passes over (r, c, D) floats.
+    """
+
+    @staticmethod
+    def _hidden(from_rows, from_columns, rows, columns):
+        return torch.add(from_rows[rows].unsqueeze(1), from_columns[columns].unsqueeze(0)).relu_()  # (r, c, D)
 
     @staticmethod
     def forward(ctx, from_rows, from_columns, score_weight, score_bias, chunk_size):
         num_rows, num_columns = from_rows.shape[0], from_columns.shape[0]
         out = from_rows.new_empty((num_rows, num_columns))  # (N, M)
         for rows, columns in _pair_blocks(num_rows, num_columns, chunk_size):
-            hidden = torch.relu(from_rows[rows].unsqueeze(1) + from_columns[columns].unsqueeze(0))  # (r, c, D)
+            hidden = _RelationScores._hidden(from_rows, from_columns, rows, columns)  # (r, c, D)
             out[rows, columns] = torch.sigmoid(hidden @ score_weight + score_bias)  # (r, c)
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(from_rows, from_columns, score_weight, score_bias, out)
@@ -300,12 +309,12 @@ class _RelationScores(torch.autograd.Function):
         grad_columns = torch.zeros_like(from_columns)
         grad_weight = torch.zeros_like(score_weight)
         for rows, columns in _pair_blocks(from_rows.shape[0], from_columns.shape[0], ctx.chunk_size):
-            hidden = torch.relu(from_rows[rows].unsqueeze(1) + from_columns[columns].unsqueeze(0))  # (r, c, D)
+            hidden = _RelationScores._hidden(from_rows, from_columns, rows, columns)  # (r, c, D)
             block = grad_logit[rows, columns]  # (r, c)
             grad_weight += block.reshape(-1) @ hidden.reshape(-1, hidden.shape[-1])
-            grad_hidden = (hidden > 0) * block.unsqueeze(-1) * score_weight  # (r, c, D)
-            grad_rows[rows] += grad_hidden.sum(dim=1)
-            grad_columns[columns] += grad_hidden.sum(dim=0)
+            active = hidden.sign_()  # (r, c, D): 1 where the ReLU passed, else 0 (in place)
+            grad_rows[rows] += torch.bmm(block.unsqueeze(1), active).squeeze(1) * score_weight  # (r, D)
+            grad_columns[columns] += (block.unsqueeze(-1) * active).sum(dim=0) * score_weight  # (c, D)
         grad_bias = grad_logit.sum().reshape(score_bias.shape)
         return grad_rows, grad_columns, grad_weight, grad_bias, None
 

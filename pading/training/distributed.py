@@ -44,11 +44,38 @@ class LocalCollective:
         """Sum of ``tensor`` over ranks (no gradient)."""
         return tensor
 
-    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Replace every gradient by its mean over ranks."""
+    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter],
+                      extras: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Replace every gradient by its sum over ranks; ``extras`` (a 1-d tensor) is summed in
+        the same call and returned."""
+        return self.sum_gradients_async(parameters, extras).wait()
 
-    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Replace every gradient by its sum over ranks."""
+    def sum_gradients_async(self, parameters: Iterable[torch.nn.Parameter],
+                            extras: Optional[torch.Tensor] = None) -> "PendingSum":
+        """Start :meth:`sum_gradients`; the gradients are summed once ``wait()`` returns (other
+        work can run meanwhile, on tensors the reduction does not touch)."""
+        return PendingSum(None, None, [], extras)
+
+
+class PendingSum:
+    """A gradient reduction in flight; :meth:`wait` finishes it and returns the summed extras."""
+
+    def __init__(self, work, flat: Optional[torch.Tensor], params: list, extras: Optional[torch.Tensor]):
+        self._work, self._flat, self._params, self._extras = work, flat, params, extras
+
+    def wait(self) -> Optional[torch.Tensor]:
+        if self._work is None:
+            return self._extras
+        self._work.wait()
+        flat, params = self._flat, self._params
+        num_extras = 0 if self._extras is None else self._extras.numel()
+        offset = len(params) + num_extras
+        for i, param in enumerate(params):
+            size = param.numel()
+            # a parameter no rank touched keeps grad None, as in the one-process run (the optimiser skips it)
+            param.grad = flat[offset:offset + size].view_as(param).to(param.dtype) if flat[i] > 0 else None
+            offset += size
+        return None if self._extras is None else flat[len(params):len(params) + num_extras].to(self._extras.dtype)
 
 
 class TorchCollective(LocalCollective):
@@ -99,34 +126,18 @@ class TorchCollective(LocalCollective):
         self._dist.all_reduce(reduced)
         return reduced
 
-    def _reduce_gradients(self, parameters: Iterable[torch.nn.Parameter], divide: bool) -> None:
-        """One all-reduce of every gradient, flattened into one buffer (plus a has-gradient
-        flag per parameter, so a parameter no rank touched keeps ``grad = None``, as in the
-        one-process run, and the optimiser skips it)."""
+    def sum_gradients_async(self, parameters: Iterable[torch.nn.Parameter],
+                            extras: Optional[torch.Tensor] = None) -> PendingSum:
+        """One all-reduce of every gradient (and of ``extras``), flattened into one buffer with a
+        has-gradient flag per parameter."""
         params = [p for p in parameters if p.requires_grad]
-        if not params:
-            return
-        device = params[0].device
+        device = params[0].device if params else self._device()
         flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=device)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        flat = torch.cat([flags] + [g.reshape(-1).to(flags.dtype) for g in grads])
-        self._dist.all_reduce(flat)
-        if divide:
-            flat[len(params):] /= self.world_size
-        offset = len(params)
-        for i, (param, grad) in enumerate(zip(params, grads)):
-            size = grad.numel()
-            if flat[i] > 0:
-                param.grad = flat[offset : offset + size].view_as(param).to(param.dtype).clone()
-            else:
-                param.grad = None
-            offset += size
-
-    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        self._reduce_gradients(parameters, divide=True)
-
-    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        self._reduce_gradients(parameters, divide=False)
+        parts = [flags] + ([extras.detach().reshape(-1).to(device, flags.dtype)] if extras is not None else [])
+        parts += [p.grad.reshape(-1).to(flags.dtype) if p.grad is not None else flags.new_zeros(p.numel())
+                  for p in params]
+        flat = torch.cat(parts)
+        return PendingSum(self._dist.all_reduce(flat, async_op=True), flat, params, extras)
 
 
 def _all_gather(tensor: torch.Tensor) -> torch.Tensor:

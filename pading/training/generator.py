@@ -42,15 +42,31 @@ from pading.model.classifier import (
     make_classifier_optimizer,
 )
 from pading.model.generator import GMMNGenerator, build_generator
-from pading.training.distributed import LocalCollective, default_collective
+from pading.training.distributed import LocalCollective, PendingSum, default_collective
 from pading.training.objective import LossInputs, PadingLoss
 
 logger = logging.getLogger(__name__)
 
 #: Exclusive upper bound of the per-step seeds drawn from the trainer's generator.
 _SEED_BOUND = 2**62
+#: With W > 1 workers, a step that needs at least this many class embeddings has each worker project
+#: its slice and gathers them (fewer classes: every worker projects all, cheaper than the gather).
+SHARDED_PROJECTION_CLASSES = 1024
 
 SynthesizeFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclasses.dataclass
+class _GlobalBatch:
+    """Every worker's labels of a step, in rank order, and what follows from them."""
+
+    labels: torch.Tensor  # (N_global,)
+    rows_per_worker: list[int]
+    seen: torch.Tensor  # (N_global,) bool: matched queries of seen classes
+
+    def seen_per_worker(self) -> list[int]:
+        """Matched seen queries of each worker, rank order."""
+        return [int(part.sum()) for part in self.seen.split(self.rows_per_worker)]
 
 
 @dataclasses.dataclass
@@ -390,12 +406,23 @@ class GeneratorTrainer:
         embeddings = embeddings.detach().to(self.device, torch.float32)
         labels = labels.to(self.device, torch.long)
         step_seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng))
-        all_labels = self.collective.gather(labels)  # (N_global,) every worker's labels, rank order
+        rows_per_worker = self.collective.row_counts(labels.numel())
+        all_labels = self.collective.gather(labels, sizes=rows_per_worker)  # (N_global,) rank order
+        batch = _GlobalBatch(all_labels, rows_per_worker, self._seen_rows(all_labels))
         metrics: dict[str, float] = {}
         with _seeded_global_rng(step_seed, self.device):
+            pending = None
             if self.generator is not None:
-                metrics.update(self._generator_step(embeddings, labels, all_labels, step_seed))
-            metrics.update(self._classifier_step(embeddings, labels, all_labels, step_seed))
+                generator_metrics, pending = self._generator_step(embeddings, labels, batch, step_seed)
+                metrics.update(generator_metrics)
+            # the classifier's real rows need no generator: their pass runs while the generator's
+            # gradients are summed over the workers; its synthetic rows wait for the updated generator
+            real = self._classifier_real_rows(embeddings, labels)
+            if pending is not None:
+                pending.wait()
+                self.generator_optimizer.step()
+                self.generator_scheduler.step()
+            metrics.update(self._classifier_step(real, batch, step_seed))
         self.step_count += 1
         metrics["step"] = float(self.step_count)
         return metrics
@@ -458,18 +485,20 @@ class GeneratorTrainer:
         return StepClasses(unseen_set=unseen_set, seen_candidates=candidates, embedded=embedded,
                            num_classes=self.num_classes)
 
-    def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
-                        step_seed: int) -> dict[str, float]:
+    def _generator_step(self, embeddings: torch.Tensor, labels: torch.Tensor, batch: "_GlobalBatch",
+                        step_seed: int) -> tuple[dict[str, float], Optional[PendingSum]]:
+        """The generator's forward and backward passes; returns the metrics and the gradient
+        sum in flight (the optimiser steps once it is done)."""
         seen = self._seen_rows(labels)  # (N,)
-        all_seen_labels = all_labels[self._seen_rows(all_labels)]  # (n_global,)
+        all_seen_labels = batch.labels[batch.seen]  # (n_global,)
         metrics = {"generator/lr": float(self.generator_optimizer.param_groups[0]["lr"])}
         if all_seen_labels.numel() == 0:  # the same decision on every worker
             logger.debug("step %d: no matched seen queries, generator step skipped", self.step_count)
-            return metrics
+            return metrics, None
         self.generator.train()
         self.loss.train()
         seen_labels = labels[seen]  # (n,) this worker's
-        seen_counts = self.collective.row_counts(seen_labels.numel())
+        seen_counts = batch.seen_per_worker()
         offset = sum(seen_counts[: self.collective.rank])
         own_seen = slice(offset, offset + seen_labels.numel())
         num_seen = all_seen_labels.numel()
@@ -483,13 +512,22 @@ class GeneratorTrainer:
             unrelated_seen = torch.randn((num_seen, self.embed_dim), generator=noise)[own_seen].to(self.device)
             unrelated_unseen = torch.randn((classes.unseen_set.numel(), self.embed_dim),
                                            generator=noise)[own_unseen].to(self.device)
-        synthetic_seen = self.generator(self.class_semantics[seen_labels], seen_noise)  # (n, D)
         unseen_labels = classes.unseen_set[own_unseen]  # (u,)
-        synthetic_unseen = self.generator(self.class_semantics[unseen_labels], unseen_noise)  # (u, D)
+        # one generator pass over this worker's seen and unseen rows (the primitives' keys and values once)
+        synthetic = self.generator(self.class_semantics[torch.cat([seen_labels, unseen_labels])],
+                                   torch.cat([seen_noise, unseen_noise], dim=-2))  # (n + u, D)
+        synthetic_seen, synthetic_unseen = synthetic.split([seen_labels.numel(), unseen_labels.numel()])
         embedded = classes.embedded
-        semantics = self.class_semantics if embedded is None else self.class_semantics[embedded]
-        class_embeddings = self.generator.project(semantics)  # (P, D)
-        classify = self.classifier if self.config.losses.auxiliary_classification_weight > 0 else None
+        semantics = self.class_semantics if embedded is None else self.class_semantics[embedded]  # (P, S)
+        class_rows = None
+        if self.collective.world_size > 1 and semantics.shape[0] >= SHARDED_PROJECTION_CLASSES:
+            own_classes, class_rows = self._share(semantics.shape[0])  # each worker projects its slice
+            semantics = semantics[own_classes]
+        class_embeddings = self.generator.project(semantics)  # (P, D), or this worker's slice of it
+        classify = None
+        if self.config.losses.auxiliary_classification_weight > 0:  # the classifier as a constant here
+            weight, bias = self.classifier.linear.weight.detach(), self.classifier.linear.bias.detach()
+            classify = lambda features: F.linear(features, weight, bias)  # noqa: E731
         result = self.loss(LossInputs(
             real_seen=embeddings[seen], synthetic_seen=synthetic_seen, seen_labels=seen_labels,
             seen_positions=classes.positions(seen_labels), synthetic_unseen=synthetic_unseen,
@@ -498,20 +536,18 @@ class GeneratorTrainer:
             num_seen_total=num_seen, num_unseen_total=classes.unseen_set.numel(),
             seen_candidates=None if classes.seen_candidates is None else classes.positions(classes.seen_candidates),
             seen_positions_total=classes.positions(all_seen_labels), seen_rows_per_worker=seen_counts,
-            unseen_rows_per_worker=unseen_counts, classify=classify,
+            unseen_rows_per_worker=unseen_counts, class_rows_per_worker=class_rows, classify=classify,
             unrelated_noise_seen=unrelated_seen, unrelated_noise_unseen=unrelated_unseen,
         ), self.collective)
         self.generator_optimizer.zero_grad(set_to_none=True)
         result.backward()
         terms = result.terms
-        del result  # frees the retained graph before the optimiser step
-        self.collective.sum_gradients(self._generator_parameters())
-        self.generator_optimizer.step()
-        self.generator_scheduler.step()
+        del result  # frees the retained graph
+        pending = self.collective.sum_gradients_async(self._generator_parameters())
         metrics.update({f"generator/{name}": value for name, value in terms.items()})
         metrics["generator/num_real_seen"] = float(num_seen)
         metrics["generator/num_unseen_in_step"] = float(classes.unseen_set.numel())
-        return metrics
+        return metrics, pending
 
     def _generator_parameters(self) -> list[nn.Parameter]:
         return list(self.generator.parameters()) + list(self.loss.parameters())
@@ -525,45 +561,52 @@ class GeneratorTrainer:
             return 1
         return max(1, matched.numel() // int(torch.unique(matched).numel()))
 
-    def _classifier_step(self, embeddings: torch.Tensor, labels: torch.Tensor, all_labels: torch.Tensor,
+    def _classifier_real_rows(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward pass of Σ_i w_i CE_i over this worker's real rows (not yet divided by the
+        global weight); returns (that sum, Σ_i w_i), detached."""
+        self.classifier.train()
+        self.classifier_optimizer.zero_grad(set_to_none=True)
+        weights = self.class_weights[labels]  # (N,)
+        numerator = (weights * F.cross_entropy(self.classifier(embeddings), labels, reduction="none")).sum()
+        numerator.backward()
+        return numerator.detach(), weights.sum()
+
+    def _classifier_step(self, real: tuple[torch.Tensor, torch.Tensor], batch: "_GlobalBatch",
                          step_seed: int) -> dict[str, float]:
         """Weighted cross-entropy over the global batch (real rows of every worker plus the
         synthetic unseen rows of the step's chosen classes, which the workers split between
-        them): sum_i w_i CE_i / sum_i w_i. A worker's share is its rows' numerator over the
-        global denominator, so summing the workers' gradients gives the global gradient."""
+        them): Σ_i w_i CE_i / Σ_i w_i. A worker's gradient share is its rows' numerator; the
+        shares, the numerators and the real weights are summed in one all-reduce and the
+        gradient is divided by the global weight."""
+        numerator, real_weight = real
         num_unseen = self.unseen_indices.numel()
         count = min(self.config.generator_training.unseen_classes_per_step, num_unseen)
-        synthetic, synthetic_targets = embeddings[:0], labels[:0]
         synthetic_weight_total = self.class_weights.new_zeros(())
         num_synthetic = 0
         if self.generator is not None and count > 0:
             choices = torch.Generator().manual_seed(step_seed + 1)
             chosen = self.unseen_indices[torch.randperm(num_unseen, generator=choices)[:count].to(self.device)]  # (n,)
-            per_class = self._synthetic_per_class(all_labels)
+            per_class = self._synthetic_per_class(batch.labels)
             all_targets = chosen.repeat_interleave(per_class)  # (n*per_class,) every worker's synthetic rows
             own, _ = self._share(all_targets.numel())
             noise = self._draw_noise(choices, all_targets.numel(), own)
-            synthetic_targets = all_targets[own]
+            targets = all_targets[own]
             with torch.no_grad():
-                synthetic = self.generator(self.class_semantics[synthetic_targets], noise)  # (m, D)
+                synthetic = self.generator(self.class_semantics[targets], noise)  # (m, D)
+            if targets.numel():
+                weights = self.class_weights[targets]  # (m,)
+                part = (weights * F.cross_entropy(self.classifier(synthetic), targets, reduction="none")).sum()
+                part.backward()
+                numerator = numerator + part.detach()
             synthetic_weight_total = self.class_weights[all_targets].sum()
             num_synthetic = all_targets.numel()
-        self.classifier.train()
-        real_weights = self.class_weights[labels]  # (N,)
-        synthetic_weights = self.class_weights[synthetic_targets]  # (m,)
-        denominator = self.collective.all_reduce_sum(real_weights.sum()) + synthetic_weight_total
-        features = torch.cat([embeddings, synthetic], dim=0)  # (N + m, D)
-        targets = torch.cat([labels, synthetic_targets], dim=0)
-        weights = torch.cat([real_weights, synthetic_weights], dim=0)
-        losses = F.cross_entropy(self.classifier(features), targets, reduction="none")  # (N + m,)
-        loss = (weights * losses).sum() / denominator
-        self.classifier_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.collective.sum_gradients(self.classifier.parameters())
+        totals = self.collective.sum_gradients(self.classifier.parameters(), torch.stack([numerator, real_weight]))
+        denominator = totals[1] + synthetic_weight_total
+        for parameter in self.classifier.parameters():
+            if parameter.grad is not None:
+                parameter.grad.div_(denominator)
         self.classifier_optimizer.step()
-        global_loss = float(self.collective.all_reduce_sum(loss.detach()))
-        return {"classifier/loss": global_loss, "classifier/num_synthetic": float(num_synthetic)}
-
+        return {"classifier/loss": float(totals[0] / denominator), "classifier/num_synthetic": float(num_synthetic)}
 
     # ---- sampling ----------------------------------------------------------------------
 

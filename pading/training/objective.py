@@ -48,6 +48,17 @@ TERMS = ("mmd_squared", "classification", "align_seen", "align_unseen", "align_c
 REPORTED = ("mmd", "classification", "alignment", "unrelated", "relation", "reconstruction", "total")
 #: Floats of the relation network's hidden layer alive per chunk pair (forward sum, ReLU, gradient, mask).
 RELATION_COPIES = 4
+#: ``losses.chunk_size: 0`` (auto): pairs per relation block on the CPU (a block's (pairs, D) hidden layer
+#: stays in cache: 4,096 was 2.4x faster than 65,536 at D = 256, benchmarks/generator_scaling.py) and on a GPU.
+AUTO_CHUNK_CPU = 4096
+AUTO_CHUNK_GPU = 1 << 20
+
+
+def resolve_chunk_size(chunk_size: int, device: torch.device) -> int:
+    """Pairs per relation-network block: ``chunk_size``, or the device's default when it is 0."""
+    if chunk_size:
+        return int(chunk_size)
+    return AUTO_CHUNK_GPU if torch.device(device).type == "cuda" else AUTO_CHUNK_CPU
 
 
 @dataclass
@@ -66,7 +77,9 @@ class LossInputs:
     Globals: ``num_seen_total`` / ``num_unseen_total`` are the rows of all workers; the terms
     are divided by them. ``seen_positions_total`` (N,) are every worker's seen positions in rank
     order and ``seen_rows_per_worker`` / ``unseen_rows_per_worker`` the row counts in rank
-    order (gathered when None). ``unrelated_noise_*`` (rows, D) is ε of L_unrel for these rows
+    order (gathered when None). With ``class_rows_per_worker`` set, ``class_embeddings`` is
+    this worker's slice of the (P, D) rows (they are gathered, and their gradient returned to the
+    workers that projected them). ``unrelated_noise_*`` (rows, D) is ε of L_unrel for these rows
     (drawn when None). ``classify`` maps (n, D) -> (n, C+1) logits for the auxiliary loss (None: off).
     """
 
@@ -84,6 +97,7 @@ class LossInputs:
     seen_positions_total: Optional[torch.Tensor] = None
     seen_rows_per_worker: Optional[list[int]] = None
     unseen_rows_per_worker: Optional[list[int]] = None
+    class_rows_per_worker: Optional[list[int]] = None
     classify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     unrelated_noise_seen: Optional[torch.Tensor] = None
     unrelated_noise_unseen: Optional[torch.Tensor] = None
@@ -210,7 +224,9 @@ class PadingLoss(nn.Module):
             (disabled terms 0.0); ``backward()`` accumulates the gradients.
         """
         collective = collective or LocalCollective()
-        cfg, chunk = self.config, self.config.chunk_size
+        cfg = self.config
+        pairs = resolve_chunk_size(cfg.chunk_size, inputs.synthetic_seen.device)
+        chunk = pairs * self.embed_dim  # the KL and MMD pairs cost no D: blocks D times larger
         n_total, u_total = int(inputs.num_seen_total), int(inputs.num_unseen_total)
         if n_total < 1:
             raise DataError("PadingLoss", "the step has no matched seen query on any worker")
@@ -220,16 +236,18 @@ class PadingLoss(nn.Module):
         columns = _Columns(collective)
         shares: dict[str, torch.Tensor] = {}
         ã = inputs.class_embeddings  # (P, D)
+        if inputs.class_rows_per_worker is not None:  # projected in slices: gather them
+            ã, = columns.gather(ã, sizes=inputs.class_rows_per_worker)
 
         seen_features = synthetic_seen if cfg.alignment_seen_features == "synthetic" else inputs.real_seen
         related_seen, related_unseen = seen_features, synthetic_unseen  # h = x without disentanglement
         if self.uses_disentanglement:
             related_seen = self._disentangle(seen_features, inputs.seen_positions, inputs.seen_candidates, ã,
-                                             inputs.unrelated_noise_seen, n_total, "seen", shares)
+                                             inputs.unrelated_noise_seen, n_total, "seen", shares, pairs)
             if u_total:
                 related_unseen = self._disentangle(synthetic_unseen, inputs.unseen_positions,
                                                    inputs.unseen_candidates, ã, inputs.unrelated_noise_unseen,
-                                                   u_total, "unseen", shares)
+                                                   u_total, "unseen", shares, pairs)
         # one gather of the seen columns: real and synthetic (MMD) and the alignment's related features
         separate_related = self.uses_alignment and related_seen is not synthetic_seen
         seen_local = [inputs.real_seen, synthetic_seen] + ([related_seen] if separate_related else [])
@@ -271,10 +289,10 @@ class PadingLoss(nn.Module):
         terms = {name: float(value.detach()) for name, value in total.items()}
         return LossResult(terms, surrogate, columns, boundary)
 
-    def _disentangle(self, features, positions, candidates, ã, noise, count_total, group, shares):
-        """E_r/E_u of this worker's rows of ``group`` and their L_rec, L_unrel and L_rel shares;
-        returns the related features h (rows, D)."""
-        cfg, chunk = self.config, self.config.chunk_size
+    def _disentangle(self, features, positions, candidates, ã, noise, count_total, group, shares, chunk):
+        """E_r/E_u of this worker's rows of ``group`` and their L_rec, L_unrel and L_rel shares
+        (relation blocks of ``chunk`` pairs); returns the related features h (rows, D)."""
+        cfg = self.config
         related, unrelated = self.disentangler(features)  # (rows, D) each
         reconstructed = self.disentangler.decoder(torch.cat([related, unrelated], dim=1))  # (rows, D)
         elements = count_total * self.embed_dim
