@@ -6,7 +6,7 @@ full loss, ``losses.variant=full``, then one classifier step) at the r50 sizes: 
 D = 256, CLIP-sized class embeddings S = 512, K = 400 primitives, L = 3 layers, a global batch
 of 12 images x 100 queries with 150 matched seen queries, about a quarter of the classes
 unseen. ``--demo`` adds the embedded default's size (20 classes, 5 unseen, D = 128, S = 384,
-12 images x 16 queries). The settings are the defaults (``losses.chunk_size`` auto,
+12 images x 16 queries); ``--dims demo`` measures ``--sizes`` at those dimensions (a quarter unseen). The settings are the defaults (``losses.chunk_size`` auto,
 ``losses.relation_class_sample`` 2,048, ``losses.unseen_class_sample`` 512); ``--every-class``
 sets both samples to 0 (the paper's objective over every class).
 
@@ -46,7 +46,7 @@ BATCH_IMAGES = 12
 def vocabulary(num_classes: int, demo: bool):
     from pading.classes import ClassInfo, ClassTable
 
-    unseen = (lambda i: i % 4 == 0) if not demo else (lambda i: i < 5)
+    unseen = (lambda i: i % 4 == 0) if not demo or num_classes > 20 else (lambda i: i < 5)
     return ClassTable(tuple(ClassInfo(id=i + 1, name=f"class {i}", isthing=True, unseen=unseen(i))
                             for i in range(num_classes)))
 
@@ -126,13 +126,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--demo", action="store_true", help="also the embedded default's size (20 classes)")
+    parser.add_argument("--dims", choices=("r50", "demo"), default="r50",
+                        help="sizes of --sizes: r50 (D 256, 12 x 100 queries) or the demo's (D 128, 12 x 16)")
     parser.add_argument("--every-class", action="store_true",
                         help="relation and alignment over every class (losses.*_class_sample=0)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, one thread per worker, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; median of {args.steps} steps after {args.warmup}; "
           f"{'every class' if args.every_class else 'default class samples'}", flush=True)
-    cases = ([("20 (demo sizes)", 20, True)] if args.demo else []) + [(f"{c:,}", c, False) for c in args.sizes]
+    demo_dims = args.dims == "demo"
+    cases = ([("20 (demo sizes)", 20, True)] if args.demo else []) + [
+        (f"{c:,}" + (" (demo sizes)" if demo_dims else ""), c, demo_dims) for c in args.sizes]
     rows = []
     for label, classes, demo in cases:
         base = None

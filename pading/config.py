@@ -320,6 +320,15 @@ class LossConfig:
 
 
 @config_section
+class VocabularyConfig:
+    """Class names beyond the dataset's own (pading.vocabulary, docs/lvis.md "Past LVIS")."""
+
+    # Names added as unseen classes (no images) to the generator stage and the bundle: "imagenet21k" (the
+    # ImageNet-21k synset names, shipped in the timm wheel) or a text file with one class name per line.
+    extra_unseen: Optional[str] = None
+
+
+@config_section
 class GeneratorTrainingConfig:
     """Stages 3 and 4: generator and classifier optimisation."""
 
@@ -371,8 +380,8 @@ class RayConfig:
     max_failures: int = 2
     # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # Ray Train workers of the generator stage (None: num_workers). On CPU the generator step is
-    # small and communication-bound, so one worker is fastest there (README "Performance").
+    # Ray Train workers of the generator stage. None: num_workers when a step has enough work to divide
+    # (rows x classes x D >= 1e8, pading.training.distributed.worth_dividing), else one (README "Performance").
     generator_workers: Optional[int] = None
     # CPUs of the local Ray a run starts when it joins no cluster (None: every core).
     local_cpus: Optional[int] = None
@@ -592,6 +601,7 @@ class ExperimentConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     generator_training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)  # extra unseen class names
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

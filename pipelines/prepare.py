@@ -40,15 +40,9 @@ MANIFEST_ROWS_PER_FILE = 10000
 
 def ensure_dataset(config: ExperimentConfig) -> None:
     """Write the synthetic dataset if the config asks for one and it is not there yet."""
-    synthetic = config.data.synthetic
-    root = Path(config.data.root)
-    if synthetic is None or (root / config.data.val_panoptic_json).is_file():
-        return
-    from pading.data import write_synthetic_dataset
+    from pading.data.synthetic import ensure_synthetic_dataset
 
-    logger.info("writing the synthetic dataset to %s", root)
-    write_synthetic_dataset(root, num_train=synthetic.num_train, num_val=synthetic.num_val,
-                            image_size=synthetic.image_size, seed=synthetic.seed, split=synthetic.split)
+    ensure_synthetic_dataset(config.data)
 
 
 class _Validate:

@@ -34,6 +34,22 @@ STATE_FILE = "generator_state.pt"
 REFERENCE_ROWS = 4096  # real query embeddings kept in the bundle for run-time class fitting
 
 
+def generator_workers(config: ExperimentConfig, table: ClassTable) -> int:
+    """``ray.generator_workers``, else ``ray.num_workers`` when a step has enough work to divide
+    (:func:`pading.training.distributed.worth_dividing`), else 1."""
+    from pading.training.distributed import worth_dividing
+
+    if config.ray.generator_workers:
+        return config.ray.generator_workers
+    workers = config.ray.num_workers
+    rows = config.generator_training.batch_images * config.segmenter.num_queries
+    if workers > 1 and not worth_dividing(rows, table.num_classes, config.segmenter.hidden_dim):
+        logger.info("generator: one worker (a step of %d rows x %d classes is too small to divide; "
+                    "--set ray.generator_workers=%d to divide it anyway)", rows, table.num_classes, workers)
+        return 1
+    return workers
+
+
 def shard_files_of(features_dir: Path, rank: int, world: int) -> list[Path]:
     """The features shards worker ``rank`` of ``world`` trains on (every W-th, from its rank)."""
     from pading.data.features import feature_files
@@ -51,13 +67,14 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pading.data.features import feature_batches, read_features
+    from pading.data.features import feature_batches, read_features, with_no_object_index
     from pading.model.segmenter import Segmenter
     from pading.serving.bundle import Bundle
     from pading.training.generator import GeneratorTrainer, fit_generator
 
     config: ExperimentConfig = loop_config["config"]
     table = ClassTable.from_records(loop_config["table"])
+    base_classes = loop_config["base_classes"]  # the dataset's classes, which the features' labels index
     stage_dir = Path(loop_config["stage_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -77,7 +94,8 @@ def train_loop(loop_config: dict) -> None:
             log.info(f"[generator] resumed from checkpoint at step {trainer.step_count}")
 
     training = config.generator_training
-    features = read_features(shard_files_of(Path(loop_config["features_dir"]), rank, world))
+    features = with_no_object_index(read_features(shard_files_of(Path(loop_config["features_dir"]), rank, world)),
+                                    base_classes, table.no_object_index)
     rows_per_step = max(1, training.batch_images * config.segmenter.num_queries // world)
     started, first_step = time.time(), trainer.step_count
 
@@ -120,7 +138,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pading.data.features import feature_files
     from pading.model.semantics import class_embeddings, encoder_id
+    from pading.training.checks import check_chunk_size, check_features_cover
+    from pading.vocabulary import extend_with_unseen
 
 
     stage_dir = output / stage_name
@@ -128,15 +149,24 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     if done:
         return done
     started = time.time()
-    common.init_ray(config)
     table = load_table(output)
-    workers = config.ray.generator_workers or config.ray.num_workers
-    shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
+    base_classes = table.num_classes
+    if config.vocabulary.extra_unseen:
+        table = extend_with_unseen(table, config.vocabulary.extra_unseen)
+        logger.info("generator: %d classes (%d of the dataset + %d from %s), %d unseen", table.num_classes,
+                    base_classes, table.num_classes - base_classes, config.vocabulary.extra_unseen,
+                    len(table.unseen_indices))
+    workers = generator_workers(config, table)
+    files = shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
+    check_features_cover(table, base_classes, feature_files(RunLayout(output).features))
+    check_chunk_size(config, config.segmenter.hidden_dim, torch.device("cuda" if config.ray.use_gpu else "cpu"))
+    del files
+    common.init_ray(config)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "config": config, "table": table.to_records(), "semantics": semantics.tolist(),
+            "config": config, "table": table.to_records(), "semantics": semantics.astype(np.float32), "base_classes": base_classes,
             "segmenter_dir": str(RunLayout(output).segmenter), "encoder": encoder_id(config.semantics),
             "features_dir": str(RunLayout(output).features), "stage_dir": str(stage_dir),
         },

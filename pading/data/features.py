@@ -120,3 +120,24 @@ def feature_batches(features: FeatureArrays, rows_per_step: int, seed: int,
     for rows in epoch_indices(len(features), rows_per_step, seed, start_step):
         rows = np.sort(rows)
         yield torch.from_numpy(features.embeddings[rows]), torch.from_numpy(features.labels[rows])
+
+
+def label_range(files: Sequence[str | Path]) -> tuple[int, int, int]:
+    """(rows, smallest label, largest label) of features shards, reading only their label column."""
+    rows, low, high = 0, None, None
+    for path in files:
+        labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+        if labels.size:
+            rows += int(labels.size)
+            low = int(labels.min()) if low is None else min(low, int(labels.min()))
+            high = int(labels.max()) if high is None else max(high, int(labels.max()))
+    return rows, (0 if low is None else low), (0 if high is None else high)
+
+
+def with_no_object_index(features: FeatureArrays, old: int, new: int) -> FeatureArrays:
+    """``features`` with the "no object" label ``old`` renamed ``new`` (classes appended to the
+    vocabulary after extraction move the no-object index; the class labels stay)."""
+    if old == new:
+        return features
+    labels = np.where(features.labels == old, new, features.labels)
+    return FeatureArrays(features.embeddings, labels, features.image_ids)

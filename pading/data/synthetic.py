@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 from PIL import Image
 from scipy.special import ndtr
 
 from pading.classes import ClassTable, coco_panoptic_categories
-from pading.config import SyntheticConfig
+from pading.config import DataConfig, SyntheticConfig
 from pading.data.coco import SEMANTIC_CATEGORIES_FILE
 from pading.data.targets import (
     decode_segmentation,
@@ -119,9 +119,12 @@ def synthetic_table(split: str = "zsp_coco_panoptic_14") -> ClassTable:
 def reference_embeddings(encoder: str = "minilm") -> tuple[tuple[str, ...], np.ndarray]:
     """(names, (N, S) float64 embeddings rounded to EMBEDDING_DECIMALS) of the 133 COCO
     panoptic class names, encoded in one call."""
+    return _rounded_embeddings(tuple(c["name"] for c in coco_panoptic_categories()), encoder)
+
+
+def _rounded_embeddings(names: tuple[str, ...], encoder: str) -> tuple[tuple[str, ...], np.ndarray]:
     from pading.model.semantics import encode_texts
 
-    names = tuple(c["name"] for c in coco_panoptic_categories())
     embeddings = np.round(encode_texts(list(names), encoder=encoder).astype(np.float64), EMBEDDING_DECIMALS)
     embeddings.setflags(write=False)
     return names, embeddings
@@ -129,13 +132,18 @@ def reference_embeddings(encoder: str = "minilm") -> tuple[tuple[str, ...], np.n
 
 @lru_cache(maxsize=4)
 def class_appearances(encoder: str = "minilm") -> Mapping[str, ClassAppearance]:
-    """Appearance of every COCO panoptic class from its sentence embedding.
+    """Appearance of every COCO panoptic class from its sentence embedding
+    (:func:`appearances_from_embeddings` over the 133 names)."""
+    return appearances_from_embeddings(*reference_embeddings(encoder))
 
-    Embeddings (N, S) are centred on the 133-name mean, projected by a fixed seeded
-    (S, F) Gaussian matrix, standardised over the 133 names and squashed by the normal
-    CDF to u in (0, 1)^F, which is mapped linearly to each factor's range.
+
+def appearances_from_embeddings(names: tuple[str, ...], embeddings: np.ndarray) -> Mapping[str, ClassAppearance]:
+    """Appearance of each name from its sentence embedding.
+
+    Embeddings (N, S) are centred on the names' mean, projected by a fixed seeded (S, F)
+    Gaussian matrix, standardised over the names and squashed by the normal CDF to u in
+    (0, 1)^F, which is mapped linearly to each factor's range.
     """
-    names, embeddings = reference_embeddings(encoder)  # (N, S)
     projection = np.random.default_rng(APPEARANCE_SEED).standard_normal((embeddings.shape[1], len(_FACTORS)))
     projected = (embeddings - embeddings.mean(axis=0)) @ projection  # (N, F)
     unit = ndtr(projected / projected.std(axis=0))  # (N, F) in (0, 1)
@@ -396,6 +404,33 @@ def write_synthetic_from_config(config: SyntheticConfig, out_dir: str | Path, en
     return write_synthetic_dataset(out_dir, num_train=config.num_train, num_val=config.num_val,
                                    image_size=config.image_size, seed=config.seed, split=config.split,
                                    encoder=encoder)
+
+
+def ensure_synthetic_dataset(data: DataConfig) -> Optional[dict]:
+    """Write the synthetic dataset ``data.synthetic`` asks for (COCO formats, or LVIS v1 when
+    ``data.format`` is ``lvis``) under ``data.root`` unless its val annotations exist; returns
+    the writer's summary, or None when nothing was written."""
+    synthetic = data.synthetic
+    root = Path(data.root)
+    if synthetic is None:
+        return None
+    if data.format == "lvis":
+        if _resolve(root, data.val_lvis_json).is_file():
+            return None
+        from pading.data.synthetic_lvis import write_synthetic_lvis_dataset
+
+        logger.info("writing the synthetic LVIS dataset to %s", root)
+        return write_synthetic_lvis_dataset(root, num_train=synthetic.num_train, num_val=synthetic.num_val,
+                                            image_size=synthetic.image_size, seed=synthetic.seed)
+    if _resolve(root, data.val_panoptic_json).is_file():
+        return None
+    logger.info("writing the synthetic dataset to %s", root)
+    return write_synthetic_from_config(synthetic, root)
+
+
+def _resolve(root: Path, relative: str) -> Path:
+    path = Path(relative)
+    return path if path.is_absolute() else root / path
 
 
 def _run_synth(args) -> int:

@@ -168,6 +168,18 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
+#: Multiply-adds of a step's classifier pass (rows x classes x D) below which W > 1 workers are slower
+#: than one on CPU: the step's fixed costs (optimiser, primitive projections, collectives) are not divided
+#: (benchmarks/generator_scaling.py; docs/architecture.md, "Distributed training").
+DIVIDE_MIN_WORK = 1e8
+
+
+def worth_dividing(rows_per_step: int, num_classes: int, embed_dim: int) -> bool:
+    """Whether a generator step of ``rows_per_step`` query rows over ``num_classes`` classes
+    has enough work to gain from more than one worker (``rows x (C + 1) x D >= DIVIDE_MIN_WORK``)."""
+    return rows_per_step * (num_classes + 1) * embed_dim >= DIVIDE_MIN_WORK
+
+
 def default_collective() -> LocalCollective:
     """:class:`TorchCollective` inside an initialised process group of more than one rank
     (e.g. a Ray Train worker of a multi-worker run), else :class:`LocalCollective`."""

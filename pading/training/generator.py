@@ -39,6 +39,7 @@ from pading.model.classifier import (
     ProjectionClassifier,
     class_weights,
     classifier_step,
+    expand_classifier,
     make_classifier_optimizer,
 )
 from pading.model.generator import GMMNGenerator, build_generator
@@ -273,8 +274,10 @@ class GeneratorTrainer:
         class_semantics: (C, S) semantic embeddings a_c in table order.
         embed_dim: D, size of the query embeddings.
         config: the experiment config (generator, losses, generator_training, seed).
-        class_head: the segmenter's pretrained class head ``Linear(D, C+1)`` to initialise
-            the classifier from; None starts from a fresh linear layer.
+        class_head: the segmenter's pretrained class head ``Linear(D, C'+1)`` to initialise
+            the classifier from (C' < C when the table's last classes are ``added`` ones, appended
+            after pretraining by ``vocabulary.extra_unseen``: they get new rows); None starts from a
+            fresh linear layer.
         device: where to train; default ``class_semantics.device``.
         collective: how workers synchronise (:mod:`pading.training.distributed`); default
             :func:`~pading.training.distributed.default_collective` (the process group, if any).
@@ -336,6 +339,11 @@ class GeneratorTrainer:
                     if class_head is not None
                     else Classifier(embed_dim, self.num_classes)
                 )
+                dataset_classes = sum(not c.added for c in table)
+                if class_head is not None and self.classifier.num_classes == dataset_classes < self.num_classes:
+                    # classes appended to the dataset's after pretraining (vocabulary.extra_unseen): new rows
+                    self.classifier = expand_classifier(self.classifier, self.num_classes,
+                                                        generator=torch.Generator().manual_seed(config.seed))
         if self.classifier.num_classes != self.num_classes or self.classifier.embed_dim != embed_dim:
             raise DataError(
                 "class_head",
