@@ -145,10 +145,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
 
 
     stage_dir = output / stage_name
-    done = common.begin_stage(stage_name, stage_dir, force)
-    if done:
-        return done
+    if common.stage_done(stage_dir) is not None and not force:
+        return common.begin_stage(stage_name, stage_dir, force)
     started = time.time()
+    # every check before the stage's old output is removed or any work starts
     table = load_table(output)
     base_classes = table.num_classes
     if config.vocabulary.extra_unseen:
@@ -157,10 +157,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
                     base_classes, table.num_classes - base_classes, config.vocabulary.extra_unseen,
                     len(table.unseen_indices))
     workers = generator_workers(config, table)
-    files = shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
+    shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
     check_features_cover(table, base_classes, feature_files(RunLayout(output).features))
     check_chunk_size(config, config.segmenter.hidden_dim, torch.device("cuda" if config.ray.use_gpu else "cpu"))
-    del files
+    common.begin_stage(stage_name, stage_dir, force)
     common.init_ray(config)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
     trainer = TorchTrainer(
