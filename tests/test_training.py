@@ -16,7 +16,8 @@ from pading.model.classifier import (
     class_weights,
     expand_classifier,
 )
-from pading.training.generator import GeneratorTrainer, fit_added_classes, fit_classifier
+from pading.training.generator import GeneratorTrainer
+from pading.training.refit import fit_added_classes, fit_classifier
 
 SEMANTIC_DIM, EMBED_DIM = 8, 16
 NUM_CLASSES = 6  # c0..c3 seen, c4 c5 unseen

@@ -150,7 +150,7 @@ def expand_classifier(
     stays "no object", so the logits of existing classes and of "no object" are unchanged.
     For :class:`Classifier` the new rows are drawn like the existing ones (normal with the
     existing rows' weight std, bias = mean existing class bias) and are meant to be fitted
-    afterwards (:func:`pading.training.generator.fit_classifier`). For :class:`ProjectionClassifier`
+    afterwards (:func:`pading.training.refit.fit_classifier`). For :class:`ProjectionClassifier`
     ``new_class_semantics`` ((new_num_classes - C, S)) must be given.
     """
     old_num_classes = classifier.num_classes

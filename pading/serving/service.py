@@ -55,7 +55,7 @@ from pading.model.classifier import (
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.model.semantics import encode_with_config
 from pading.serving.bundle import Bundle
-from pading.training.generator import fit_added_classes
+from pading.training.refit import fit_added_classes
 
 logger = logging.getLogger(__name__)
 
