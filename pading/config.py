@@ -435,6 +435,14 @@ class ServeConfig:
     fit_steps: int = 100  # classifier re-fit SGD steps when classes are added
     fit_per_class: int = 16  # synthetic embeddings per chosen class and step
     fit_batch_size: int = 512  # real reference embeddings per step
+    # Where vocabulary changes are kept (docs/serving.md, "Vocabularies"): a directory every replica's node
+    # sees. None: "vocabularies" next to a bundle directory; for a bundle from MLflow (runs:/, models:/),
+    # ~/.pading/vocabularies/<run id or model name/version>, which only one machine sees: set it on a cluster.
+    vocabulary_store: Optional[str] = None
+    # A replica checks the store for a newer version before answering when its last check is older than this
+    # (0: before every request, so a client never gets an answer without a class it added).
+    vocabulary_refresh_s: float = 0.0
+    max_vocabularies_per_replica: int = 8  # named vocabularies a replica keeps loaded (least recently used out)
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -457,6 +465,8 @@ class ServeConfig:
             raise ConfigError("serve.max_image_pixels, max_body_bytes and max_new_classes must be >= 1")
         if self.fit_steps < 0 or self.fit_per_class < 1 or self.fit_batch_size < 1:
             raise ConfigError("serve.fit_steps must be >= 0, fit_per_class and fit_batch_size >= 1")
+        if self.vocabulary_refresh_s < 0 or self.max_vocabularies_per_replica < 1:
+            raise ConfigError("serve.vocabulary_refresh_s must be >= 0 and serve.max_vocabularies_per_replica >= 1")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -55,11 +56,24 @@ from pading.model.classifier import (
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.model.semantics import encode_with_config
 from pading.serving.bundle import Bundle
+from pading.serving.vocabularies import (
+    BASE,
+    Change,
+    StoreUnavailableError,
+    UnknownVocabularyError,
+    VersionTakenError,
+    VocabularyStore,
+    appended_classifier,
+    check_name,
+    class_infos,
+)
 from pading.training.refit import fit_added_classes
 
 logger = logging.getLogger(__name__)
 
 TASK_CHOICES = TASKS + ("all",)
+#: Attempts at committing a vocabulary change while other replicas keep committing theirs first.
+MAX_COMMIT_ATTEMPTS = 8
 OUTPUT_FORMATS = ("json", "png")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 _EIGHT_BIT_MAX = 255
@@ -99,8 +113,9 @@ class ClassConflictError(DataError):
 
 
 #: First match wins: subclasses before their bases.
-_STATUS_BY_ERROR = ((BusyError, 503), (ImageTooLargeError, 413), (TruncatedImageError, 422), (UnprocessableError, 422),
-                    (ClassConflictError, 409), (UnknownClassError, 404), (DataError, 400), (ConfigError, 422))
+_STATUS_BY_ERROR = ((BusyError, 503), (StoreUnavailableError, 503), (ImageTooLargeError, 413), (TruncatedImageError, 422), (UnprocessableError, 422),
+                    (ClassConflictError, 409), (UnknownClassError, 404), (UnknownVocabularyError, 404), (DataError, 400),
+                    (ConfigError, 422))
 
 
 def http_status(error: Exception) -> int:
@@ -201,39 +216,115 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class ServiceState:
-    """What one request is served by: a bundle and its vocabulary version."""
+    """What one request is served by: a bundle, its vocabulary version, the class ids a named
+    vocabulary shows (None: every class of the bundle), the next id for a run-time class and
+    whether the named vocabulary was deleted."""
 
     bundle: Bundle
     version: int
+    visible: frozenset | None = None
+    next_id: int = 0
+    deleted: bool = False
+
+    def shows(self, class_id: int) -> bool:
+        return self.visible is None or int(class_id) in self.visible
 
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
 
 
 class SegmentationService:
-    """Segmentation and run-time vocabulary changes over one bundle.
+    """Segmentation and vocabulary changes for one vocabulary of one bundle.
 
     Args:
-        bundle: the trained model (on the device it should run on).
-        config: request limits and re-fit settings (default: ``bundle.config.serve``).
+        bundle: the trained model (on the device it should run on): version 0 of every vocabulary.
+        config: request limits, re-fit and store settings (default: ``bundle.config.serve``).
         encode_fn: class names (M,) -> (M, S) semantic embeddings; default: the bundle's
             encoder (:func:`pading.model.semantics.encode_with_config`).
+        store: where vocabulary changes are kept (:class:`~pading.serving.vocabularies.VocabularyStore`).
+            With a store, every change is committed there before it is acknowledged, and the
+            service catches up with the store's newest version before it answers (at most
+            ``serve.vocabulary_refresh_s`` old). Without one, changes live in this object only.
+        vocabulary: the vocabulary this service serves (``base``: the default).
     """
 
-    def __init__(self, bundle: Bundle, config: ServeConfig | None = None, *, encode_fn: EncodeFn | None = None):
+    def __init__(self, bundle: Bundle, config: ServeConfig | None = None, *, encode_fn: EncodeFn | None = None,
+                 store: VocabularyStore | None = None, vocabulary: str = BASE):
         self.config = config or bundle.config.serve
         self._encode_fn = encode_fn
-        self._state = ServiceState(bundle=bundle, version=0)
-        self._update_lock = threading.Lock()
-        self._next_added_id = max(bundle.table.ids) + 1  # run-time ids are never reused, even after a removal
+        self._trained = bundle
+        self._store = store
+        self.vocabulary = check_name(vocabulary)
+        self._state = ServiceState(bundle=bundle, version=0, next_id=max(bundle.table.ids) + 1)
+        self._update_lock = threading.RLock()
+        self._checked_at = -math.inf
+        if store is None and vocabulary != BASE:
+            raise UnknownVocabularyError(vocabulary, "named vocabularies need a vocabulary store")
+        if store is not None:
+            self.sync(force=True)
 
     # ---- state ----------------------------------------------------------------------
     @property
     def state(self) -> ServiceState:
-        """The current (bundle, version); read once per request and keep using it."""
+        """The current state (no store check); read once per request and keep using it."""
         return self._state
 
     bundle = property(lambda self: self._state.bundle, doc="The current bundle.")
+
+    def sync(self, force: bool = False) -> ServiceState:
+        """Catch up with the store's newest version of this vocabulary (checked at most every
+        ``serve.vocabulary_refresh_s``; always when ``force``) and return the state to serve.
+        UnknownVocabularyError for a named vocabulary that does not exist (or was deleted)."""
+        if self._store is not None:
+            now = time.monotonic()
+            if force or now - self._checked_at >= self.config.vocabulary_refresh_s:
+                latest = self._store.latest(self.vocabulary)
+                self._checked_at = now
+                if latest > self._state.version:
+                    with self._update_lock:
+                        state = self._state
+                        for change in self._store.changes(self.vocabulary, after=state.version):
+                            state = self._apply(state, change)
+                        self._state = state
+        state = self._state
+        if self.vocabulary != BASE and (state.version == 0 or state.deleted):
+            raise UnknownVocabularyError(self.vocabulary, "no such vocabulary (GET /v1/vocabularies lists them)")
+        return state
+
+    def _apply(self, state: ServiceState, change: Change) -> ServiceState:
+        """The state after ``change`` (no fitting: added classes bring their classifier rows)."""
+        if change.version != state.version + 1:
+            raise StoreUnavailableError(f"vocabulary {self.vocabulary!r}: version {change.version} follows "
+                                        f"{state.version}; the store's chain has a gap")
+        if change.kind == "delete":
+            return ServiceState(bundle=self._trained, version=change.version, next_id=state.next_id, deleted=True)
+        if change.kind == "create":
+            trained = self._trained
+            visible = None
+            if change.only is not None:
+                visible = frozenset(trained.table[trained.table.index_of_name(name)].id for name in change.only)
+            state = ServiceState(bundle=trained, version=state.version, visible=visible,
+                                 next_id=max(state.next_id, max(trained.table.ids) + 1))
+        bundle, visible = state.bundle, state.visible
+        if change.kind == "remove":
+            for name in change.removed:
+                index = bundle.table.index_of_name(name)
+                keep = [i for i in range(bundle.table.num_classes) if i != index]
+                semantics = np.asarray(bundle.class_semantics, np.float32)[keep]
+                removed_id = bundle.table[index].id
+                bundle = bundle.with_classifier(bundle.table.without(bundle.table[index].name), semantics,
+                                                _drop_class_row(bundle.classifier, index))
+                visible = None if visible is None else visible - {removed_id}
+        elif change.classes:  # create or add: append the stored classes and rows
+            infos = class_infos(change.classes)
+            semantics = np.concatenate([np.asarray(bundle.class_semantics, np.float32), change.semantics], axis=0)
+            classifier = appended_classifier(bundle.classifier, change.weight, change.bias, change.semantics)
+            bundle = bundle.with_classifier(bundle.table.with_classes(infos), semantics, classifier)
+            visible = None if visible is None else visible | {i.id for i in infos}
+        bundle.segmenter.eval()
+        added_ids = [int(r["id"]) for r in change.classes]
+        return ServiceState(bundle=bundle, version=change.version, visible=visible,
+                            next_id=max([state.next_id] + [i + 1 for i in added_ids]))
 
     def decode(self, data: bytes, source: str = "request body") -> np.ndarray:
         return decode_image(data, max_pixels=self.config.max_image_pixels, source=source)
@@ -258,11 +349,12 @@ class SegmentationService:
             raise UnhealthyError("health check forward pass gave non-finite logits (corrupted weights?)")
 
     def classes(self) -> dict:
-        """``{"vocabulary_version", "num_classes", "classes": [{index, id, name, isthing,
-        unseen, added}, ...]}``."""
-        state = self._state
-        return {"vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
-                "classes": state.bundle.table.to_records()}
+        """``{"vocabulary", "vocabulary_version", "num_classes", "classes": [{index, id, name,
+        isthing, unseen, added}, ...]}`` (a named vocabulary's classes only)."""
+        state = self.sync()
+        records = [r for r in state.bundle.table.to_records() if state.shows(r["id"])]
+        return {"vocabulary": self.vocabulary, "vocabulary_version": state.version, "num_classes": len(records),
+                "classes": records}
 
     # ---- segmentation ---------------------------------------------------------------
     @torch.no_grad()
@@ -292,7 +384,7 @@ class SegmentationService:
         if not (len(tasks) == len(formats) == len(scores) == count):
             raise RequestError("segment", f"{count} images but {len(tasks)} tasks, {len(formats)} formats")
         wanted = [check_request(t, f) for t, f in zip(tasks, formats)]
-        state = state or self._state
+        state = state or self.sync()
         if count == 0:
             return []
         bundle = state.bundle
@@ -305,9 +397,9 @@ class SegmentationService:
             mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
             class_logits = output.class_logits[i]  # (Q, C+1)
             result = {"height": int(meta["original_size"][0]), "width": int(meta["original_size"][1]),
-                      "task": tasks[i], "vocabulary_version": state.version}
+                      "task": tasks[i], "vocabulary": self.vocabulary, "vocabulary_version": state.version}
             for name in wanted[i]:
-                result.update(self._postprocess(name, mask_logits, class_logits, bundle, formats[i], float(scores[i])))
+                result.update(self._postprocess(name, mask_logits, class_logits, state, formats[i], float(scores[i])))
             return result
 
         # The per-image work (upsampling to the original size, the panoptic merge, RLE) is
@@ -319,9 +411,11 @@ class SegmentationService:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pading-post") as pool:
             return list(pool.map(one_image, range(count)))
 
-    def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, bundle: Bundle,
+    def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, state: ServiceState,
                      output_format: str, min_score: float) -> dict:
-        """One task's answer for one image, from :func:`pading.evaluation.predict.postprocess`."""
+        """One task's answer for one image, from :func:`pading.evaluation.predict.postprocess`
+        (a named vocabulary's answer keeps its own classes only, like ``segment.py --only-classes``)."""
+        bundle = state.bundle
         table = bundle.table
         prediction = postprocess(mask_logits, class_logits, table=table, inference=bundle.config.inference,
                                  tasks=(task,))
@@ -330,11 +424,12 @@ class SegmentationService:
             segment_ids = prediction.panoptic_ids
             entries = [{"id": s["id"], **_class_fields(table[s["class_index"]]), "score": float(s["score"]),
                         **_mask_fields(segment_ids == s["id"], with_rle)}
-                       for s in prediction.segments if s["score"] >= min_score]
+                       for s in prediction.segments if s["score"] >= min_score and state.shows(table[s["class_index"]].id)]
             kept = np.isin(segment_ids, [e["id"] for e in entries])
             png = panoptic_to_rgb(np.where(kept, segment_ids, 0)) if not with_rle else None
         elif task == "instance":
-            instances = [d for d in prediction.instances if d["score"] >= min_score]
+            instances = [d for d in prediction.instances
+                         if d["score"] >= min_score and state.shows(table[d["class_index"]].id)]
             entries = [{"id": k + 1, **_class_fields(table[d["class_index"]]), "score": float(d["score"]),
                         **_mask_fields(d["mask"], with_rle)} for k, d in enumerate(instances)]
             png = None
@@ -345,9 +440,13 @@ class SegmentationService:
                 png = ids
         else:
             index_map = prediction.semantic  # (H, W)
-            entries = [{**_class_fields(table[int(c)]), **_mask_fields(index_map == c, with_rle)}
-                       for c in np.unique(index_map)]
-            png = np.asarray(table.ids, dtype=np.int64)[index_map] if not with_rle else None
+            present = [int(c) for c in np.unique(index_map) if state.shows(table[int(c)].id)]
+            entries = [{**_class_fields(table[c]), **_mask_fields(index_map == c, with_rle)} for c in present]
+            png = None
+            if not with_rle:  # class ids; pixels of classes the vocabulary does not show are 0
+                shown = np.asarray([table[i].id if state.shows(table[i].id) else 0 for i in range(table.num_classes)],
+                                   dtype=np.int64)
+                png = shown[index_map]
         return {task: entries, **({"png": _png_bytes(png)} if png is not None else {})}
 
     # ---- run-time classes -----------------------------------------------------------
@@ -425,59 +524,190 @@ class SegmentationService:
         )
         return expanded.eval(), self.config.fit_steps
 
-    def _swap(self, bundle: Bundle, table: ClassTable, semantics: np.ndarray, classifier: nn.Module) -> ServiceState:
-        new_bundle = bundle.with_classifier(table, semantics, classifier)
-        new_bundle.segmenter.eval()
-        self._state = ServiceState(bundle=new_bundle, version=self._state.version + 1)  # one atomic assignment
-        return self._state
+    def _commit(self, state: ServiceState, change: Change) -> ServiceState:
+        """Commit ``change`` on top of ``state`` (to the store first, when there is one) and
+        swap the new state in; VersionTakenError when the store moved on meanwhile."""
+        if self._store is not None:
+            change = self._store.commit(self.vocabulary, state.version, change)
+        else:
+            change.version = state.version + 1
+        new_state = self._apply(state, change)
+        self._state = new_state  # one atomic assignment
+        return new_state
+
+    def _change_with_retries(self, make_change: Callable[[ServiceState], tuple[Change, dict]]) -> tuple[ServiceState, dict]:
+        """Run ``make_change(state) -> (change, facts)`` on the newest state and commit it;
+        when another replica committed first, catch up and make the change again on top of
+        that (compare-and-swap), so concurrent changes all land."""
+        with self._update_lock:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                state = self.sync(force=True)
+                change, facts = make_change(state)
+                try:
+                    return self._commit(state, change), facts
+                except VersionTakenError:
+                    logger.info("vocabulary %r changed while this change was made; redoing it on top", self.vocabulary)
+        raise BusyError(f"vocabulary {self.vocabulary!r} kept changing under {MAX_COMMIT_ATTEMPTS} attempts; retry later",
+                        self.config.retry_after_s)
 
     def add_classes(self, names: Sequence[str], isthing: bool | Sequence[bool] = True) -> dict:
-        """Add run-time classes (unseen, ``added``), re-fit the classifier and swap it in.
+        """Add run-time classes (unseen, ``added``), re-fit the classifier and swap it in;
+        with a store, the new classes and their classifier rows are committed there first.
 
-        Returns ``{"added": [records], "seconds", "fit_steps", "vocabulary_version",
+        Returns ``{"added": [records], "seconds", "fit_steps", "vocabulary", "vocabulary_version",
         "num_classes"}``. RequestError for empty/duplicate names, ClassConflictError for
-        names already in the vocabulary, UnprocessableError when they cannot be encoded."""
-        with self._update_lock:
-            started = time.perf_counter()
-            bundle = self._state.bundle
-            table = bundle.table
-            new = self._check_new_names(names, isthing, table)
+        names already in the vocabulary, UnprocessableError when they cannot be encoded,
+        StoreUnavailableError when the store cannot be written (nothing changes)."""
+        started = time.perf_counter()
+
+        def make_change(state: ServiceState) -> tuple[Change, dict]:
+            bundle = state.bundle
+            new = self._check_new_names(names, isthing, bundle.table)
             vectors = self._encode([name for name, _ in new], bundle)  # (M, S)
-            next_id = max(self._next_added_id, max(table.ids) + 1)
-            infos = [ClassInfo(id=next_id + k, name=name, isthing=thing, unseen=True, added=True)
+            infos = [ClassInfo(id=state.next_id + k, name=name, isthing=thing, unseen=True, added=True)
                      for k, (name, thing) in enumerate(new)]
-            new_table = table.with_classes(infos)
+            table = bundle.table.with_classes(infos)
             semantics = np.concatenate([np.asarray(bundle.class_semantics, np.float32), vectors], axis=0)  # (C', S)
-            classifier, steps = self._refit(bundle, new_table, semantics)
-            state = self._swap(bundle, new_table, semantics, classifier)
-            self._next_added_id = next_id + len(infos)
-            seconds = time.perf_counter() - started
-        logger.info("added %d class(es) %s in %.2f s (%d fit steps); vocabulary version %d, %d classes",
-                    len(infos), [i.name for i in infos], seconds, steps, state.version, new_table.num_classes)
-        records = new_table.to_records()[table.num_classes:]
-        return {"added": records, "seconds": round(seconds, 4), "fit_steps": steps,
-                "vocabulary_version": state.version, "num_classes": new_table.num_classes}
+            classifier, steps = self._refit(bundle, table, semantics)
+            change = Change("add", classes=table.to_records()[bundle.table.num_classes:], semantics=vectors,
+                            **_added_rows(classifier, bundle.table.num_classes, len(infos)))
+            return change, {"steps": steps, "records": change.classes}
+
+        state, facts = self._change_with_retries(make_change)
+        seconds = time.perf_counter() - started
+        logger.info("vocabulary %r: added %s in %.2f s (%d fit steps); version %d, %d classes", self.vocabulary,
+                    [r["name"] for r in facts["records"]], seconds, facts["steps"], state.version,
+                    state.bundle.table.num_classes)
+        return {"added": facts["records"], "seconds": round(seconds, 4), "fit_steps": facts["steps"],
+                "vocabulary": self.vocabulary, "vocabulary_version": state.version,
+                "num_classes": self._visible_count(state)}
 
     def delete_class(self, name: str) -> dict:
         """Remove a run-time class (its classifier row is dropped; no re-fit).
         UnknownClassError when absent, ClassConflictError for a trained class."""
-        with self._update_lock:
-            started = time.perf_counter()
-            bundle = self._state.bundle
-            table = bundle.table
+        started = time.perf_counter()
+
+        def make_change(state: ServiceState) -> tuple[Change, dict]:
+            table = state.bundle.table
             index = table.index_of_name(" ".join(str(name).split()))
             info = table[index]
+            if not state.shows(info.id):
+                raise UnknownClassError(str(name), [c.name for c in table if state.shows(c.id)])
             if not info.added:
                 raise ClassConflictError(info.name, "is part of the trained vocabulary; only classes added at run "
                                          "time can be removed")
-            keep = [i for i in range(table.num_classes) if i != index]
-            semantics = np.asarray(bundle.class_semantics, np.float32)[keep]  # (C-1, S)
-            classifier = _drop_class_row(bundle.classifier, index)
-            state = self._swap(bundle, table.without(info.name), semantics, classifier)
-            seconds = time.perf_counter() - started
-        logger.info("removed class %r in %.3f s; vocabulary version %d", info.name, seconds, state.version)
-        return {"removed": table.to_records()[index], "seconds": round(seconds, 4),
-                "vocabulary_version": state.version, "num_classes": table.num_classes - 1}
+            return Change("remove", removed=[info.name]), {"record": table.to_records()[index]}
+
+        state, facts = self._change_with_retries(make_change)
+        seconds = time.perf_counter() - started
+        logger.info("vocabulary %r: removed %r in %.3f s; version %d", self.vocabulary, facts["record"]["name"],
+                    seconds, state.version)
+        return {"removed": facts["record"], "seconds": round(seconds, 4), "vocabulary": self.vocabulary,
+                "vocabulary_version": state.version, "num_classes": self._visible_count(state)}
+
+    @staticmethod
+    def _visible_count(state: ServiceState) -> int:
+        return sum(1 for c in state.bundle.table if state.shows(c.id))
+
+    # ---- named vocabularies ----------------------------------------------------------
+    def _require_store(self) -> VocabularyStore:
+        if self._store is None:
+            raise UnprocessableError("vocabularies", "named vocabularies need a vocabulary store "
+                                     "(serve.vocabulary_store)")
+        return self._store
+
+    def vocabularies(self) -> dict:
+        """``{"vocabularies": [{"name", "version"}, ...]}`` of the store (``base`` first)."""
+        names = self._require_store().names() if self._store is not None else {BASE: self._state.version}
+        return {"vocabularies": [{"name": n, "version": v} for n, v in names.items()]}
+
+    def create_vocabulary(self, name: str, add: Sequence[str] = (), isthing: bool | Sequence[bool] = True,
+                          only: Sequence[str] | None = None) -> dict:
+        """Create the named vocabulary ``name``: the trained classes (or the subset ``only``)
+        plus the classes ``add`` (encoded and fitted now). ClassConflictError when it exists,
+        RequestError for an empty or too large vocabulary or a bad name."""
+        store = self._require_store()
+        check_name(name)
+        if name == BASE:
+            raise ClassConflictError(name, "is the default vocabulary; it always exists")
+        trained = self._trained
+        add = [] if add is None else ([add] if isinstance(add, str) else list(add))
+        kept = None
+        if only is not None:
+            only = [only] if isinstance(only, str) else list(only)
+            kept = []
+            for raw in only:
+                try:
+                    info = trained.table[trained.table.index_of_name(" ".join(str(raw).split()))]
+                except UnknownClassError:
+                    raise UnknownClassError(str(raw), trained.table.names) from None
+                if info.name in kept:
+                    raise RequestError("only", f"class {raw!r} is listed twice")
+                kept.append(info.name)
+        if not add and kept is not None and not kept:
+            raise RequestError("vocabulary", "a vocabulary needs at least one class: give 'only' or 'add' names")
+        started = time.perf_counter()
+        facts: dict = {}
+        with self._update_lock:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                latest = store.latest(name)
+                if store.exists(name):
+                    raise ClassConflictError(name, "a vocabulary of that name exists; DELETE it first or pick another "
+                                             "name")
+                change = Change("create", only=kept)
+                if add:
+                    base_state = ServiceState(bundle=trained, version=0, next_id=max(trained.table.ids) + 1)
+                    new = self._check_new_names(add, isthing, trained.table)
+                    vectors = self._encode([n for n, _ in new], trained)
+                    infos = [ClassInfo(id=base_state.next_id + k, name=n, isthing=t, unseen=True, added=True)
+                             for k, (n, t) in enumerate(new)]
+                    table = trained.table.with_classes(infos)
+                    semantics = np.concatenate([np.asarray(trained.class_semantics, np.float32), vectors], axis=0)
+                    classifier, facts["steps"] = self._refit(trained, table, semantics)
+                    change = Change("create", only=kept, classes=table.to_records()[trained.table.num_classes:],
+                                    semantics=vectors, **_added_rows(classifier, trained.table.num_classes, len(infos)))
+                try:
+                    change = store.commit(name, latest, change)
+                    break
+                except VersionTakenError:
+                    continue
+            else:
+                raise BusyError(f"vocabulary {name!r} kept changing; retry later", self.config.retry_after_s)
+        size = (len(kept) if kept is not None else trained.table.num_classes) + len(change.classes)
+        seconds = time.perf_counter() - started
+        logger.info("created vocabulary %r (version %d, %d classes) in %.2f s", name, change.version, size, seconds)
+        return {"name": name, "vocabulary_version": change.version, "num_classes": size,
+                "added": change.classes, "seconds": round(seconds, 4)}
+
+    def delete_vocabulary(self, name: str) -> dict:
+        """Delete the named vocabulary ``name`` (its chain keeps a tombstone; versions go on).
+        UnknownVocabularyError when it does not exist, ClassConflictError for ``base``."""
+        store = self._require_store()
+        check_name(name)
+        if name == BASE:
+            raise ClassConflictError(name, "is the default vocabulary; it cannot be deleted")
+        with self._update_lock:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                if not store.exists(name):
+                    raise UnknownVocabularyError(name, "no such vocabulary")
+                try:
+                    change = store.commit(name, store.latest(name), Change("delete"))
+                    break
+                except VersionTakenError:
+                    continue
+            else:
+                raise BusyError(f"vocabulary {name!r} kept changing; retry later", self.config.retry_after_s)
+        logger.info("deleted vocabulary %r (version %d)", name, change.version)
+        return {"deleted": name, "vocabulary_version": change.version}
+
+
+def _added_rows(classifier: nn.Module, first: int, count: int) -> dict:
+    """The classifier rows of classes ``first .. first + count - 1`` (none for a projection classifier)."""
+    if not isinstance(classifier, Classifier):
+        return {}
+    weight = classifier.linear.weight.detach()[first:first + count].cpu().numpy()  # (M, D)
+    bias = classifier.linear.bias.detach()[first:first + count].cpu().numpy()  # (M,)
+    return {"weight": weight, "bias": bias}
 
 
 def _drop_class_row(classifier: nn.Module, index: int) -> nn.Module:

@@ -1,0 +1,282 @@
+"""Durable, versioned vocabularies on shared storage (docs/serving.md, "Vocabularies").
+
+A vocabulary is the trained classes of a bundle (version 0) followed by a chain of changes,
+each a numbered version: ``create`` (a named vocabulary: a subset of the trained classes
+and/or new classes), ``add`` (new classes with their fitted classifier rows), ``remove``
+(classes added at run time) and ``delete`` (the named vocabulary is gone; a later
+``create`` of the same name continues the chain, so versions only go up). The default
+vocabulary is called ``base``.
+
+:class:`VocabularyStore` keeps the chains as files on a file system that every node
+reads (the run's storage: a local disk for one machine, NFS/EFS/Lustre for a cluster)::
+
+    <root>/<name>/v000000001.json              the change (the commit record)
+    <root>/<name>/v000000001-<token>.safetensors   its tensors: class semantics, classifier rows
+    <root>/<name>/staging/                      files being written
+
+A change is committed by compare-and-swap: its tensors are written and flushed under a
+unique name first, then its record is hard-linked to the next version's name, which fails if
+another writer took that version first (``os.link`` is atomic on POSIX file systems and NFS).
+The loser re-reads the chain and retries on top of it, so two changes made at the same time
+through different replicas both end up in the store (no lost update), and a reader never sees
+a record whose tensors are not all there. A failed write leaves no record behind.
+
+:func:`apply_change` turns a bundle at version N into the bundle at N + 1 without any fitting:
+the classifier rows of added classes are stored, so every replica that replays the chain
+serves bit-identical classifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pading.classes import ClassInfo
+from pading.errors import DataError, PadingError
+from pading.model.classifier import Classifier, ProjectionClassifier
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RECORD = re.compile(r"^v(\d{9})\.json$")
+KINDS = ("create", "add", "remove", "delete")
+
+
+class StoreUnavailableError(PadingError):
+    """The vocabulary store cannot be read or written (HTTP 503: nothing was changed)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class VersionTakenError(PadingError):
+    """Another writer committed the version this change was made for (retry on top of it)."""
+
+
+class UnknownVocabularyError(DataError):
+    """A vocabulary name the store does not hold (HTTP 404)."""
+
+
+def check_name(name: str) -> str:
+    """A vocabulary name: 1-64 letters, digits, ``_``, ``.`` or ``-``, starting with a letter or digit."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise DataError("vocabulary", f"vocabulary name {name!r} must be 1-64 letters, digits, '_', '.' or '-' "
+                        "(starting with a letter or digit)")
+    return name
+
+
+@dataclass
+class Change:
+    """One version of a vocabulary chain.
+
+    Attributes:
+        kind: ``create``, ``add``, ``remove`` or ``delete``.
+        classes: added classes' records (``ClassInfo`` fields), in table order.
+        removed: names of removed classes (``remove``).
+        only: for ``create``, the trained classes the vocabulary keeps (None: all of them).
+        semantics: (M, S) float32 semantic embeddings of the added classes.
+        weight, bias: (M, D) and (M,) their classifier rows (absent for a projection classifier).
+        version: the version it was committed as (0 until then).
+        created: Unix time of the commit.
+    """
+
+    kind: str
+    classes: list[dict] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    only: Optional[list[str]] = None
+    semantics: Optional[np.ndarray] = None
+    weight: Optional[np.ndarray] = None
+    bias: Optional[np.ndarray] = None
+    version: int = 0
+    created: float = 0.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("semantics", "weight", "bias"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.float32))
+        return out
+
+
+class VocabularyStore:
+    """Vocabulary chains under ``root`` (module docstring). Safe for many processes on many
+    nodes at once, as long as they share the file system."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"VocabularyStore({str(self.root)!r})"
+
+    # ---- reading ------------------------------------------------------------------
+    def _versions(self, name: str) -> list[int]:
+        folder = self.root / check_name(name)
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StoreUnavailableError(f"vocabulary store {folder} cannot be read: {err}") from None
+        return sorted(int(m.group(1)) for m in map(RECORD.match, entries) if m)
+
+    def latest(self, name: str) -> int:
+        """The newest committed version of ``name`` (0: no change since the trained classes)."""
+        versions = self._versions(name)
+        return versions[-1] if versions else 0
+
+    def changes(self, name: str, after: int = 0) -> list[Change]:
+        """The committed changes of ``name`` newer than version ``after``, oldest first."""
+        return [self._read(name, v) for v in self._versions(name) if v > after]
+
+    def _read(self, name: str, version: int) -> Change:
+        folder = self.root / name
+        try:
+            record = json.loads((folder / f"v{version:09d}.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / record["tensors"])) if record.get("tensors") else {}
+        except (OSError, ValueError, KeyError) as err:
+            raise StoreUnavailableError(f"vocabulary store {folder}: version {version} cannot be read: {err}") from None
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        return Change(kind=record["kind"], classes=record.get("classes", []), removed=record.get("removed", []),
+                      only=record.get("only"), version=version, created=float(record.get("created", 0.0)),
+                      semantics=arrays.get("semantics"), weight=arrays.get("weight"), bias=arrays.get("bias"))
+
+    def names(self) -> dict[str, int]:
+        """``{name: latest version}`` of every vocabulary that exists now (``base`` included)."""
+        out = {BASE: self.latest(BASE)}
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return out
+        except OSError as err:
+            raise StoreUnavailableError(f"vocabulary store {self.root} cannot be read: {err}") from None
+        for entry in entries:
+            if entry == BASE or not NAME_PATTERN.match(entry):
+                continue
+            versions = self._versions(entry)
+            if versions and self._read(entry, versions[-1]).kind != "delete":
+                out[entry] = versions[-1]
+        return out
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is ``base`` or a named vocabulary whose last change is not a delete."""
+        if name == BASE:
+            return True
+        versions = self._versions(name)
+        return bool(versions) and self._read(name, versions[-1]).kind != "delete"
+
+    # ---- writing ------------------------------------------------------------------
+    def commit(self, name: str, expected: int, change: Change) -> Change:
+        """Commit ``change`` as version ``expected + 1`` of ``name``.
+
+        Raises:
+            VersionTakenError: another writer committed that version first; nothing is left behind.
+            StoreUnavailableError: the store cannot be written; nothing is left behind.
+        """
+        if change.kind not in KINDS:
+            raise DataError("vocabulary change", f"unknown kind {change.kind!r}")
+        folder = self.root / check_name(name)
+        version = expected + 1
+        token = uuid.uuid4().hex[:12]
+        staging = folder / "staging"
+        tensors_name = f"v{version:09d}-{token}.safetensors"
+        written: list[Path] = []
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            tensors = change.tensors()
+            if tensors:
+                staged_tensors = staging / tensors_name
+                save_file(tensors, str(staged_tensors))
+                written.append(staged_tensors)
+                _fsync(staged_tensors)
+                os.replace(staged_tensors, folder / tensors_name)
+                written[-1] = folder / tensors_name
+            created = time.time()
+            record = {"kind": change.kind, "version": version, "created": created, "classes": change.classes,
+                      "removed": change.removed, "only": change.only, "tensors": tensors_name if tensors else None,
+                      "writer": f"{os.uname().nodename}:{os.getpid()}"}
+            staged_record = staging / f"{token}.json"
+            staged_record.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
+            written.append(staged_record)
+            _fsync(staged_record)
+            try:
+                os.link(staged_record, folder / f"v{version:09d}.json")  # the commit: fails if the version exists
+            except FileExistsError:
+                raise VersionTakenError(f"version {version} of vocabulary {name!r} was committed by another writer")
+            _fsync_directory(folder)
+        except VersionTakenError:
+            _remove(written)
+            raise
+        except OSError as err:
+            _remove(written)
+            raise StoreUnavailableError(f"vocabulary store {folder} cannot be written ({err}); nothing was changed") \
+                from None
+        _remove([staged_record])
+        change.version, change.created = version, created
+        logger.info("vocabulary %r: committed version %d (%s)", name, version, change.kind)
+        return change
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some file systems cannot fsync a directory; the link itself is durable there
+        pass
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+# ---- replaying a chain ------------------------------------------------------------------
+
+
+def class_infos(records: list[dict]) -> list[ClassInfo]:
+    return [ClassInfo(id=int(r["id"]), name=r["name"], isthing=bool(r["isthing"]), unseen=bool(r.get("unseen", True)),
+                      added=bool(r.get("added", True))) for r in records]
+
+
+def appended_classifier(classifier, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
+                        semantics: np.ndarray):
+    """``classifier`` with classes appended before "no object": stored rows for a linear
+    classifier, the semantics themselves for the projection baseline."""
+    if isinstance(classifier, ProjectionClassifier):
+        from pading.model.classifier import expand_classifier
+
+        extra = torch.as_tensor(semantics, dtype=torch.float32, device=classifier.class_semantics.device)
+        return expand_classifier(classifier, classifier.num_classes + len(semantics), new_class_semantics=extra).eval()
+    if weight is None or bias is None:
+        raise DataError("vocabulary change", "the change has no classifier rows for a linear classifier")
+    old_weight, old_bias = classifier.linear.weight.detach(), classifier.linear.bias.detach()  # (C+1, D), (C+1,)
+    rows = torch.as_tensor(weight, dtype=old_weight.dtype, device=old_weight.device)  # (M, D)
+    biases = torch.as_tensor(bias, dtype=old_bias.dtype, device=old_bias.device)  # (M,)
+    grown = Classifier(classifier.embed_dim, classifier.num_classes + rows.shape[0]).to(old_weight.device)
+    with torch.no_grad():
+        grown.linear.weight.copy_(torch.cat([old_weight[:-1], rows, old_weight[-1:]]))
+        grown.linear.bias.copy_(torch.cat([old_bias[:-1], biases, old_bias[-1:]]))
+    return grown.eval()

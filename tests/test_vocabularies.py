@@ -1,0 +1,208 @@
+"""pading.serving.vocabularies and the store side of SegmentationService: durable, versioned
+vocabularies shared by several services (the replicas), compare-and-swap commits, named
+vocabularies, and a store that cannot be written (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
+
+from pading.errors import UnknownClassError
+from pading.serving.bundle import Bundle
+from pading.serving.service import ClassConflictError, RequestError, SegmentationService, http_status
+from pading.serving.vocabularies import (
+    BASE,
+    Change,
+    StoreUnavailableError,
+    UnknownVocabularyError,
+    VersionTakenError,
+    VocabularyStore,
+)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bundle") / "linear"
+    build_tiny_bundle(directory)
+    return directory
+
+
+@pytest.fixture
+def store(tmp_path) -> VocabularyStore:
+    return VocabularyStore(tmp_path / "vocabularies")
+
+
+def replica(bundle_dir, store, vocabulary=BASE) -> SegmentationService:
+    """A service over its own copy of the bundle, as a replica on another node would have."""
+    return SegmentationService(Bundle.load(bundle_dir), store=store, vocabulary=vocabulary)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+
+
+def _names(service) -> list[str]:
+    return [c["name"] for c in service.classes()["classes"]]
+
+
+# ---- the store ----------------------------------------------------------------------------
+
+
+def test_commits_are_numbered_and_a_stale_one_leaves_nothing_behind(store):
+    assert store.latest(BASE) == 0 and store.changes(BASE) == []
+    first = store.commit(BASE, 0, Change("add", classes=[{"id": 99, "name": "kite", "isthing": True}],
+                                         semantics=np.ones((1, 4), np.float32), weight=np.ones((1, 3), np.float32),
+                                         bias=np.zeros(1, np.float32)))
+    assert first.version == 1 and store.latest(BASE) == 1
+    files = sorted(p.name for p in (store.root / BASE).iterdir())
+    with pytest.raises(VersionTakenError):  # made for version 1, which exists
+        store.commit(BASE, 0, Change("add", classes=[{"id": 100, "name": "lamp", "isthing": True}],
+                                     semantics=np.ones((1, 4), np.float32)))
+    assert sorted(p.name for p in (store.root / BASE).iterdir()) == files  # no record, no tensors left
+    (read,) = store.changes(BASE)
+    assert read.kind == "add" and read.classes[0]["name"] == "kite" and np.array_equal(read.weight, np.ones((1, 3)))
+
+
+def test_a_deleted_vocabulary_keeps_its_versions_going_up(store):
+    store.commit("team-a", 0, Change("create", only=["person"]))
+    assert store.names() == {BASE: 0, "team-a": 1} and store.exists("team-a")
+    store.commit("team-a", 1, Change("delete"))
+    assert not store.exists("team-a") and "team-a" not in store.names()
+    assert store.commit("team-a", 2, Change("create")).version == 3
+
+
+def test_bad_vocabulary_names_are_refused(store):
+    for name in ("", "../etc", "a b", "x" * 65, ".hidden"):
+        with pytest.raises(RequestError.__mro__[1], match="vocabulary name"):
+            store.latest(name)
+
+
+# ---- replicas sharing a store ---------------------------------------------------------------
+
+
+def test_a_class_added_through_one_replica_is_served_by_another_with_identical_rows(bundle_dir, store, image):
+    first, second = replica(bundle_dir, store), replica(bundle_dir, store)
+    result = first.add_classes([EXTRA_NAMES[0]])
+    assert result["vocabulary_version"] == 1
+    assert EXTRA_NAMES[0] in _names(second)  # caught up before answering: read-your-writes
+    assert second.segment([image])[0]["vocabulary_version"] == 1
+    late = replica(bundle_dir, store)  # a replica started afterwards starts from the latest version
+    for other in (second, late):
+        assert torch.equal(other.bundle.classifier.linear.weight, first.bundle.classifier.linear.weight)
+
+
+def test_concurrent_adds_through_two_replicas_both_land(bundle_dir, store):
+    first, second = replica(bundle_dir, store), replica(bundle_dir, store)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def add(service, name):
+        barrier.wait()
+        try:
+            service.add_classes([name])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=add, args=(s, n)) for s, n in ((first, EXTRA_NAMES[1]), (second, EXTRA_NAMES[2]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert store.latest(BASE) == 2
+    for service in (first, second, replica(bundle_dir, store)):
+        assert {EXTRA_NAMES[1], EXTRA_NAMES[2]} <= set(_names(service))
+
+
+def test_a_change_that_lost_the_race_is_redone_on_top(bundle_dir, store, monkeypatch):
+    first, second = replica(bundle_dir, store), replica(bundle_dir, store)
+    commit = store.commit
+    raced = []
+
+    def commit_after_the_other(name, expected, change):  # the other replica commits first, once
+        if not raced:
+            raced.append(True)
+            second.add_classes([EXTRA_NAMES[3]])
+        return commit(name, expected, change)
+
+    monkeypatch.setattr(store, "commit", commit_after_the_other)
+    result = first.add_classes([EXTRA_NAMES[0]])
+    assert result["vocabulary_version"] == 2 and store.latest(BASE) == 2
+    assert {EXTRA_NAMES[0], EXTRA_NAMES[3]} <= set(_names(first))
+    monkeypatch.undo()
+    with pytest.raises(ClassConflictError):  # a name the other replica added meanwhile is a conflict
+        first.add_classes([EXTRA_NAMES[3]])
+
+
+def test_removing_through_one_replica_reaches_the_others(bundle_dir, store):
+    first, second = replica(bundle_dir, store), replica(bundle_dir, store)
+    first.add_classes([EXTRA_NAMES[0]])
+    assert EXTRA_NAMES[0] in _names(second)
+    second.delete_class(EXTRA_NAMES[0])
+    assert EXTRA_NAMES[0] not in _names(first) and first.state.version == 2
+
+
+def test_a_store_that_cannot_be_written_changes_nothing(bundle_dir, store, image):
+    service = replica(bundle_dir, store)
+    service.add_classes([EXTRA_NAMES[0]])
+    staging = store.root / BASE / "staging"
+    staging.rmdir()
+    staging.write_text("not a directory")  # the store's staging area cannot take files
+    before = sorted(p.name for p in (store.root / BASE).iterdir())
+    with pytest.raises(StoreUnavailableError) as caught:
+        service.add_classes([EXTRA_NAMES[1]])
+    assert http_status(caught.value) == 503
+    assert sorted(p.name for p in (store.root / BASE).iterdir()) == before  # nothing half written
+    assert service.state.version == 1 and EXTRA_NAMES[1] not in _names(service)
+    assert service.segment([image])[0]["vocabulary_version"] == 1  # still serving the last version
+    staging.unlink()
+    assert service.add_classes([EXTRA_NAMES[1]])["vocabulary_version"] == 2
+
+
+# ---- named vocabularies -------------------------------------------------------------------
+
+
+def test_named_vocabularies_hold_exactly_their_own_classes(bundle_dir, store, image):
+    base = replica(bundle_dir, store)
+    kept = ["person", "car", "grass-merged"]
+    created = base.create_vocabulary("street", add=[EXTRA_NAMES[0]], only=kept)
+    assert created["vocabulary_version"] == 1 and created["num_classes"] == 4
+    street = replica(bundle_dir, store, "street")
+    assert _names(street) == kept + [EXTRA_NAMES[0]]
+    for task in ("panoptic", "instance", "semantic"):
+        (answer,) = street.segment([image], task=task)
+        assert answer["vocabulary"] == "street"
+        assert {e["class_name"] for e in answer[task]} <= set(kept + [EXTRA_NAMES[0]])
+    assert EXTRA_NAMES[0] not in _names(base)  # the base vocabulary is untouched
+    street.add_classes([EXTRA_NAMES[1]])
+    assert _names(replica(bundle_dir, store, "street"))[-1] == EXTRA_NAMES[1]
+    assert [v["name"] for v in base.vocabularies()["vocabularies"]] == [BASE, "street"]
+
+
+def test_named_vocabulary_errors(bundle_dir, store):
+    base = replica(bundle_dir, store)
+    with pytest.raises(UnknownVocabularyError) as caught:
+        replica(bundle_dir, store, "nowhere")
+    assert http_status(caught.value) == 404
+    base.create_vocabulary("team", add=[EXTRA_NAMES[0]])
+    with pytest.raises(ClassConflictError):  # 409: exists
+        base.create_vocabulary("team")
+    with pytest.raises(RequestError, match="at least one class"):
+        base.create_vocabulary("empty", only=[])
+    with pytest.raises(RequestError, match="at most"):  # too many new classes in one request
+        base.create_vocabulary("huge", add=[f"class {i}" for i in range(base.config.max_new_classes + 1)])
+    with pytest.raises(UnknownClassError):
+        base.create_vocabulary("typo", only=["persn"])
+    with pytest.raises(ClassConflictError):
+        base.delete_vocabulary(BASE)
+    team = replica(bundle_dir, store, "team")
+    base.delete_vocabulary("team")
+    with pytest.raises(UnknownVocabularyError):
+        team.classes()  # the loaded replica notices the delete
+    with pytest.raises(UnknownVocabularyError):
+        base.delete_vocabulary("team")
