@@ -8,7 +8,8 @@
 ``serve run`` listens where Serve's own HTTP options say (default 127.0.0.1:8000);
 ``serve.host``/``serve.port`` apply to ``python pipelines/serve.py`` and ``full.py --serve``.
 Endpoints (OpenAPI at /docs and /openapi.json): POST /v1/segment, GET/POST /v1/classes,
-DELETE /v1/classes/{name}, GET /healthz and a page to try it at GET /. Binds 127.0.0.1
+DELETE /v1/classes/{name}, GET/POST /v1/vocabularies, DELETE /v1/vocabularies/{name},
+GET /healthz and a page to try it at GET /; ``vocabulary=<name>`` picks a named vocabulary. Binds 127.0.0.1
 unless serve.host says otherwise. The logic lives in pading.serving.service; this file is HTTP.
 
 Production behaviour (settings in the ``serve`` config section, docs/serving.md):
@@ -19,9 +20,13 @@ Production behaviour (settings in the ``serve`` config section, docs/serving.md)
 - uploads are cut off at ``max_body_bytes`` while they are read, before any decoding;
 - Serve calls ``check_health`` (a real forward pass) every ``health_check_period_s`` and
   replaces a replica that fails it or does not answer within ``health_check_timeout_s``;
+- vocabularies are durable (docs/serving.md, "Vocabularies"): a class change is committed to
+  the vocabulary store (``serve.vocabulary_store``) before it is answered, and every replica
+  catches up with the store before it answers, so all replicas, new and restarted ones too,
+  serve the newest version;
 - metrics through ``ray.serve.metrics`` (Ray's Prometheus endpoint): ``pading_requests``
-  by task and status, ``pading_request_latency_ms``, ``pading_segments`` by class kind,
-  ``pading_vocabulary_version`` and ``pading_classes``.
+  by task, status and vocabulary, ``pading_request_latency_ms``, ``pading_segments`` by
+  class kind, ``pading_vocabulary_version`` and ``pading_classes`` by vocabulary.
 """
 
 import argparse
@@ -56,6 +61,7 @@ from pading.serving.service import (
     resolve_batching,
     segment_counts,
 )
+from pading.serving.vocabularies import BASE, check_name, default_store
 from pipelines import common
 from pipelines.common import MLFLOW_SCHEMES, resolve_bundle  # noqa: F401 - re-exported (moved to common)
 
@@ -85,7 +91,8 @@ def _error(status: int, kind: str, detail: str, headers: dict | None = None) -> 
 @api.exception_handler(PadingError)
 async def _library_error(request: Request, error: PadingError) -> JSONResponse:
     status = http_status(error)
-    headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, BusyError) else None
+    retry = getattr(error, "retry_after_s", None)
+    headers = {"Retry-After": str(math.ceil(retry))} if status == 503 and retry is not None else None
     return _error(status, type(error).__name__, str(error), headers)
 
 
@@ -101,6 +108,19 @@ class NewClasses(BaseModel):
 
     names: list[str] = Field(..., description="class names", examples=[["zebra crossing"]])
     isthing: bool | list[bool] = Field(True, description="one value for all names, or one per name")
+
+
+class NewVocabulary(BaseModel):
+    """A named vocabulary: the trained classes (or the subset ``only``) plus new classes ``add``."""
+
+    name: str = Field(..., description="1-64 letters, digits, '_', '.' or '-'", examples=["street-scenes"])
+    add: list[str] = Field([], description="new class names (encoded and fitted now)", examples=[["traffic cone"]])
+    isthing: bool | list[bool] = Field(True, description="for the added names: one value for all, or one per name")
+    only: list[str] | None = Field(None, description="keep only these trained classes (default: all of them)",
+                                   examples=[["person", "car"]])
+
+
+VOCABULARY_QUERY = Query(BASE, description="the vocabulary to use (GET /v1/vocabularies lists them)")
 
 
 IMAGE_BODY = {
@@ -124,60 +144,86 @@ class EndpointMetrics:
 
     def __init__(self, vocabulary: bool = True):
         self.requests = serve_metrics.Counter(
-            "pading_requests", description="POST /v1/segment requests by task and HTTP status",
-            tag_keys=("task", "status"))
+            "pading_requests", description="POST /v1/segment requests by task, HTTP status and vocabulary",
+            tag_keys=("task", "status", "vocabulary"))
         self.latency = serve_metrics.Histogram(
             "pading_request_latency_ms", description="POST /v1/segment latency in the replica (ms)",
-            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("task",))
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("task", "vocabulary"))
         self.segments = serve_metrics.Counter(
             "pading_segments", description="segments returned, by kind of class: seen, unseen or added at run time",
-            tag_keys=("kind",))
+            tag_keys=("kind", "vocabulary"))
         if vocabulary:
             self.vocabulary_version = serve_metrics.Gauge(
-                "pading_vocabulary_version", description="vocabulary version served (+1 per class change)")
-            self.classes = serve_metrics.Gauge("pading_classes", description="classes in the vocabulary")
+                "pading_vocabulary_version", description="vocabulary version served (+1 per change)",
+                tag_keys=("vocabulary",))
+            self.classes = serve_metrics.Gauge("pading_classes", description="classes in the vocabulary",
+                                               tag_keys=("vocabulary",))
 
-    def request(self, task: str, status: int, seconds: float) -> None:
+    def request(self, task: str, status: int, seconds: float, vocabulary: str = BASE) -> None:
         task = task if task in TASK_CHOICES else "invalid"  # bounded tag values
-        self.requests.inc(tags={"task": task, "status": str(status)})
-        self.latency.observe(1000 * seconds, tags={"task": task})
+        self.requests.inc(tags={"task": task, "status": str(status), "vocabulary": vocabulary})
+        self.latency.observe(1000 * seconds, tags={"task": task, "vocabulary": vocabulary})
 
     def result(self, result: dict) -> None:
+        vocabulary = result.get("vocabulary", BASE)
         for kind, count in segment_counts(result).items():
             if count:
-                self.segments.inc(count, tags={"kind": kind})
+                self.segments.inc(count, tags={"kind": kind, "vocabulary": vocabulary})
 
-    def vocabulary(self, version: int, num_classes: int) -> None:
-        self.vocabulary_version.set(version)
-        self.classes.set(num_classes)
+    def vocabulary(self, name: str, version: int, num_classes: int) -> None:
+        self.vocabulary_version.set(version, tags={"vocabulary": name})
+        self.classes.set(num_classes, tags={"vocabulary": name})
 
 
 @serve.deployment(name="PadingModel")
 class ModelDeployment:
-    """A model replica: a bundle, its SegmentationService and (when batching) a batching
-    queue. Called by the HTTP front (:class:`SegmentationDeployment`) through a handle."""
+    """A model replica: a bundle, the SegmentationService of the base vocabulary, those of the
+    named vocabularies it was asked for (Serve model multiplexing keyed by the vocabulary name,
+    at most ``serve.max_vocabularies_per_replica``, least recently used out) and (when
+    batching) a batching queue. Every service reads and writes the shared vocabulary store,
+    so any replica answers with the newest version. Called by the HTTP front
+    (:class:`SegmentationDeployment`) through a handle."""
 
-    def __init__(self, bundle_dir: str, serve_config: dict):
+    def __init__(self, bundle_dir: str, serve_config: dict, store_dir: str):
         import torch
 
         from pading.serving.bundle import Bundle
+        from pading.serving.vocabularies import VocabularyStore
 
         common.setup_logging()
         self.config: ServeConfig = from_dict(ServeConfig, serve_config, prefix="serve")
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         device = "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.service = SegmentationService(Bundle.load(bundle_dir, map_location=device), self.config)
+        self.trained = Bundle.load(bundle_dir, map_location=device)
+        self.store = VocabularyStore(store_dir)
+        self.service = SegmentationService(self.trained, self.config, store=self.store)
         self.batching = resolve_batching(self.config.batching, device)
         self._segment_batch.set_max_batch_size(self.config.max_batch_size)
         self._segment_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.metrics = EndpointMetrics()
-        self._publish_vocabulary()
-        logger.info("model replica ready: %s on %s, batching %s (serve.batching=%s)", bundle_dir, device,
-                    "on" if self.batching else "off", self.config.batching)
+        self.replica = f"{os.uname().nodename}:{os.getpid()}"
 
-    def _publish_vocabulary(self) -> None:
-        state = self.service.state
-        self.metrics.vocabulary(state.version, state.bundle.table.num_classes)
+        async def load_vocabulary(name: str) -> SegmentationService:
+            return await asyncio.to_thread(SegmentationService, self.trained, self.config, store=self.store,
+                                           vocabulary=name)
+
+        self._load_vocabulary = serve.multiplexed(max_num_models_per_replica=self.config.max_vocabularies_per_replica)(
+            load_vocabulary)
+        self._publish(self.service)
+        logger.info("model replica %s ready: %s on %s, batching %s (serve.batching=%s), vocabularies in %s",
+                    self.replica, bundle_dir, device, "on" if self.batching else "off", self.config.batching,
+                    store_dir)
+
+    def _publish(self, service: SegmentationService) -> None:
+        state = service.state
+        self.metrics.vocabulary(service.vocabulary, state.version, state.bundle.table.num_classes)
+
+    async def _service(self) -> SegmentationService:
+        """The service of the request's vocabulary (the multiplexed model id; none: base)."""
+        name = serve.get_multiplexed_model_id()
+        if not name or name == BASE:
+            return self.service
+        return await self._load_vocabulary(name)
 
     async def check_health(self) -> None:
         """Called by Serve every ``serve.health_check_period_s``: a real forward pass; an
@@ -185,55 +231,86 @@ class ModelDeployment:
         replaced."""
         await asyncio.to_thread(self.service.health_check)
 
-    def _segment_items(self, items: list) -> list:
+    def _segment_items(self, service: SegmentationService, items: list) -> list:
         """items: (image, task, format, min_score) tuples -> results, or the error of one item."""
+        state = service.sync()  # the newest version before answering
         try:
-            return self.service.segment([i[0] for i in items], [i[1] for i in items], [i[2] for i in items],
-                                        min_score=[i[3] for i in items])
+            return service.segment([i[0] for i in items], [i[1] for i in items], [i[2] for i in items],
+                                   min_score=[i[3] for i in items], state=state)
         except PadingError:
             if len(items) == 1:
                 raise
         results = []
         for item in items:  # isolate the item that failed; the others still get answers
             try:
-                results.extend(self._segment_items([item]))
+                results.extend(self._segment_items(service, [item]))
             except PadingError as error:
                 results.append(error)
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _segment_batch(self, items: list) -> list:
-        return await asyncio.to_thread(self._segment_items, items)
+        service = await self._service()  # a batch holds one vocabulary's requests (Serve splits by model id)
+        return await asyncio.to_thread(self._segment_items, service, items)
+
+    def _tag(self, result: dict) -> dict:
+        return {**result, "replica": self.replica}
 
     async def segment(self, data: bytes, task: str, output_format: str, min_score: float) -> dict:
         """Decode ``data`` and segment it; raises the library's error for bad input."""
-        image = await asyncio.to_thread(self.service.decode, data)
+        service = await self._service()
+        image = await asyncio.to_thread(service.decode, data)
         item = (image, task, output_format, min_score)
         if self.batching:
             result = await self._segment_batch(item)
         else:
-            (result,) = await asyncio.to_thread(self._segment_items, [item])
+            (result,) = await asyncio.to_thread(self._segment_items, service, [item])
         if isinstance(result, Exception):
             raise result
-        return result
+        return self._tag(result)
 
     async def classes(self) -> dict:
-        return self.service.classes()
+        service = await self._service()
+        result = await asyncio.to_thread(service.classes)
+        self._publish(service)
+        return self._tag(result)
 
     async def add_classes(self, names: list[str], isthing) -> dict:
-        result = await asyncio.to_thread(self.service.add_classes, names, isthing)
-        self._publish_vocabulary()
-        return result
+        service = await self._service()
+        result = await asyncio.to_thread(service.add_classes, names, isthing)
+        self._publish(service)
+        return self._tag(result)
 
     async def delete_class(self, name: str) -> dict:
-        result = await asyncio.to_thread(self.service.delete_class, name)
-        self._publish_vocabulary()
-        return result
+        service = await self._service()
+        result = await asyncio.to_thread(service.delete_class, name)
+        self._publish(service)
+        return self._tag(result)
+
+    async def vocabularies(self) -> dict:
+        return self._tag(await asyncio.to_thread(self.service.vocabularies))
+
+    async def create_vocabulary(self, name: str, add: list[str], isthing, only) -> dict:
+        return self._tag(await asyncio.to_thread(self.service.create_vocabulary, name, add, isthing, only))
+
+    async def delete_vocabulary(self, name: str) -> dict:
+        return self._tag(await asyncio.to_thread(self.service.delete_vocabulary, name))
 
     async def info(self) -> dict:
-        state = self.service.state
+        state = self.service.sync()
         return {"vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
-                "device": str(state.bundle.device), "batching": self.batching, "replica_pid": os.getpid()}
+                "device": str(state.bundle.device), "batching": self.batching, "replica": self.replica,
+                "replica_pid": os.getpid(), "vocabulary_store": str(self.store.root)}
+
+
+def _vocabulary_headers(result: dict) -> dict:
+    """Which vocabulary, version and replica made an answer."""
+    headers = {"X-Replica": str(result.get("replica", ""))}
+    if "vocabulary_version" in result:
+        headers["X-Vocabulary-Version"] = str(result["vocabulary_version"])
+    if "vocabulary" in result:
+        headers["X-Vocabulary"] = str(result["vocabulary"])
+    return headers
 
 
 def _library_cause(error: BaseException) -> BaseException:
@@ -255,13 +332,15 @@ class SegmentationDeployment:
         self.model = model
         self.metrics = EndpointMetrics(vocabulary=False)
 
-    async def _call(self, method: str, *args, timeout: float | None = None):
-        """``model.<method>(*args)``, given up after ``timeout`` seconds (None: no limit)."""
+    async def _call(self, method: str, *args, timeout: float | None = None, vocabulary: str = BASE):
+        """``model.<method>(*args)`` on a replica for ``vocabulary`` (Serve routes a named
+        vocabulary to replicas that have it loaded), given up after ``timeout`` seconds (None: no limit)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         retry = self.config.retry_after_s
-        response = getattr(self.model, method).remote(*args)
+        handle = self.model if vocabulary == BASE else self.model.options(multiplexed_model_id=check_name(vocabulary))
+        response = getattr(handle, method).remote(*args)
         try:
             async with asyncio.timeout(timeout):
                 return await response
@@ -323,23 +402,25 @@ class SegmentationDeployment:
         format: str = Query("json", description="json (RLE masks) or png (an id image; segments in the "
                             "X-Segments header)", json_schema_extra={"enum": list(OUTPUT_FORMATS)}),
         min_score: float = Query(0.0, ge=0.0, le=1.0, description="drop panoptic/instance segments scoring less"),
+        vocabulary: str = VOCABULARY_QUERY,
     ) -> Response:
         started = time.perf_counter()
         status = 500
         try:
             check_request(task, format)
             result = await self._call("segment", await self._read_image(request), task, format, min_score,
-                                      timeout=self.config.request_timeout_s)
+                                      timeout=self.config.request_timeout_s, vocabulary=vocabulary)
             status = 200
         except PadingError as error:
             status = http_status(error)
             raise
         finally:
-            self.metrics.request(task, status, time.perf_counter() - started)
+            self.metrics.request(task, status, time.perf_counter() - started,
+                                 vocabulary if status != 404 else "unknown")
         self.metrics.result(result)
         elapsed_ms = 1000 * (time.perf_counter() - started)
         headers = {"X-Process-Time-Ms": f"{elapsed_ms:.1f}", "Server-Timing": f"segment;dur={elapsed_ms:.1f}",
-                   "X-Vocabulary-Version": str(result["vocabulary_version"])}
+                   **_vocabulary_headers(result)}
         if format == "png":
             png = result.pop("png")
             headers["X-Segments"] = json.dumps(result, separators=JSON_SEPARATORS)
@@ -347,19 +428,37 @@ class SegmentationDeployment:
         return JSONResponse(content=result, headers=headers)
 
     # ---- vocabulary -----------------------------------------------------------------
-    @api.get("/v1/classes", summary="List the vocabulary")
-    async def list_classes(self) -> dict:
-        return await self._call("classes", timeout=self.config.health_check_timeout_s)
+    @api.get("/v1/classes", summary="List a vocabulary's classes")
+    async def list_classes(self, vocabulary: str = VOCABULARY_QUERY) -> JSONResponse:
+        result = await self._call("classes", timeout=self.config.health_check_timeout_s, vocabulary=vocabulary)
+        return JSONResponse(content=result, headers=_vocabulary_headers(result))
 
-    @api.post("/v1/classes", summary="Add classes by name (re-fits the classifier)", status_code=201)
-    async def add_classes(self, body: NewClasses) -> JSONResponse:
-        result = await self._call("add_classes", body.names, body.isthing)
+    @api.post("/v1/classes", summary="Add classes by name (re-fits the classifier; durable once answered)",
+              status_code=201)
+    async def add_classes(self, body: NewClasses, vocabulary: str = VOCABULARY_QUERY) -> JSONResponse:
+        result = await self._call("add_classes", body.names, body.isthing, vocabulary=vocabulary)
         return JSONResponse(status_code=201, content=result,
-                            headers={"X-Process-Time-Ms": f"{1000 * result['seconds']:.1f}"})
+                            headers={"X-Process-Time-Ms": f"{1000 * result['seconds']:.1f}",
+                                     **_vocabulary_headers(result)})
 
     @api.delete("/v1/classes/{name:path}", summary="Remove a class added at run time")
-    async def delete_class(self, name: str) -> dict:
-        return await self._call("delete_class", name)
+    async def delete_class(self, name: str, vocabulary: str = VOCABULARY_QUERY) -> JSONResponse:
+        result = await self._call("delete_class", name, vocabulary=vocabulary)
+        return JSONResponse(content=result, headers=_vocabulary_headers(result))
+
+    @api.get("/v1/vocabularies", summary="List the vocabularies and their versions")
+    async def list_vocabularies(self) -> dict:
+        return await self._call("vocabularies", timeout=self.config.health_check_timeout_s)
+
+    @api.post("/v1/vocabularies", summary="Create a named vocabulary", status_code=201)
+    async def create_vocabulary(self, body: NewVocabulary) -> JSONResponse:
+        check_name(body.name)
+        result = await self._call("create_vocabulary", body.name, body.add, body.isthing, body.only)
+        return JSONResponse(status_code=201, content=result)
+
+    @api.delete("/v1/vocabularies/{name}", summary="Delete a named vocabulary")
+    async def delete_vocabulary(self, name: str) -> dict:
+        return await self._call("delete_vocabulary", check_name(name))
 
     # ---- health and page ------------------------------------------------------------
     @api.get("/healthz", summary="Liveness and the model in use")
@@ -374,10 +473,12 @@ class SegmentationDeployment:
 # ---- building and deploying -------------------------------------------------------------
 
 
-def build_application(bundle_dir: str | Path, config: ServeConfig):
+def build_application(bundle_dir: str | Path, config: ServeConfig, reference: str | None = None):
     """The Serve application over a local bundle directory: the HTTP front (no CPUs
     reserved) and the model deployment, with autoscaling, resources, backpressure and
-    health checking from ``config``."""
+    health checking from ``config``; the vocabulary store is ``serve.vocabulary_store``, else
+    the default for the bundle ``reference`` (a directory or an MLflow URI, docs/serving.md)."""
+    store_dir = default_store(reference or str(bundle_dir), bundle_dir, config.vocabulary_store)
     model = ModelDeployment.options(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
@@ -394,7 +495,7 @@ def build_application(bundle_dir: str | Path, config: ServeConfig):
         max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
     )
-    return front.bind(model.bind(str(bundle_dir), to_dict(config)), to_dict(config))
+    return front.bind(model.bind(str(bundle_dir), to_dict(config), str(store_dir)), to_dict(config))
 
 
 def app(args: dict):
@@ -409,7 +510,7 @@ def app(args: dict):
     overrides = [f"{key if '.' in key else 'serve.' + key}={value}" for key, value in args.items()]
     bundle_dir = resolve_bundle(reference, load_config(config_path) if config_path else None)
     config = load_config(config_path or bundle_dir / "config.yaml", overrides)
-    return build_application(bundle_dir, config.serve)
+    return build_application(bundle_dir, config.serve, reference)
 
 
 build_app = app
@@ -425,7 +526,8 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
         config.ray.local_cpus = num_cpus
     common.init_ray(config)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(bundle_path, settings), name=APP_NAME, route_prefix=settings.route_prefix)
+    serve.run(build_application(bundle_path, settings, str(bundle_dir)), name=APP_NAME,
+              route_prefix=settings.route_prefix)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}/"
     logger.info("serving %s at %s (OpenAPI: %sdocs)", bundle_path, url, url)
     if blocking:

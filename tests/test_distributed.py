@@ -110,11 +110,17 @@ def _trainer_parameters(trainer) -> dict:
             for name, value in module.state_dict().items()}
 
 
-def _halves(batches, rank: int, world: int):
-    """Rank ``rank``'s contiguous share of every global batch."""
+def _halves(batches, rank: int, world: int, empty_share: bool = True):
+    """Rank ``rank``'s contiguous share of every global batch; with ``empty_share``, in the
+    second batch the last rank holds no row at all (a worker may have nothing to contribute)."""
     out = []
-    for embeddings, labels in batches:
+    for step, (embeddings, labels) in enumerate(batches):
         size = -(-labels.shape[0] // world)
+        if step == 1 and empty_share:
+            size = -(-labels.shape[0] // max(1, world - 1)) if rank < world - 1 else 0
+            start = rank * size
+            out.append((embeddings[start:start + size], labels[start:start + size]))
+            continue
         out.append((embeddings[rank * size:(rank + 1) * size], labels[rank * size:(rank + 1) * size]))
     return out
 
@@ -164,8 +170,9 @@ def _generator_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     results = {}
     for name, make in _faulty_collectives().items():
-        if name in loop_config["variants"]:
-            results[name] = _fit(loop_config["problem"], make(), lambda batches: _halves(batches, rank, world))
+        if name in loop_config["variants"]:  # alone (without sync), an empty batch is no step at all
+            results[name] = _fit(loop_config["problem"], make(),
+                                 lambda batches: _halves(batches, rank, world, empty_share=name != "without-sync"))
     torch.save(results, Path(loop_config["out"]) / f"generator-rank{rank}.pt")
 
 

@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 from helpers import serve_app
+from helpers.serve_app import deploy_extra, remove
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-READY_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="session")
@@ -39,37 +39,6 @@ def big_jpeg(height: int = 480, width: int = 640) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def deploy_extra(app_info: dict, name: str, **serve_settings) -> str:
-    """Deploy the shared bundle again as application ``name`` at ``/<name>`` with other
-    ``serve`` settings (0 CPUs reserved, so it fits beside the shared app); its URL."""
-    from ray import serve
-
-    from pading.config import load_config
-    from pipelines import serve as serve_module
-
-    overrides = [f"serve.{key}={value}" for key, value in {"num_cpus": 0, **serve_settings}.items()]
-    config = load_config(app_info["bundle_dir"] / "config.yaml",
-                         [f"serve.port={app_info['config'].serve.port}", *overrides])
-    serve.run(serve_module.build_application(app_info["bundle_dir"], config.serve), name=name,
-              route_prefix=f"/{name}")
-    url = app_info["url"] + f"{name}/"
-    deadline = time.time() + READY_TIMEOUT_S
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "healthz", timeout=5).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}healthz did not answer")
-
-
-def remove(name: str) -> None:
-    from ray import serve
-
-    serve.delete(name)
 
 
 def post_image(client: httpx.Client, url: str, body: bytes, **params) -> httpx.Response:

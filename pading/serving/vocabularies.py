@@ -70,6 +70,22 @@ class UnknownVocabularyError(DataError):
     """A vocabulary name the store does not hold (HTTP 404)."""
 
 
+def default_store(reference: str, bundle_dir: str | Path, setting: Optional[str] = None) -> Path:
+    """Where a bundle's vocabularies live: ``setting`` (``serve.vocabulary_store``) when given;
+    for a bundle directory, ``vocabularies`` next to it (the run's storage); for an MLflow
+    bundle (``runs:/<id>/...``, ``models:/<name>/<version>``), which has no directory of its
+    own, ``~/.pading/vocabularies/<run id or model name/version>`` (one machine's disk: set
+    ``serve.vocabulary_store`` to shared storage on a cluster)."""
+    if setting:
+        return Path(setting).expanduser()
+    reference = str(reference)
+    for scheme in ("runs:/", "models:/", "mlflow-artifacts:/"):
+        if reference.startswith(scheme):
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", reference[len(scheme):].strip("/")) or "bundle"
+            return Path("~/.pading/vocabularies").expanduser() / key
+    return Path(bundle_dir).resolve().parent / "vocabularies"
+
+
 def check_name(name: str) -> str:
     """A vocabulary name: 1-64 letters, digits, ``_``, ``.`` or ``-``, starting with a letter or digit."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):

@@ -27,7 +27,8 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def check_chunk_size(config: ExperimentConfig, embed_dim: int, device: torch.device) -> None:
-    """``losses.chunk_size`` must leave a relation-network block within a quarter of the device's memory."""
+    """``losses.chunk_size`` must leave a relation-network block (and so the KL and MMD blocks, which
+    hold as many floats) within a quarter of the device's memory."""
     pairs = resolve_chunk_size(config.losses.chunk_size, device)
     needed = relation_chunk_bytes(pairs, embed_dim)
     available = device_memory_bytes(device)

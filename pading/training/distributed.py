@@ -70,10 +70,11 @@ class PendingSum:
         flat, params = self._flat, self._params
         num_extras = 0 if self._extras is None else self._extras.numel()
         offset = len(params) + num_extras
-        for i, param in enumerate(params):
+        touched = flat[:len(params)].tolist()  # one read of the flags
+        for param, flag in zip(params, touched):
             size = param.numel()
             # a parameter no rank touched keeps grad None, as in the one-process run (the optimiser skips it)
-            param.grad = flat[offset:offset + size].view_as(param).to(param.dtype) if flat[i] > 0 else None
+            param.grad = flat[offset:offset + size].view_as(param).to(param.dtype) if flag > 0 else None
             offset += size
         return None if self._extras is None else flat[len(params):len(params) + num_extras].to(self._extras.dtype)
 
@@ -132,7 +133,10 @@ class TorchCollective(LocalCollective):
         has-gradient flag per parameter."""
         params = [p for p in parameters if p.requires_grad]
         device = params[0].device if params else self._device()
-        flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=device)
+        dtype = torch.promote_types(torch.float32, extras.dtype) if extras is not None else torch.float32
+        for p in params:
+            dtype = torch.promote_types(dtype, p.dtype)  # float64 gradients are summed in float64
+        flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=device, dtype=dtype)
         parts = [flags] + ([extras.detach().reshape(-1).to(device, flags.dtype)] if extras is not None else [])
         parts += [p.grad.reshape(-1).to(flags.dtype) if p.grad is not None else flags.new_zeros(p.numel())
                   for p in params]

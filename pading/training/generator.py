@@ -17,7 +17,7 @@ restored, so a run repeats exactly and resumes identically from a checkpoint.
 tables rows all call it. With W > 1 workers (a ``torch.distributed`` process group, e.g.
 Ray Train's), every step is synchronised through :mod:`pading.training.distributed` so that W
 workers compute exactly what one worker computes on the union of their batches (dropout
-masks aside, which each worker draws for its own rows).
+masks aside, which each worker draws for its own rows from the step's seed plus its rank).
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ class StepClasses:
             return class_indices
         lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.embedded.device)
         lookup[self.embedded] = torch.arange(self.embedded.numel(), device=self.embedded.device)
-        return lookup[class_indices]
+        positions = lookup[class_indices]
+        if bool((positions < 0).any()):
+            raise DataError("StepClasses", f"classes {class_indices[positions < 0].tolist()[:10]} are not embedded")
+        return positions
 
 
 @contextlib.contextmanager
@@ -232,9 +235,8 @@ class GeneratorTrainer:
             )
         if labels.shape != embeddings.shape[:1]:
             raise DataError(source, f"expected labels of shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
-        if labels.numel() == 0:
-            raise DataError(source, "the batch is empty")
-        if labels.dtype.is_floating_point or int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+        if labels.dtype.is_floating_point or (labels.numel() and (int(labels.min()) < 0 or
+                                                                   int(labels.max()) > self.num_classes)):
             raise DataError(
                 source, f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} = no object)"
             )
@@ -257,10 +259,12 @@ class GeneratorTrainer:
         labels = labels.to(self.device, torch.long)
         step_seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng))
         rows_per_worker = self.collective.row_counts(labels.numel())
+        if sum(rows_per_worker) == 0:  # decided on every worker alike (a worker may hold no rows)
+            raise DataError(f"GeneratorTrainer.step batch (step {self.step_count})", "the batch is empty")
         all_labels = self.collective.gather(labels, sizes=rows_per_worker)  # (N_global,) rank order
         batch = _GlobalBatch(all_labels, rows_per_worker, self._seen_rows(all_labels))
         metrics: dict[str, float] = {}
-        with _seeded_global_rng(step_seed, self.device):
+        with _seeded_global_rng(step_seed + self.collective.rank, self.device):  # each worker its own dropout
             pending = None
             if self.generator is not None:
                 generator_metrics, pending = self._generator_step(embeddings, labels, batch, step_seed)
@@ -327,11 +331,11 @@ class GeneratorTrainer:
             order = torch.randperm(self.num_classes, generator=chooser)
             others = order[~in_batch[order]][: max(0, cfg.relation_class_sample - batch_classes.numel())]
             candidates = torch.cat([batch_classes, others.to(device)]).sort().values  # (M,) class indices
-        if self.loss.uses_disentanglement and candidates is None:
-            embedded = None  # every class: positions are class indices
+        if not self.loss.uses_alignment or (self.loss.uses_disentanglement and candidates is None):
+            embedded = None  # every class (or, without alignment, none is used): positions are class indices
         else:
             parts = [all_seen_labels, unseen_set] + ([candidates] if candidates is not None else [])
-            embedded = torch.unique(torch.cat(parts)) if self.loss.uses_alignment else all_seen_labels[:0]
+            embedded = torch.unique(torch.cat(parts))
         return StepClasses(unseen_set=unseen_set, seen_candidates=candidates, embedded=embedded,
                            num_classes=self.num_classes)
 
@@ -369,6 +373,8 @@ class GeneratorTrainer:
         synthetic_seen, synthetic_unseen = synthetic.split([seen_labels.numel(), unseen_labels.numel()])
         embedded = classes.embedded
         semantics = self.class_semantics if embedded is None else self.class_semantics[embedded]  # (P, S)
+        if not self.loss.uses_alignment:
+            semantics = semantics[:0]  # the MMD-only variants use no class embedding
         class_rows = None
         if self.collective.world_size > 1 and semantics.shape[0] >= SHARDED_PROJECTION_CLASSES:
             own_classes, class_rows = self._share(semantics.shape[0])  # each worker projects its slice

@@ -17,9 +17,10 @@ all-reduce (every worker calls it, whatever its row count) and each worker pushe
 its own rows back into its own graph. With one worker the gather is the identity and the same
 code gives the plain gradient.
 
-Memory: the relation network, the alignment KL and the MMD kernels run in blocks of at most
-``losses.chunk_size`` (row, column) pairs, recomputed in the backward pass
-(:mod:`pading.model.losses`), so no (samples x classes x D) tensor exists at once.
+Memory: the relation network runs in blocks of at most ``losses.chunk_size`` (row, column)
+pairs, and the alignment KL and the MMD kernels in row blocks of the same number of floats
+(:func:`matrix_block_pairs`), all recomputed in the backward pass (:mod:`pading.model.losses`),
+so no (samples x classes x D) tensor exists at once.
 """
 
 from __future__ import annotations
@@ -143,17 +144,20 @@ class _Columns:
         """All-reduce every leaf's gradient and back-propagate this worker's rows of it."""
         if not self.groups:
             return
-        flat = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1)
-                for _, leaves, _ in self.groups for leaf in leaves]
+        # a leaf whose source needs no gradient (the real columns) is left out: the same on every worker
+        pairs = [(source, leaf, offset) for local, leaves, offset in self.groups
+                 for source, leaf in zip(local, leaves) if leaf.requires_grad]
+        if not pairs:
+            return
+        flat = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1) for _, leaf, _ in pairs]
         summed = self.collective.all_reduce_sum(torch.cat(flat))
         targets, gradients, start = [], [], 0
-        for local, leaves, offset in self.groups:
-            for source, leaf in zip(local, leaves):
-                gradient = summed[start:start + leaf.numel()].view_as(leaf)
-                start += leaf.numel()
-                if source.requires_grad and source.shape[0]:
-                    targets.append(source)
-                    gradients.append(gradient[offset:offset + source.shape[0]])
+        for source, leaf, offset in pairs:
+            gradient = summed[start:start + leaf.numel()].view_as(leaf)
+            start += leaf.numel()
+            if source.shape[0]:
+                targets.append(source)
+                gradients.append(gradient[offset:offset + source.shape[0]])
         if targets:
             torch.autograd.backward(targets, gradients)
 
@@ -226,7 +230,7 @@ class PadingLoss(nn.Module):
         collective = collective or LocalCollective()
         cfg = self.config
         pairs = resolve_chunk_size(cfg.chunk_size, inputs.synthetic_seen.device)
-        chunk = pairs * self.embed_dim  # the KL and MMD pairs cost no D: blocks D times larger
+        chunk = matrix_block_pairs(pairs, self.embed_dim, len(cfg.mmd_sigmas_squared))
         n_total, u_total = int(inputs.num_seen_total), int(inputs.num_unseen_total)
         if n_total < 1:
             raise DataError("PadingLoss", "the step has no matched seen query on any worker")
@@ -332,6 +336,13 @@ class PadingLoss(nn.Module):
             total = total + cfg.disentangle_weight * regulariser
         out["total"] = total
         return out
+
+
+def matrix_block_pairs(relation_pairs: int, embed_dim: int, num_sigmas: int) -> int:
+    """Pairs per block of the alignment KL and the MMD kernels: a pair there costs no D, but
+    autograd keeps about ``3 + num_sigmas`` floats of it (an MMD kernel per bandwidth), so the
+    block holds as many floats as a relation block of ``relation_pairs`` pairs."""
+    return max(1, relation_pairs * embed_dim * RELATION_COPIES // (3 + num_sigmas))
 
 
 def relation_chunk_bytes(chunk_size: int, embed_dim: int, element_bytes: int = 4) -> int:

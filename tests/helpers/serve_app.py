@@ -81,3 +81,37 @@ def stop(force: bool = False) -> None:
     finally:
         ray.shutdown()
         _running.clear()
+
+
+def deploy_extra(app_info: dict, name: str, **serve_settings) -> str:
+    """Deploy the shared bundle again as application ``name`` at ``/<name>`` with other
+    ``serve`` settings (0 CPUs reserved, so it fits beside the shared app; its own vocabulary
+    store unless ``vocabulary_store`` is given); its URL once it answers."""
+    from ray import serve
+
+    from pading.config import load_config
+    from pipelines import serve as serve_module
+
+    settings = {"num_cpus": 0, "vocabulary_store": app_info["bundle_dir"].parent / f"vocabularies-{name}",
+                **serve_settings}
+    overrides = [f"serve.{key}={value}" for key, value in settings.items()]
+    config = load_config(app_info["bundle_dir"] / "config.yaml",
+                         [f"serve.port={app_info['config'].serve.port}", *overrides])
+    serve.run(serve_module.build_application(app_info["bundle_dir"], config.serve), name=name,
+              route_prefix=f"/{name}")
+    url = app_info["url"] + f"{name}/"
+    deadline = time.time() + READY_TIMEOUT_S
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "healthz", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}healthz did not answer")
+
+
+def remove(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)

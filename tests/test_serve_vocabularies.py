@@ -1,0 +1,213 @@
+"""Live vocabularies on a real Serve application with 2 model replicas, over HTTP: a class
+added through one replica is served by every replica, survives SIGKILL of that replica and a
+restart of the whole application; two adds at once through different replicas both land;
+named vocabularies are served side by side; bad requests get their 4xx, and a store that
+cannot be written gets 503 with nothing changed (docs/serving.md, "Vocabularies")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from helpers import serve_app
+from helpers.serve_app import deploy_extra, remove
+from helpers.tiny_bundle import EXTRA_NAMES
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+APP = "live"
+REPLICAS = {"min_replicas": 2, "max_replicas": 2, "retry_after_s": 1}
+
+
+def _png() -> bytes:
+    import io
+
+    pixels = np.random.default_rng(5).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    pytest.importorskip("ray.serve")
+    info = serve_app.start(tmp_path_factory.mktemp("serve"))
+    store = tmp_path_factory.mktemp("store") / "vocabularies"
+    url = deploy_extra(info, APP, vocabulary_store=store, **REPLICAS)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        wait_for_replicas(client, 2)
+        yield {"info": info, "url": url, "client": client, "store": store}
+    remove(APP)
+
+
+def wait_for_replicas(client: httpx.Client, count: int, exclude: str | None = None, timeout: float = 120) -> set:
+    """Poll until ``count`` distinct replicas (none of them ``exclude``) have answered."""
+    seen: set = set()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            response = client.get("/v1/classes")
+        except httpx.HTTPError:
+            response = None
+        if response is not None and response.status_code == 200:
+            replica = response.headers["x-replica"]
+            if replica != exclude:
+                seen.add(replica)
+            if len(seen) >= count:
+                return seen
+        time.sleep(0.2)
+    raise TimeoutError(f"only replicas {seen} answered within {timeout} s")
+
+
+def call(client: httpx.Client, method: str, path: str, attempts: int = 60, **kwargs) -> httpx.Response:
+    """A request retried while the endpoint answers 503 (a replica being replaced)."""
+    for _ in range(attempts):
+        response = client.request(method, path, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(float(response.headers.get("retry-after", 1)))
+    return response
+
+
+def classes(client: httpx.Client, vocabulary: str = "base") -> tuple[int, list[str], str]:
+    response = call(client, "GET", "/v1/classes", params={"vocabulary": vocabulary})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["vocabulary_version"], [c["name"] for c in body["classes"]], response.headers["x-replica"]
+
+
+def segment(client: httpx.Client, vocabulary: str = "base", task: str = "all") -> httpx.Response:
+    return call(client, "POST", "/v1/segment", params={"vocabulary": vocabulary, "task": task}, content=PNG,
+                headers={"content-type": "image/png"})
+
+
+def test_a_class_added_through_one_replica_is_known_to_every_replica(live):
+    client = live["client"]
+    added = call(client, "POST", "/v1/classes", json={"names": [EXTRA_NAMES[0]]})
+    assert added.status_code == 201, added.text
+    version = added.json()["vocabulary_version"]
+    live["added_by"] = added.headers["x-replica"]
+    replicas = set()
+    for k in range(40):
+        if k % 2:
+            seen_version, names, replica = classes(client)
+            assert EXTRA_NAMES[0] in names
+        else:
+            response = segment(client)
+            assert response.status_code == 200
+            seen_version, replica = response.json()["vocabulary_version"], response.headers["x-replica"]
+        assert seen_version >= version
+        replicas.add(replica)
+    assert len(replicas) == 2, replicas  # both replicas answered, and both knew the class
+
+
+def test_the_class_survives_sigkill_of_its_replica_and_an_application_restart(live):
+    client = live["client"]
+    victim = live.get("added_by") or classes(client)[2]
+    os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+    survivors = wait_for_replicas(client, 2, exclude=victim)
+    assert victim not in survivors
+    for _ in range(10):
+        _, names, replica = classes(client)
+        assert EXTRA_NAMES[0] in names and replica != victim
+    remove(APP)  # the whole application goes away and comes back
+    url = deploy_extra(live["info"], APP, vocabulary_store=live["store"], **REPLICAS)
+    assert url == live["url"]
+    wait_for_replicas(client, 2)
+    for _ in range(10):
+        assert EXTRA_NAMES[0] in classes(client)[1]
+
+
+def test_two_adds_at_once_through_different_replicas_both_land(live):
+    client = live["client"]
+    first, second = EXTRA_NAMES[1], EXTRA_NAMES[2]
+    for _ in range(4):
+        before = classes(client)[0]
+        with ThreadPoolExecutor(2) as pool:
+            responses = list(pool.map(lambda name: call(client, "POST", "/v1/classes", json={"names": [name]}),
+                                      (first, second)))
+        assert [r.status_code for r in responses] == [201, 201], [r.text for r in responses]
+        if responses[0].headers["x-replica"] != responses[1].headers["x-replica"]:
+            break
+        for name in (first, second):  # both went to one replica: undo and try again
+            assert call(client, "DELETE", f"/v1/classes/{name}").status_code == 200
+    else:
+        pytest.fail("both adds went to one replica every time")
+    version, names, _ = classes(client)
+    assert {first, second} <= set(names)
+    assert version == before + 2
+    assert sorted(r.json()["vocabulary_version"] for r in responses) == [before + 1, before + 2]
+
+
+def test_named_vocabularies_are_served_side_by_side(live):
+    client = live["client"]
+    spec = {"street": {"only": ["person", "car", "road"], "add": ["zebra crossing"]},
+            "farm": {"only": ["cow", "sheep", "horse", "grass-merged"], "add": []}}
+    for name, body in spec.items():
+        created = call(client, "POST", "/v1/vocabularies", json={"name": name, **body})
+        assert created.status_code == 201, created.text
+    listed = {v["name"] for v in client.get("/v1/vocabularies").json()["vocabularies"]}
+    assert {"base", "street", "farm"} <= listed
+    allowed = {name: set(body["only"]) | set(body["add"]) for name, body in spec.items()}
+
+    def check(k: int) -> str:
+        name = ("street", "farm")[k % 2]
+        if k % 3 == 0:
+            _, names, _ = classes(client, name)
+            assert set(names) == allowed[name], (name, names)
+        else:
+            response = segment(client, name)
+            assert response.status_code == 200 and response.headers["x-vocabulary"] == name
+            body = response.json()
+            found = {e["class_name"] for task in ("panoptic", "instance", "semantic") for e in body[task]}
+            assert found <= allowed[name], (name, found - allowed[name])
+        return name
+
+    with ThreadPoolExecutor(6) as pool:
+        assert set(pool.map(check, range(36))) == {"street", "farm"}
+
+
+def test_bad_vocabulary_requests_get_their_4xx(live):
+    client = live["client"]
+    assert segment(client, "nowhere").status_code == 404
+    assert client.get("/v1/classes", params={"vocabulary": "nowhere"}).status_code == 404
+    assert client.get("/v1/classes", params={"vocabulary": "../etc"}).status_code == 400
+    call(client, "POST", "/v1/vocabularies", json={"name": "twice", "only": ["person"]})
+    duplicate = client.post("/v1/vocabularies", json={"name": "twice", "only": ["car"]})
+    assert duplicate.status_code == 409 and "exists" in duplicate.json()["detail"]
+    empty = client.post("/v1/vocabularies", json={"name": "empty", "only": []})
+    assert empty.status_code == 400 and "at least one class" in empty.json()["detail"]
+    huge = client.post("/v1/vocabularies", json={"name": "huge", "add": [f"class {i}" for i in range(65)]})
+    assert huge.status_code == 400 and "at most" in huge.json()["detail"]
+    assert client.delete("/v1/vocabularies/base").status_code == 409
+    assert call(client, "DELETE", "/v1/vocabularies/twice").status_code == 200
+    assert client.get("/v1/classes", params={"vocabulary": "twice"}).status_code == 404
+
+
+def test_a_store_that_cannot_be_written_gets_503_and_changes_nothing(live):
+    client = live["client"]
+    version, names, _ = classes(client)
+    base = live["store"] / "base"
+    files = sorted(p.name for p in base.iterdir())
+    staging = base / "staging"
+    staging.rmdir()
+    staging.write_text("the staging area is not a directory")
+    try:
+        refused = client.post("/v1/classes", json={"names": [EXTRA_NAMES[3]]})
+        assert refused.status_code == 503 and "nothing was changed" in refused.json()["detail"]
+        assert "retry-after" in refused.headers
+        assert sorted(p.name for p in base.iterdir()) == files  # nothing half written
+        for _ in range(6):  # every replica still serves the version before
+            assert classes(client)[:2] == (version, names)
+    finally:
+        staging.unlink()
+    assert call(client, "POST", "/v1/classes", json={"names": [EXTRA_NAMES[3]]}).status_code == 201
