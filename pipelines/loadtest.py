@@ -4,12 +4,17 @@ mixed with garbage requests and with classes added and removed while it runs.
     python pipelines/loadtest.py --url http://127.0.0.1:8000/ --concurrency 8 --requests 200
     python pipelines/loadtest.py --url ... --image ../shared/data/coco-samples/val2017/000000142238.jpg --task semantic
     python pipelines/loadtest.py --url ... --concurrency 32 --requests 1000 --garbage 0.2 --churn "traffic cone"
+    python pipelines/loadtest.py --url ... --churn teapot --vocabularies 2   # + 2 named vocabularies
 
 Prints throughput and p50/p95/p99 latency of the good requests, the statuses of every kind
 of garbage (each must get its 4xx), the class changes made meanwhile, and whether the
-replica that answered before the run still answers after it (one JSON line with
-``--json``). Exit status 1 when any request got a 5xx or no answer, a good request failed,
-or a garbage request was not refused with a 4xx. Only local endpoints (127.0.0.1,
+replicas that answered during the run still answer after it (one JSON line with
+``--json``). With ``--vocabularies N`` the good requests cycle over the base vocabulary and N
+named ones (created if missing), and the churn adds and removes its class in each of them.
+After every change the churning client reads back (``GET /v1/classes`` and a segmentation)
+and counts a *stale read* when an answer is older than its own last write. Exit status 1 when
+any request got a 5xx or no answer, a good request failed, a garbage request was not refused
+with a 4xx, a class change failed or a read was stale. Only local endpoints (127.0.0.1,
 localhost, ::1) are accepted: this is a test tool, not a flooder.
 """
 
@@ -35,6 +40,8 @@ DEFAULT_IMAGE_SIZE = (480, 640)  # (H, W) of the generated test image
 PERCENTILES = (50, 95, 99)
 REQUEST_TIMEOUT_S = 120.0
 CHURN_PAUSE_S = 0.5
+READS_AFTER_WRITE = 2  # read-backs by the churning client after each of its changes
+LOAD_VOCABULARY = "load-{}"  # names of the named vocabularies --vocabularies creates
 
 
 def _encode(pixels: np.ndarray, image_format: str, **options) -> bytes:
@@ -96,25 +103,66 @@ def _multipart_without_file(fields: dict) -> bytes:
     return ("".join(parts) + "--x--\r\n").encode()
 
 
-def _churn(client, base: str, name: str, stop: threading.Event, log: list) -> None:
-    """Add and remove the class ``name``, again and again, until ``stop``."""
+def _churn(client, base: str, name: str, vocabularies: list[str], body: bytes, stop: threading.Event, log: list,
+           stale: list) -> None:
+    """Add and remove the class ``name`` in each vocabulary, again and again, until ``stop``;
+    after each change, read back and record (in ``stale``) any answer older than that change."""
     while not stop.is_set():
-        for method, args in (("POST", {"json": {"names": [name]}}), ("DELETE", {})):
-            try:
+        for vocabulary in vocabularies:
+            for method, args in (("POST", {"json": {"names": [name]}}), ("DELETE", {})):
                 path = "v1/classes" if method == "POST" else f"v1/classes/{name}"
-                status = client.request(method, base + path, **args).status_code
-            except Exception:  # noqa: BLE001 - a transport failure counts as a failed change
-                status = 0
-            log.append((method, status))
+                try:
+                    response = client.request(method, base + path, params={"vocabulary": vocabulary}, **args)
+                    status = response.status_code
+                except Exception:  # noqa: BLE001 - a transport failure counts as a failed change
+                    status, response = 0, None
+                log.append((method, status))
+                if response is not None and status in (200, 201):
+                    version = response.json()["vocabulary_version"]
+                    stale.extend(_read_back(client, base, vocabulary, body, version, name, present=method == "POST"))
         stop.wait(CHURN_PAUSE_S)
 
 
+def _read_back(client, base: str, vocabulary: str, body: bytes, version: int, name: str, present: bool) -> list:
+    """Reads after a write of ``version``: the problems found (older version, class missing or still there)."""
+    problems = []
+    for _ in range(READS_AFTER_WRITE):
+        try:
+            listing = client.get(base + "v1/classes", params={"vocabulary": vocabulary})
+            answer = client.post(base + "v1/segment", params={"vocabulary": vocabulary}, content=body,
+                                 headers={"content-type": "image/jpeg"})
+        except Exception:  # noqa: BLE001 - counted by the status checks of the load itself
+            continue
+        for response in (listing, answer):
+            if response.status_code == 200 and response.json()["vocabulary_version"] < version:
+                problems.append(f"{vocabulary}: version {response.json()['vocabulary_version']} after writing {version}")
+        if listing.status_code == 200:
+            names = {c["name"] for c in listing.json()["classes"]}
+            if (name in names) != present:
+                problems.append(f"{vocabulary}: {name!r} {'missing' if present else 'still listed'} at version "
+                                f"{listing.json()['vocabulary_version']} after writing {version}")
+    return problems
+
+
+def ensure_vocabularies(client, base: str, count: int) -> list[str]:
+    """``base`` plus ``count`` named vocabularies (``load-1`` ...), created when missing."""
+    names = ["base"] + [LOAD_VOCABULARY.format(k + 1) for k in range(count)]
+    existing = {v["name"] for v in client.get(base + "v1/vocabularies").json()["vocabularies"]} if count else set()
+    for name in names[1:]:
+        if name not in existing:
+            response = client.post(base + "v1/vocabularies", json={"name": name})
+            if response.status_code != 201:
+                raise RuntimeError(f"cannot create vocabulary {name!r}: {response.status_code} {response.text}")
+    return names
+
+
 def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: str, warmup: int,
-             garbage: float = 0.0, churn: str | None = None) -> dict:
-    """Send ``requests`` requests from ``concurrency`` threads: good POST /v1/segment, and a
-    ``garbage`` fraction of bad ones cycling through :func:`garbage_requests`; with
-    ``churn`` (a class name) that class is added and removed meanwhile. Latency stats (ms)
-    of the good ones; statuses of every kind."""
+             garbage: float = 0.0, churn: str | None = None, vocabularies: int = 0) -> dict:
+    """Send ``requests`` requests from ``concurrency`` threads: good POST /v1/segment (over the
+    base vocabulary and ``vocabularies`` named ones, in turn), and a ``garbage`` fraction of
+    bad ones cycling through :func:`garbage_requests`; with ``churn`` (a class name) that class
+    is added and removed in every vocabulary meanwhile, each change read back. Latency stats
+    (ms) of the good ones; statuses of every kind."""
     import httpx
 
     base = url.rstrip("/") + "/"
@@ -122,35 +170,43 @@ def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: st
     names = list(kinds)
     every = max(1, round(1 / garbage)) if garbage > 0 else 0
     plan = [names[(i // every) % len(names)] if every and i % every == every - 1 else "good" for i in range(requests)]
-    good_spec = {"path": "v1/segment", "params": {"task": task}, "content": body,
-                 "headers": {"content-type": "image/jpeg"}}
     local = threading.local()
-
-    def one(kind: str) -> tuple[str, float, int]:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
-        started = time.perf_counter()
-        try:
-            status = _send(local.client, base, kinds.get(kind, good_spec)).status_code
-        except httpx.HTTPError:
-            status = 0
-        return kind, 1000 * (time.perf_counter() - started), status
+    replicas: set = set()
 
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as control:
-        replica_before = _replica(control, base)
-        stop, churn_log = threading.Event(), []
-        churner = threading.Thread(target=_churn, args=(control, base, churn, stop, churn_log)) if churn else None
+        targets = ensure_vocabularies(control, base, vocabularies)
+        good_specs = [{"path": "v1/segment", "params": {"task": task, "vocabulary": v}, "content": body,
+                       "headers": {"content-type": "image/jpeg"}} for v in targets]
+
+        def one(item: tuple[int, str]) -> tuple[str, float, int]:
+            index, kind = item
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
+            started = time.perf_counter()
+            try:
+                response = _send(local.client, base, kinds.get(kind, good_specs[index % len(good_specs)]))
+                status = response.status_code
+                if status == 200 and "x-replica" in response.headers:
+                    replicas.add(response.headers["x-replica"])
+            except httpx.HTTPError:
+                status = 0
+            return kind, 1000 * (time.perf_counter() - started), status
+
+        before = _replicas(control, base)
+        stop, churn_log, stale = threading.Event(), [], []
+        churner = (threading.Thread(target=_churn, args=(control, base, churn, targets, body, stop, churn_log, stale))
+                   if churn else None)
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(pool.map(one, ["good"] * warmup))
+            list(pool.map(one, enumerate(["good"] * warmup)))
             if churner:
                 churner.start()
             started = time.perf_counter()
-            results = list(pool.map(one, plan))
+            results = list(pool.map(one, enumerate(plan)))
             wall = time.perf_counter() - started
         stop.set()
         if churner:
             churner.join()
-        replica_after = _replica(control, base)
+        after = _replicas(control, base)
     good = [(latency, status) for kind, latency, status in results if kind == "good"]
     latencies = np.array([latency for latency, status in good if status == 200])
     statuses = Counter(status for _, _, status in results)
@@ -160,7 +216,8 @@ def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: st
         "server_errors": sum(n for status, n in statuses.items() if status >= 500 or status == 0),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "wall_s": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 3),
-        "replica_alive": replica_before is not None and replica_after == replica_before,
+        "vocabularies": targets, "replicas": sorted(replicas | before),
+        "replica_alive": bool(before) and bool(after) and after <= (replicas | before),
     }
     if kinds:
         by_kind: dict[str, Counter] = {}
@@ -172,26 +229,33 @@ def run_load(url: str, body: bytes, *, concurrency: int, requests: int, task: st
                                        if not 400 <= status < 500)
     if churn:
         stats["class_changes"] = {f"{method} {status}": n for (method, status), n in sorted(Counter(churn_log).items())}
+        stats["stale_reads"] = len(stale)
+        stats["stale_examples"] = stale[:5]
     if latencies.size:
         stats.update({f"p{p}_ms": round(float(np.percentile(latencies, p)), 1) for p in PERCENTILES})
         stats["mean_ms"] = round(float(latencies.mean()), 1)
     return stats
 
 
-def _replica(client, base: str) -> int | None:
-    try:
-        response = client.get(base + "healthz")
-    except Exception:  # noqa: BLE001 - no answer: no replica
-        return None
-    return response.json().get("replica_pid") if response.status_code == 200 else None
+def _replicas(client, base: str, polls: int = 6) -> set:
+    """The replicas (``X-Replica``) that answer ``polls`` health checks."""
+    seen = set()
+    for _ in range(polls):
+        try:
+            response = client.get(base + "healthz")
+        except Exception:  # noqa: BLE001 - no answer: no replica
+            continue
+        if response.status_code == 200:
+            seen.add(response.json().get("replica") or str(response.json().get("replica_pid")))
+    return seen
 
 
 def failed(stats: dict) -> bool:
     """The run broke the endpoint's promise: a 5xx / no answer, a good request failing, a
-    garbage request not refused with a 4xx, a failed class change or a replaced replica."""
+    garbage request not refused with a 4xx, a failed class change, a stale read or a replaced replica."""
     churn_failed = any(not key.endswith(("200", "201")) for key in stats.get("class_changes", {}))
     return bool(stats["server_errors"] or stats["good_failed"] or stats.get("garbage_not_4xx")
-                or churn_failed or not stats["replica_alive"])
+                or churn_failed or stats.get("stale_reads") or not stats["replica_alive"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of requests that are garbage (16 kinds, each must get a 4xx), e.g. 0.2")
     parser.add_argument("--churn", nargs="?", const="traffic cone", default=None, metavar="CLASS",
                         help="add and remove a class by name while the load runs (default name: traffic cone)")
+    parser.add_argument("--vocabularies", type=int, default=0,
+                        help="also use this many named vocabularies (load-1, ...; created when missing)")
     parser.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     args = parser.parse_args(argv)
     host = urlparse(args.url).hostname
@@ -217,18 +283,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--garbage must be in [0, 1)")
     body = Path(args.image).read_bytes() if args.image else default_image()
     stats = run_load(args.url, body, concurrency=args.concurrency, requests=args.requests, task=args.task,
-                     warmup=args.warmup, garbage=args.garbage, churn=args.churn)
+                     warmup=args.warmup, garbage=args.garbage, churn=args.churn, vocabularies=args.vocabularies)
     print(f"{stats['requests']} requests ({stats['good_requests']} good), concurrency {stats['concurrency']}, "
           f"task {stats['task']}: {stats['throughput_rps']:.2f} good req/s, wall {stats['wall_s']:.1f} s")
     print(f"statuses {stats['statuses']}; 5xx or no answer: {stats['server_errors']}; good failed: "
-          f"{stats['good_failed']}; replica alive: {stats['replica_alive']}")
+          f"{stats['good_failed']}; replicas {stats['replicas']} alive: {stats['replica_alive']}; "
+          f"vocabularies {stats['vocabularies']}")
     if "p50_ms" in stats:
         print(f"latency ms: p50 {stats['p50_ms']:.1f}  p95 {stats['p95_ms']:.1f}  p99 {stats['p99_ms']:.1f}  "
               f"mean {stats['mean_ms']:.1f}")
     for kind, counts in stats.get("garbage", {}).items():
         print(f"  garbage {kind!r}: {counts}")
     if "class_changes" in stats:
-        print(f"class changes during the run: {stats['class_changes']}")
+        print(f"class changes during the run: {stats['class_changes']}; stale reads: {stats['stale_reads']} "
+              f"{stats['stale_examples']}")
     if args.json:
         print(json.dumps(stats))
     return 1 if failed(stats) else 0

@@ -211,3 +211,18 @@ def test_a_store_that_cannot_be_written_gets_503_and_changes_nothing(live):
     finally:
         staging.unlink()
     assert call(client, "POST", "/v1/classes", json={"names": [EXTRA_NAMES[3]]}).status_code == 201
+
+
+def test_load_with_class_churn_over_two_replicas_and_two_named_vocabularies(live):
+    from pipelines import loadtest
+
+    if "teapot" in classes(live["client"])[1]:  # an earlier test added it to the base vocabulary
+        assert call(live["client"], "DELETE", "/v1/classes/teapot").status_code == 200
+    stats = loadtest.run_load(live["url"], PNG, concurrency=6, requests=48, task="panoptic", warmup=2,
+                              churn="teapot", vocabularies=2)
+    assert stats["server_errors"] == 0 and stats["good_failed"] == 0, stats["statuses"]
+    assert stats["stale_reads"] == 0, stats["stale_examples"]
+    assert stats["vocabularies"] == ["base", "load-1", "load-2"] and len(stats["replicas"]) == 2
+    changes = stats["class_changes"]
+    assert changes.get("POST 201", 0) >= 3 and set(changes) <= {"POST 201", "DELETE 200"}, changes
+    assert not loadtest.failed(stats)
