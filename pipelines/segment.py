@@ -3,11 +3,13 @@
     python pipelines/segment.py --bundle outputs/demo/generator/bundle --input photos/ --output out/
         [--format parquet|coco-panoptic|coco-instance|semantic] [--task panoptic|instance|semantic|all]
         [--add-classes "teapot,lamp post"] [--add-classes-file names.txt] [--only-classes "person,teapot"]
-        [--overlays] [--concurrency N] [--num-gpus G] [--shard-size S] [--config F] [--set k=v] [--force]
+        [--vocabulary NAME [--vocabulary-store DIR]] [--overlays] [--concurrency N] [--num-gpus G] [--shard-size S] [--config F] [--set k=v] [--force]
 
 ``--input``: a folder (recursive), a glob, a text file of paths, a Parquet/CSV file with a
 column of paths (``--input-column``), local or any pyarrow file system URI (s3://, gs://...).
 ``--bundle``: a bundle directory or an MLflow ``runs:/<id>/bundle`` / ``models:/...`` URI.
+``--vocabulary``: a named vocabulary of the endpoint's vocabulary store, at its newest version,
+so a collection is segmented with exactly the classes the endpoint serves for it.
 
 Ray Data ``map_batches`` with an actor pool holding the model runs one shard of images per
 task; a shard's files appear only once complete, so a rerun skips finished shards and adds
@@ -27,9 +29,10 @@ from pathlib import Path
 
 from pading.classes import ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig, load_config
-from pading.errors import PadingError
+from pading.errors import ConfigError, PadingError
 from pading.serving import batch
 from pading.serving.inputs import list_inputs
+from pading.serving.vocabularies import default_store
 from pipelines import common
 
 logger = logging.getLogger("pipelines.segment")
@@ -62,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--add-classes", default=None, help='class names to add, comma separated: "teapot,lamp post"')
     parser.add_argument("--add-classes-file", default=None, help="class names to add, one per line")
     parser.add_argument("--only-classes", default=None, help="keep only segments of these classes (comma separated)")
+    parser.add_argument("--vocabulary", default=None,
+                        help="a named vocabulary of the endpoint's store: exactly the classes the endpoint serves "
+                             "for vocabulary=NAME (docs/serving.md)")
+    parser.add_argument("--vocabulary-store", default=None,
+                        help="the vocabulary store (default: serve.vocabulary_store, else next to the bundle)")
     parser.add_argument("--overlays", action="store_true", help="also write overlays/<image_id>.png")
     parser.add_argument("--input-column", default=None, help="column of paths in a Parquet/CSV input (default: path)")
     parser.add_argument("--concurrency", type=int, default=None, help="actors holding the model (segment.concurrency)")
@@ -92,14 +100,26 @@ def run(args: argparse.Namespace) -> dict:
                               batch.read_class_file(args.add_classes_file) if args.add_classes_file else [])
     only = batch.parse_class_names(args.only_classes)
     source_table = ClassTable.from_records(json.loads((source / "classes.json").read_text()))
+    named = visible = vocabulary = None
+    if args.vocabulary:
+        if added:
+            raise ConfigError("--vocabulary and --add-classes: add the classes to the vocabulary through the endpoint "
+                              "(POST /v1/classes?vocabulary=NAME), so both use the same ones")
+        store = default_store(args.bundle, source, args.vocabulary_store or config.serve.vocabulary_store)
+        named, version, visible = batch.vocabulary_state(source, config, store, args.vocabulary)
+        source_table = named.table
+        vocabulary = {"name": args.vocabulary, "version": version, "store": str(store)}
+        logger.info("segment: vocabulary %r version %d from %s", args.vocabulary, version, store)
     preview = batch.preview_table(source_table, added)  # names already known stop here
     if only:
         batch.select_classes(preview, only)  # and unknown ones here, before the output is touched
     spec = batch.job_spec(bundle=batch.bundle_fingerprint(source), add_classes=added, only_classes=only, task=task,
-                          paths=paths, shard_size=settings.shard_size, config=config)
+                          paths=paths, shard_size=settings.shard_size, config=config, vocabulary=vocabulary)
     resume = batch.check_output(output, spec, args.force)
-    table = batch.prepare_bundle(source, output, config, added, reuse=resume)
+    table = batch.prepare_bundle(source, output, config, added, reuse=resume, bundle=named)
     only_ids = batch.select_classes(table, only) if only else None
+    if visible is not None:  # a named vocabulary's classes only, like the endpoint's answers
+        only_ids = [i for i in (only_ids or visible) if i in set(visible)]
     categories = batch.coco_categories(table)
     batch.write_json_atomic(output / "categories.json", categories)
     batch.write_json_atomic(output / batch.JOB_FILE, spec)

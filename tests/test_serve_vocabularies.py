@@ -226,3 +226,37 @@ def test_load_with_class_churn_over_two_replicas_and_two_named_vocabularies(live
     changes = stats["class_changes"]
     assert changes.get("POST 201", 0) >= 3 and set(changes) <= {"POST 201", "DELETE 200"}, changes
     assert not loadtest.failed(stats)
+
+
+def test_segment_py_uses_the_same_named_vocabulary(live, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import ray
+
+    client = live["client"]
+    trained = [c["name"] for c in client.get("/v1/classes").json()["classes"] if not c["added"]]
+    spec = {"name": "segment-job", "only": trained[::2], "add": ["zebra crossing"]}
+    assert call(client, "POST", "/v1/vocabularies", json=spec).status_code == 201
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(3):
+        (images / f"{k}.png").write_bytes(PNG)
+    output = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(serve_app.REPO), RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "pipelines/segment.py", "--bundle", str(live["info"]["bundle_dir"]),
+                           "--vocabulary", "segment-job", "--vocabulary-store", str(live["store"]),
+                           "--input", str(images), "--output", str(output), "--task", "all"],
+                          cwd=serve_app.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = json.loads((output / "job.json").read_text())
+    assert job["vocabulary"]["name"] == "segment-job" and job["vocabulary"]["version"] == 1
+    import pyarrow.parquet as pq
+
+    segments = pq.read_table(output / "segments.parquet").to_pylist()
+    allowed = set(spec["only"]) | set(spec["add"])
+    assert segments and {row["class_name"] for row in segments} <= allowed
+    unfiltered = segment(client, "base").json()  # the same image in the base vocabulary has other classes too
+    assert {e["class_name"] for task in ("panoptic", "instance", "semantic") for e in unfiltered[task]} - allowed

@@ -198,12 +198,14 @@ def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
 
 
 def job_spec(*, bundle: str, add_classes: Sequence[str], only_classes: Sequence[str], task: str, paths: Sequence[str],
-             shard_size: int, config: ExperimentConfig) -> dict:
-    """What an output directory's results depend on (``job.json``)."""
+             shard_size: int, config: ExperimentConfig, vocabulary: dict | None = None) -> dict:
+    """What an output directory's results depend on (``job.json``); ``vocabulary``: the named
+    vocabulary and version used, if any."""
     listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     settings = config.segment
     return {
         "bundle": bundle, "add_classes": list(add_classes), "only_classes": list(only_classes), "task": task,
+        "vocabulary": vocabulary,
         "inputs": {"count": len(paths), "sha256": listing}, "shard_size": int(shard_size),
         "min_score": float(settings.min_score), "inference": dict(vars(config.inference)),
         "limits": {"max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels},
@@ -262,16 +264,27 @@ def write_json_atomic(path: Path, data, compact: bool = False) -> None:
     tmp.replace(path)
 
 
+def vocabulary_state(source: str | os.PathLike, config: ExperimentConfig, store_dir: str | os.PathLike, name: str):
+    """The named vocabulary ``name`` of the store at ``store_dir`` over the bundle ``source``,
+    exactly as the endpoint serves it: ``(bundle, version, visible class ids or None)``."""
+    from pading.serving.vocabularies import VocabularyStore
+
+    service = SegmentationService(Bundle.load(source), config.serve, store=VocabularyStore(store_dir), vocabulary=name)
+    state = service.sync(force=True)
+    return state.bundle, state.version, (None if state.visible is None else sorted(state.visible))
+
+
 def prepare_bundle(source: str | os.PathLike, output: Path, config: ExperimentConfig, add_classes: Sequence[str],
-                   reuse: bool) -> ClassTable:
-    """The bundle the workers load, ``<output>/bundle/``: ``source`` with ``config`` (the
-    effective settings) and ``add_classes`` added once (things, fitted here). When
-    ``reuse`` and it exists, it is kept as it is. Returns its vocabulary."""
+                   reuse: bool, bundle: Bundle | None = None) -> ClassTable:
+    """The bundle the workers load, ``<output>/bundle/``: ``source`` (or ``bundle``, e.g. a
+    named vocabulary's) with ``config`` (the effective settings) and ``add_classes`` added
+    once (things, fitted here). When ``reuse`` and it exists, it is kept as it is. Returns its
+    vocabulary."""
     target = Path(output) / BUNDLE_DIR
     if reuse and (target / "classifier.json").is_file():
         logger.info("vocabulary: reusing %s", target)
         return ClassTable.from_records(json.loads((target / "classes.json").read_text()))
-    bundle = Bundle.load(source)
+    bundle = bundle if bundle is not None else Bundle.load(source)
     bundle.config = config
     if add_classes:
         service = SegmentationService(bundle, config.serve)
