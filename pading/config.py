@@ -436,7 +436,8 @@ class ServeConfig:
     fit_per_class: int = 16  # synthetic embeddings per chosen class and step
     fit_batch_size: int = 512  # real reference embeddings per step
     # Where vocabulary changes are kept (docs/serving.md, "Vocabularies"): a directory every replica's node
-    # sees. None: "vocabularies" next to a bundle directory; for a bundle from MLflow (runs:/, models:/),
+    # sees, or "mlflow" (the tracking server). None: "vocabularies" next to a bundle directory; for a bundle
+    # from MLflow (runs:/, models:/), the tracking server when it is one (http/https), else
     # ~/.pading/vocabularies/<run id or model name/version>, which only one machine sees: set it on a cluster.
     vocabulary_store: Optional[str] = None
     # A replica checks the store for a newer version before answering when its last check is older than this

@@ -32,7 +32,7 @@ from pading.config import SEGMENT_FORMATS, ExperimentConfig, load_config
 from pading.errors import ConfigError, PadingError
 from pading.serving import batch
 from pading.serving.inputs import list_inputs
-from pading.serving.vocabularies import default_store
+from pading.serving.vocabularies import default_store, open_store, store_key
 from pipelines import common
 
 logger = logging.getLogger("pipelines.segment")
@@ -105,11 +105,15 @@ def run(args: argparse.Namespace) -> dict:
         if added:
             raise ConfigError("--vocabulary and --add-classes: add the classes to the vocabulary through the endpoint "
                               "(POST /v1/classes?vocabulary=NAME), so both use the same ones")
-        store = default_store(args.bundle, source, args.vocabulary_store or config.serve.vocabulary_store)
+        from pading.run import tracking
+
+        uri = tracking.tracking_uri(config.tracking) if store_key(args.bundle) else None
+        spec = default_store(args.bundle, source, args.vocabulary_store or config.serve.vocabulary_store, uri)
+        store = open_store(spec, uri, store_key(args.bundle) or "bundle")
         named, version, visible = batch.vocabulary_state(source, config, store, args.vocabulary)
         source_table = named.table
-        vocabulary = {"name": args.vocabulary, "version": version, "store": str(store)}
-        logger.info("segment: vocabulary %r version %d from %s", args.vocabulary, version, store)
+        vocabulary = {"name": args.vocabulary, "version": version, "store": str(store.root)}
+        logger.info("segment: vocabulary %r version %d from %s", args.vocabulary, version, store.root)
     preview = batch.preview_table(source_table, added)  # names already known stop here
     if only:
         batch.select_classes(preview, only)  # and unknown ones here, before the output is touched

@@ -61,7 +61,7 @@ from pading.serving.service import (
     resolve_batching,
     segment_counts,
 )
-from pading.serving.vocabularies import BASE, check_name, default_store
+from pading.serving.vocabularies import BASE, check_name, default_store, open_store, store_key
 from pipelines import common
 from pipelines.common import MLFLOW_SCHEMES, resolve_bundle  # noqa: F401 - re-exported (moved to common)
 
@@ -184,18 +184,18 @@ class ModelDeployment:
     so any replica answers with the newest version. Called by the HTTP front
     (:class:`SegmentationDeployment`) through a handle."""
 
-    def __init__(self, bundle_dir: str, serve_config: dict, store_dir: str):
+    def __init__(self, bundle_dir: str, serve_config: dict, store_spec: str, tracking_uri: str | None = None,
+                 store_key_: str = "bundle"):
         import torch
 
         from pading.serving.bundle import Bundle
-        from pading.serving.vocabularies import VocabularyStore
 
         common.setup_logging()
         self.config: ServeConfig = from_dict(ServeConfig, serve_config, prefix="serve")
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         device = "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.trained = Bundle.load(bundle_dir, map_location=device)
-        self.store = VocabularyStore(store_dir)
+        self.store = open_store(store_spec, tracking_uri, store_key_)
         self.service = SegmentationService(self.trained, self.config, store=self.store)
         self.batching = resolve_batching(self.config.batching, device)
         self._segment_batch.set_max_batch_size(self.config.max_batch_size)
@@ -212,7 +212,7 @@ class ModelDeployment:
         self._publish(self.service)
         logger.info("model replica %s ready: %s on %s, batching %s (serve.batching=%s), vocabularies in %s",
                     self.replica, bundle_dir, device, "on" if self.batching else "off", self.config.batching,
-                    store_dir)
+                    self.store.root)
 
     def _publish(self, service: SegmentationService) -> None:
         state = service.state
@@ -473,12 +473,15 @@ class SegmentationDeployment:
 # ---- building and deploying -------------------------------------------------------------
 
 
-def build_application(bundle_dir: str | Path, config: ServeConfig, reference: str | None = None):
+def build_application(bundle_dir: str | Path, config: ServeConfig, reference: str | None = None,
+                      tracking_uri: str | None = None):
     """The Serve application over a local bundle directory: the HTTP front (no CPUs
     reserved) and the model deployment, with autoscaling, resources, backpressure and
     health checking from ``config``; the vocabulary store is ``serve.vocabulary_store``, else
     the default for the bundle ``reference`` (a directory or an MLflow URI, docs/serving.md)."""
-    store_dir = default_store(reference or str(bundle_dir), bundle_dir, config.vocabulary_store)
+    reference = reference or str(bundle_dir)
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    store_spec = default_store(reference, bundle_dir, config.vocabulary_store, tracking_uri)
     model = ModelDeployment.options(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
@@ -495,7 +498,8 @@ def build_application(bundle_dir: str | Path, config: ServeConfig, reference: st
         max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
     )
-    return front.bind(model.bind(str(bundle_dir), to_dict(config), str(store_dir)), to_dict(config))
+    return front.bind(model.bind(str(bundle_dir), to_dict(config), store_spec, tracking_uri,
+                                 store_key(reference) or "bundle"), to_dict(config))
 
 
 def app(args: dict):
@@ -510,7 +514,7 @@ def app(args: dict):
     overrides = [f"{key if '.' in key else 'serve.' + key}={value}" for key, value in args.items()]
     bundle_dir = resolve_bundle(reference, load_config(config_path) if config_path else None)
     config = load_config(config_path or bundle_dir / "config.yaml", overrides)
-    return build_application(bundle_dir, config.serve, reference)
+    return build_application(bundle_dir, config.serve, reference, _tracking_uri(config, reference))
 
 
 build_app = app
@@ -526,13 +530,22 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
         config.ray.local_cpus = num_cpus
     common.init_ray(config)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(bundle_path, settings, str(bundle_dir)), name=APP_NAME,
-              route_prefix=settings.route_prefix)
+    serve.run(build_application(bundle_path, settings, str(bundle_dir), _tracking_uri(config, str(bundle_dir))),
+              name=APP_NAME, route_prefix=settings.route_prefix)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}/"
     logger.info("serving %s at %s (OpenAPI: %sdocs)", bundle_path, url, url)
     if blocking:
         block_until_interrupted()
     return url
+
+
+def _tracking_uri(config: ExperimentConfig, reference: str) -> str | None:
+    """The MLflow tracking URI that an MLflow bundle reference resolves against (None otherwise)."""
+    if not str(reference).startswith(MLFLOW_SCHEMES):
+        return None
+    from pading.run import tracking
+
+    return tracking.tracking_uri(config.tracking)
 
 
 def block_until_interrupted() -> None:

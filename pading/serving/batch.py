@@ -264,12 +264,10 @@ def write_json_atomic(path: Path, data, compact: bool = False) -> None:
     tmp.replace(path)
 
 
-def vocabulary_state(source: str | os.PathLike, config: ExperimentConfig, store_dir: str | os.PathLike, name: str):
-    """The named vocabulary ``name`` of the store at ``store_dir`` over the bundle ``source``,
-    exactly as the endpoint serves it: ``(bundle, version, visible class ids or None)``."""
-    from pading.serving.vocabularies import VocabularyStore
-
-    service = SegmentationService(Bundle.load(source), config.serve, store=VocabularyStore(store_dir), vocabulary=name)
+def vocabulary_state(source: str | os.PathLike, config: ExperimentConfig, store, name: str):
+    """The named vocabulary ``name`` of ``store`` (:mod:`pading.serving.vocabularies`) over the
+    bundle ``source``, exactly as the endpoint serves it: ``(bundle, version, visible class ids or None)``."""
+    service = SegmentationService(Bundle.load(source), config.serve, store=store, vocabulary=name)
     state = service.sync(force=True)
     return state.bundle, state.version, (None if state.visible is None else sorted(state.visible))
 

@@ -14,6 +14,10 @@ reads (the run's storage: a local disk for one machine, NFS/EFS/Lustre for a clu
     <root>/<name>/v000000001-<token>.safetensors   its tensors: class semantics, classifier rows
     <root>/<name>/staging/                      files being written
 
+:class:`MlflowVocabularyStore` keeps the same chains on an MLflow tracking server
+(``serve.vocabulary_store: mlflow``), with the model registry's unique names as the
+compare-and-swap.
+
 A change is committed by compare-and-swap: its tensors are written and flushed under a
 unique name first, then its record is hard-linked to the next version's name, which fails if
 another writer took that version first (``os.link`` is atomic on POSIX file systems and NFS).
@@ -70,20 +74,30 @@ class UnknownVocabularyError(DataError):
     """A vocabulary name the store does not hold (HTTP 404)."""
 
 
-def default_store(reference: str, bundle_dir: str | Path, setting: Optional[str] = None) -> Path:
-    """Where a bundle's vocabularies live: ``setting`` (``serve.vocabulary_store``) when given;
-    for a bundle directory, ``vocabularies`` next to it (the run's storage); for an MLflow
-    bundle (``runs:/<id>/...``, ``models:/<name>/<version>``), which has no directory of its
-    own, ``~/.pading/vocabularies/<run id or model name/version>`` (one machine's disk: set
-    ``serve.vocabulary_store`` to shared storage on a cluster)."""
+def default_store(reference: str, bundle_dir: str | Path, setting: Optional[str] = None,
+                  tracking_uri: Optional[str] = None) -> str:
+    """Where a bundle's vocabularies live (a directory, or ``mlflow``): ``setting``
+    (``serve.vocabulary_store``) when given; for a bundle directory, ``vocabularies`` next to
+    it (the run's storage); for an MLflow bundle (``runs:/<id>/...``, ``models:/<name>/<version>``),
+    which has no directory of its own, the MLflow server when ``tracking_uri`` is one (http/https),
+    else ``~/.pading/vocabularies/<run id or model name/version>`` (one machine's disk: set
+    ``serve.vocabulary_store`` on a cluster)."""
     if setting:
-        return Path(setting).expanduser()
-    reference = str(reference)
+        return setting if setting == MLFLOW_STORE else str(Path(setting).expanduser())
+    key = store_key(reference)
+    if key is None:
+        return str(Path(bundle_dir).resolve().parent / "vocabularies")
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return MLFLOW_STORE
+    return str(Path("~/.pading/vocabularies").expanduser() / key)
+
+
+def store_key(reference: str) -> Optional[str]:
+    """The MLflow bundle ``reference``'s run id or model name/version as a file-safe key (None: not MLflow)."""
     for scheme in ("runs:/", "models:/", "mlflow-artifacts:/"):
-        if reference.startswith(scheme):
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", reference[len(scheme):].strip("/")) or "bundle"
-            return Path("~/.pading/vocabularies").expanduser() / key
-    return Path(bundle_dir).resolve().parent / "vocabularies"
+        if str(reference).startswith(scheme):
+            return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(reference)[len(scheme):].strip("/")) or "bundle"
+    return None
 
 
 def check_name(name: str) -> str:
@@ -244,6 +258,167 @@ class VocabularyStore:
         change.version, change.created = version, created
         logger.info("vocabulary %r: committed version %d (%s)", name, version, change.kind)
         return change
+
+
+class MlflowVocabularyStore:
+    """The same chains kept by an MLflow tracking server (``serve.vocabulary_store: mlflow``).
+
+    A version is claimed by creating the registered model ``pading-vocabulary.<key>.<name>.v<N>``
+    in the server's model registry; the registry refuses a name that exists, which is the
+    compare-and-swap. The change's tensors are logged first, as artifacts of a run of the
+    experiment ``pading-vocabularies``; the registered model's description holds the record
+    and where its tensors are. ``key`` names the bundle (its run id, or model name/version).
+    """
+
+    PREFIX = "pading-vocabulary"
+    EXPERIMENT = "pading-vocabularies"
+
+    def __init__(self, tracking_uri: str, key: str):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.key = re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-") or "bundle"
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.root = f"mlflow:{tracking_uri}#{self.key}"
+        self._run_id: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"MlflowVocabularyStore({self.tracking_uri!r}, {self.key!r})"
+
+    def _prefix(self, name: str) -> str:
+        return f"{self.PREFIX}.{self.key}.{check_name(name)}.v"
+
+    def _search(self, prefix: str) -> list:
+        """Registered models whose name starts with ``prefix`` (LIKE's wildcards filtered out here)."""
+        from mlflow.exceptions import MlflowException
+
+        found, token = [], None
+        try:
+            while True:
+                page = self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000,
+                                                            page_token=token)
+                found.extend(m for m in page if m.name.startswith(prefix))
+                token = page.token
+                if not token:
+                    return found
+        except MlflowException as err:
+            raise StoreUnavailableError(f"vocabulary store {self.root} cannot be read: {err}") from None
+
+    def _versions(self, name: str) -> list[int]:
+        prefix = self._prefix(name)
+        return sorted(int(m.name[len(prefix):]) for m in self._search(prefix) if m.name[len(prefix):].isdigit())
+
+    def latest(self, name: str) -> int:
+        versions = self._versions(name)
+        return versions[-1] if versions else 0
+
+    def changes(self, name: str, after: int = 0) -> list[Change]:
+        return [self._read(name, v) for v in self._versions(name) if v > after]
+
+    def _read(self, name: str, version: int) -> Change:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            record = json.loads(self.client.get_registered_model(f"{self._prefix(name)}{version:09d}").description)
+            arrays = {}
+            if record.get("tensors"):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=record["tensors"],
+                                                            tracking_uri=self.tracking_uri)
+                arrays = {k: v.numpy() for k, v in load_file(local).items()}
+        except (MlflowException, OSError, ValueError) as err:
+            raise StoreUnavailableError(f"vocabulary store {self.root}: version {version} of {name!r} cannot be read: "
+                                        f"{err}") from None
+        return Change(kind=record["kind"], classes=record.get("classes", []), removed=record.get("removed", []),
+                      only=record.get("only"), version=version, created=float(record.get("created", 0.0)),
+                      semantics=arrays.get("semantics"), weight=arrays.get("weight"), bias=arrays.get("bias"))
+
+    def names(self) -> dict[str, int]:
+        prefix = f"{self.PREFIX}.{self.key}."
+        latest: dict[str, int] = {}
+        for model in self._search(prefix):
+            name, _, version = model.name[len(prefix):].rpartition(".v")
+            if version.isdigit() and NAME_PATTERN.match(name):
+                latest[name] = max(latest.get(name, 0), int(version))
+        out = {BASE: latest.pop(BASE, 0)}
+        for name in sorted(latest):
+            if self._read(name, latest[name]).kind != "delete":
+                out[name] = latest[name]
+        return out
+
+    def exists(self, name: str) -> bool:
+        if name == BASE:
+            return True
+        versions = self._versions(name)
+        return bool(versions) and self._read(name, versions[-1]).kind != "delete"
+
+    def _artifact_run(self) -> str:
+        """This process's run for change tensors (created on first use)."""
+        if self._run_id is None:
+            experiment = self.client.get_experiment_by_name(self.EXPERIMENT)
+            if experiment is None:
+                try:
+                    location = None
+                    if self.tracking_uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside it
+                        location = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+                    self.client.create_experiment(self.EXPERIMENT, artifact_location=location)
+                except Exception:  # noqa: BLE001 - created meanwhile by another replica
+                    pass
+                experiment = self.client.get_experiment_by_name(self.EXPERIMENT)
+            run = self.client.create_run(experiment.experiment_id, run_name=f"{self.key}-{os.getpid()}",
+                                         tags={"pading.vocabularies": self.key})
+            self._run_id = run.info.run_id
+        return self._run_id
+
+    def commit(self, name: str, expected: int, change: Change) -> Change:
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        if change.kind not in KINDS:
+            raise DataError("vocabulary change", f"unknown kind {change.kind!r}")
+        version = expected + 1
+        created = time.time()
+        record = {"kind": change.kind, "version": version, "created": created, "classes": change.classes,
+                  "removed": change.removed, "only": change.only, "tensors": None,
+                  "writer": f"{os.uname().nodename}:{os.getpid()}"}
+        try:
+            tensors = change.tensors()
+            if tensors:
+                folder = f"{check_name(name)}/v{version:09d}-{uuid.uuid4().hex[:12]}"
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_file(tensors, str(Path(tmp) / "tensors.safetensors"))
+                    run_id = self._artifact_run()
+                    self.client.log_artifacts(run_id, tmp, artifact_path=folder)
+                record["tensors"] = f"runs:/{run_id}/{folder}/tensors.safetensors"
+            self.client.create_registered_model(f"{self._prefix(name)}{version:09d}",  # the commit
+                                                tags={"kind": change.kind}, description=json.dumps(record))
+        except MlflowException as err:
+            if getattr(err, "error_code", "") == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(err):
+                raise VersionTakenError(f"version {version} of vocabulary {name!r} was committed by another writer") \
+                    from None
+            raise StoreUnavailableError(f"vocabulary store {self.root} cannot be written ({err}); nothing was "
+                                        "changed") from None
+        except OSError as err:
+            raise StoreUnavailableError(f"vocabulary store {self.root} cannot be written ({err}); nothing was "
+                                        "changed") from None
+        change.version, change.created = version, created
+        logger.info("vocabulary %r: committed version %d (%s) to %s", name, version, change.kind, self.root)
+        return change
+
+
+MLFLOW_STORE = "mlflow"
+
+
+def open_store(spec: str | Path, tracking_uri: Optional[str] = None, key: str = "bundle"):
+    """The store ``spec`` names: ``mlflow`` (the MLflow server at ``tracking_uri``, chains of
+    bundle ``key``) or a directory."""
+    if str(spec) == MLFLOW_STORE:
+        if not tracking_uri:
+            raise DataError("serve.vocabulary_store", "mlflow needs a tracking URI (tracking.tracking_uri or "
+                            "MLFLOW_TRACKING_URI)")
+        return MlflowVocabularyStore(tracking_uri, key)
+    return VocabularyStore(spec)
 
 
 def _fsync(path: Path) -> None:
