@@ -3,8 +3,9 @@
 - a short version of ``python pipelines/full.py --config configs/lvis_synthetic.yaml``: every
   stage and the LVIS evaluation over the 1,203 LVIS classes;
 - past LVIS: the generator stage (Ray Train) over the LVIS names plus the ImageNet-21k names
-  (> 20,000 classes, ``vocabulary.extra_unseen=imagenet21k``) with 1 and with 2 workers, and
-  the resulting bundle answering through the endpoint's service and ``pipelines/segment.py``;
+  (> 20,000 classes, ``vocabulary.extra_unseen=imagenet21k``) on 2 workers (the short run above
+  is the 1-worker generator stage; README "Large vocabularies" times both at 22,325 classes),
+  and the resulting bundle answering through the endpoint's service and ``pipelines/segment.py``;
 - a chunk size that cannot fit is refused before any work.
 """
 
@@ -22,8 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "lvis_synthetic.yaml"
-SHORT = ["--set", "data.synthetic.num_train=160", "--set", "data.synthetic.num_val=40",
-         "--set", "pretrain.iterations=60", "--set", "pretrain.checkpoint_every=60",
+SHORT = ["--set", "data.synthetic.num_train=120", "--set", "data.synthetic.num_val=30",
+         "--set", "pretrain.iterations=40", "--set", "pretrain.checkpoint_every=40",
          "--set", "generator_training.iterations=20", "--set", "generator_training.checkpoint_every=20",
          "--set", "generator.num_primitives=32"]
 PAST_LVIS = ["--set", "vocabulary.extra_unseen=imagenet21k", "--set", "generator_training.iterations=4",
@@ -66,21 +67,18 @@ def test_every_stage_runs_over_the_1203_lvis_classes(lvis_run):
 
 @pytest.fixture(scope="module")
 def past_lvis(lvis_run) -> dict:
-    """The generator stage over > 20,000 classes, on 1 and then 2 Ray Train workers."""
-    runs = {}
-    for workers in (1, 2):
-        proc = _run(["pipelines/train_generator.py", "--config", str(CONFIG), "--output", str(lvis_run["output"]),
-                     "--force", *SHORT, *PAST_LVIS, "--set", f"ray.generator_workers={workers}",
-                     "--set", f"ray.num_workers={workers}"], lvis_run["tmp"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[workers] = json.loads(proc.stdout[proc.stdout.index("{"):])
-    return {"runs": runs, "bundle": lvis_run["output"] / "generator" / "bundle"}
+    """The generator stage over > 20,000 classes on 2 Ray Train workers."""
+    proc = _run(["pipelines/train_generator.py", "--config", str(CONFIG), "--output", str(lvis_run["output"]),
+                 "--force", *SHORT, *PAST_LVIS, "--set", "ray.generator_workers=2"], lvis_run["tmp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"run": json.loads(proc.stdout[proc.stdout.index("{"):]),
+            "bundle": lvis_run["output"] / "generator" / "bundle"}
 
 
-def test_the_generator_stage_trains_over_20000_classes_on_one_and_two_workers(past_lvis):
+def test_the_generator_stage_trains_over_20000_classes_on_two_workers(past_lvis):
     from pading.run import read_history
 
-    assert len(past_lvis["runs"][1]["workers"]) == 1 and len(past_lvis["runs"][2]["workers"]) == 2
+    assert len(past_lvis["run"]["workers"]) == 2
     classes = json.loads((past_lvis["bundle"] / "classes.json").read_text())
     assert len(classes) > 20000 and sum(c["added"] for c in classes) > 19000
     history = read_history(past_lvis["bundle"].parent / "history.jsonl")
