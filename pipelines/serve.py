@@ -249,9 +249,18 @@ class ModelDeployment:
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _segment_batch(self, items: list) -> list:
-        service = await self._service()  # a batch holds one vocabulary's requests (Serve splits by model id)
-        return await asyncio.to_thread(self._segment_items, service, items)
+    async def _segment_batch(self, entries: list) -> list:
+        """entries: (service, item) pairs; each vocabulary's items are segmented together."""
+        results: list = [None] * len(entries)
+        groups: dict[int, list[int]] = {}
+        for position, (service, _) in enumerate(entries):
+            groups.setdefault(id(service), []).append(position)
+        for positions in groups.values():
+            service = entries[positions[0]][0]
+            answers = await asyncio.to_thread(self._segment_items, service, [entries[k][1] for k in positions])
+            for k, answer in zip(positions, answers):
+                results[k] = answer
+        return results
 
     def _tag(self, result: dict) -> dict:
         return {**result, "replica": self.replica}
@@ -262,7 +271,7 @@ class ModelDeployment:
         image = await asyncio.to_thread(service.decode, data)
         item = (image, task, output_format, min_score)
         if self.batching:
-            result = await self._segment_batch(item)
+            result = await self._segment_batch((service, item))
         else:
             (result,) = await asyncio.to_thread(self._segment_items, service, [item])
         if isinstance(result, Exception):

@@ -22,7 +22,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 APP = "live"
-REPLICAS = {"min_replicas": 2, "max_replicas": 2, "retry_after_s": 1}
+# batching on: a batch may hold requests of several vocabularies, each must get its own
+REPLICAS = {"min_replicas": 2, "max_replicas": 2, "retry_after_s": 1, "batching": "on", "batch_wait_timeout_s": 0.05}
 
 
 def _png() -> bytes:
