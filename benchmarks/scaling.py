@@ -78,7 +78,7 @@ def main() -> None:
             rows.append((f"extraction images/s ({images} images, steady state: each actor's first shard to last)",
                          actors, info["steady_images_per_second"], info["seconds"]))
     for workers in (1, 2) if "generator" in wanted else ():
-        config.ray.num_workers = workers
+        config.ray.num_workers = config.ray.generator_workers = workers  # no auto choice: measure both
         info = train_generator.run(config, output, force=True)
         rows.append(("generator iterations/s (12 images x 16 queries a step)", workers,
                      rate(read_history(RunLayout(output).history("generator"))), info["seconds"]))
