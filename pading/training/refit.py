@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pading.config import GeneratorTrainingConfig
@@ -120,10 +119,13 @@ def fit_added_classes(
     leaves the logits of every existing class unchanged.
 
     The same batches as :func:`fit_classifier` (same seed, same draws) and the same weighted
-    cross-entropy over all C+1 logits, but the frozen logits of the real embeddings are
-    computed once, so a step costs O(batch x added x D) plus O(synthetic x C x D) instead of
-    a forward and backward pass of every row over the batch: with C = 10,000 classes that is
-    most of the time of adding a class (benchmarks/vocab_scaling.py, docs/lvis.md).
+    cross-entropy over all C+1 logits, computed without the (rows, C+1) logits: with the
+    frozen rows fixed, a row's cross-entropy is logaddexp(lse_frozen, lse(added logits)) minus
+    its target's logit, and the frozen part (the log-sum-exp over the T+1 frozen logits, and the
+    frozen target's logit) is computed once for the real embeddings. A step then costs
+    O(batch x added x D) plus O(synthetic x C x D), and memory holds two numbers per reference
+    row, not C+1: adding a class at 20,000 classes stays within seconds
+    (benchmarks/vocab_scaling.py, docs/lvis.md).
 
     Args:
         classifier: the expanded classifier (C classes + no object); its added rows are
@@ -144,26 +146,44 @@ def fit_added_classes(
     frozen = torch.cat([torch.arange(num_trained), torch.tensor([num_classes])]).to(weight.device)  # old + no object
     frozen_weight, frozen_bias = weight.detach()[frozen], bias.detach()[frozen]  # (T+1, D), (T+1,)
     added = nn.Linear(classifier.embed_dim, num_classes - num_trained).to(weight.device)
+
+    def frozen_terms(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-sum-exp of the frozen logits (n,), the frozen logit of each target (n,); 0 for an added target)."""
+        logits = features @ frozen_weight.t() + frozen_bias  # (n, T+1)
+        is_frozen = (targets < num_trained) | (targets == num_classes)
+        column = torch.where(targets == num_classes, torch.full_like(targets, num_trained), targets)
+        column = torch.where(is_frozen, column, torch.zeros_like(column))
+        return torch.logsumexp(logits, dim=1), torch.where(is_frozen, logits.gather(1, column[:, None])[:, 0],
+                                                           torch.zeros_like(logits[:, 0]))
+
     with torch.no_grad():
         added.weight.copy_(weight[num_trained:num_classes])
         added.bias.copy_(bias[num_trained:num_classes])
-        real_frozen = real_embeddings @ frozen_weight.t() + frozen_bias  # (N, T+1), once
+        real_labels = real_labels.to(torch.long)
+        real_lse, real_target = frozen_terms(real_embeddings, real_labels)  # (N,) each, once
     optimizer = make_classifier_optimizer(added, config)
     weights = weights.to(device)
     losses = []
     for rows, synthetic, synthetic_labels in _refit_draws(real_embeddings, synthesize_fn, synthetic_class_indices,
                                                           steps, config, per_class, batch_size, seed):
-        features, frozen_logits, targets = real_embeddings, real_frozen, real_labels.to(torch.long)
+        features, frozen_lse, frozen_target, targets = real_embeddings, real_lse, real_target, real_labels
         if rows is not None:
-            features, frozen_logits, targets = features[rows], frozen_logits[rows], targets[rows]
+            features, frozen_lse, frozen_target, targets = (features[rows], frozen_lse[rows], frozen_target[rows],
+                                                             targets[rows])
         if synthetic is not None:
             with torch.no_grad():
-                synthetic_frozen = synthetic @ frozen_weight.t() + frozen_bias  # (M, T+1)
+                synthetic_lse, synthetic_target = frozen_terms(synthetic, synthetic_labels)  # (M,) each
             features = torch.cat([features, synthetic], dim=0)
-            frozen_logits = torch.cat([frozen_logits, synthetic_frozen], dim=0)
+            frozen_lse = torch.cat([frozen_lse, synthetic_lse])
+            frozen_target = torch.cat([frozen_target, synthetic_target])
             targets = torch.cat([targets, synthetic_labels], dim=0)
-        logits = torch.cat([frozen_logits[:, :num_trained], added(features), frozen_logits[:, num_trained:]], dim=1)
-        loss = F.cross_entropy(logits, targets, weight=weights)  # (n, C+1) in table order
+        added_logits = added(features)  # (n, A)
+        total = torch.logaddexp(frozen_lse, torch.logsumexp(added_logits, dim=1))  # (n,) log-sum-exp of all C+1
+        is_added = (targets >= num_trained) & (targets < num_classes)
+        position = torch.where(is_added, targets - num_trained, torch.zeros_like(targets))
+        target_logit = torch.where(is_added, added_logits.gather(1, position[:, None])[:, 0], frozen_target)
+        target_weights = weights[targets]  # (n,)
+        loss = (target_weights * (total - target_logit)).sum() / target_weights.sum()  # = F.cross_entropy(weight=)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
