@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER_NODE_CPUS = 3
 # The README's command (section "Running on a cluster"), after `--output`.
 JOB_SETTINGS = ["--config", "configs/smoke.yaml", "--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=2",
-                "--set", "ray.extract_concurrency=2"]
+                "--set", "ray.extract_concurrency=2", "--set", "ray.generator_workers=2"]
 
 
 def _free_port() -> int:
