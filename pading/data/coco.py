@@ -202,10 +202,25 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (a JSON ``\\udc80`` escape decodes to a lone
+    surrogate, which no file system path, Parquet column or log line can hold), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid Unicode (character {err.start}: a lone surrogate {text[err.start]!r})"
+    if "\x00" in text:
+        return "is not valid Unicode (contains a NUL character)"
+    return None
+
+
 def _file_name_problem(name) -> str | None:
-    """A ``file_name`` must be a relative path that stays inside its folder."""
+    """A ``file_name`` must be valid Unicode and a relative path that stays inside its folder."""
     if not isinstance(name, str) or not name.strip():
         return f"file_name {name!r} is not a file name"
+    problem = unicode_problem(name)
+    if problem:
+        return f"file_name {name!r} {problem}"
     parts = PurePosixPath(name.replace("\\", "/"))
     if parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive:
         return f"file_name {name!r} leaves the image folder (absolute or '..')"

@@ -45,6 +45,7 @@ from pading.data.coco import (
     _id_and_size_problem,
     instance_annotation_problem,
     read_coco_json,
+    unicode_problem,
 )
 from pading.errors import AnnotationError
 
@@ -69,6 +70,9 @@ def lvis_image_location(image: dict, image_dir: str | Path) -> tuple[str, Path]:
     """
     url = image.get("coco_url")
     if isinstance(url, str) and url.strip():
+        problem = unicode_problem(url)
+        if problem:
+            raise ValueError(f"coco_url {url!r} {problem}")
         path = PurePosixPath(urlparse(url.strip()).path)
         if path.name in ("", ".", "..") or path.parent.name in (".", ".."):
             raise ValueError(f"coco_url {url!r} does not end in a folder and a file name")

@@ -268,6 +268,10 @@ def _image_file_cases(writer: _Writer, real: Path | None) -> list[Case]:
     rejected("file_name leaving the image folder", item, "leaves the image folder", f"image_id={item.image_id}")
 
     item = writer.new_image()
+    item.entry["file_name"] = "\udc80" + item.entry["file_name"]  # JSON "\udc80": a lone surrogate escape
+    rejected("file_name that is not valid Unicode", item, "is not valid Unicode", f"image_id={item.image_id}")
+
+    item = writer.new_image()
     position = writer.position("val", item.entry)
     item.entry["id"] = str(item.image_id)
     if writer.layout == "panoptic":
