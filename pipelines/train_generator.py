@@ -129,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
         if step % training.checkpoint_every == 0 and step < training.iterations:
             save_and_report({k.replace("/", "_"): v for k, v in metrics.items()})
 
-    batches = feature_batches(features, rows_per_step, seed=config.seed + rank, start_step=trainer.step_count)
+    batches = feature_batches(features, rows_per_step, seed=config.seed, start_step=trainer.step_count, rank=rank)
     fit_generator(trainer, batches, training.iterations, on_step=on_step)
     save_and_report({"step": trainer.step_count}, final=True)
 

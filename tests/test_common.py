@@ -75,3 +75,26 @@ def test_features_are_read_in_image_query_order_whatever_the_files(tmp_path):
     assert features.labels.tolist() == [2, 1, 0, 1, 0]  # (1,0), (1,1), (3,0), (5,0), (5,1)
     reversed_files = read_features([tmp_path / "shard-00001.parquet", tmp_path / "shard-00000.parquet"])
     assert np.array_equal(reversed_files.embeddings, features.embeddings)
+
+
+def test_one_data_order_seed_for_the_stage_and_the_search():
+    """Worker r of the generator stage and the search draw their batches through
+    ``feature_batches(..., rank=r)``: rank 0 (a one-worker stage, the search) in the run
+    seed's order, other ranks in their own."""
+    import torch
+
+    from pading.data.features import FeatureArrays, data_order_seed, feature_batches
+
+    arrays = FeatureArrays(embeddings=np.arange(40, dtype=np.float32).reshape(20, 2),
+                           labels=np.arange(20, dtype=np.int64), image_ids=np.zeros(20, dtype=np.int64))
+    first = lambda rank: next(feature_batches(arrays, 5, seed=7, rank=rank))[1]  # noqa: E731
+    assert torch.equal(first(0), torch.from_numpy(np.sort(next(epoch_indices(20, 5, 7)))))
+    assert not torch.equal(first(0), first(1))
+    assert data_order_seed(7) == 7 and data_order_seed(7, 1) != data_order_seed(7, 0)
+    with pytest.raises(ValueError):
+        data_order_seed(7, -1)
+
+    from pading.run import search
+
+    names = search.train_generator.__code__.co_names
+    assert "feature_batches" in names and "epoch_indices" not in names  # the search has no order of its own

@@ -112,12 +112,22 @@ def epoch_indices(num_rows: int, batch_size: int, seed: int, start_step: int = 0
             step += skip * per_epoch
 
 
-def feature_batches(features: FeatureArrays, rows_per_step: int, seed: int,
-                    start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(embeddings (n, D) float32, labels (n,) int64)`` batches of :func:`epoch_indices`."""
+def data_order_seed(seed: int, rank: int = 0) -> int:
+    """The seed of worker ``rank``'s batch order in generator training: the run's ``seed`` for
+    rank 0 (a one-worker stage and the search draw the same batches), ``seed + rank`` for the
+    others (each worker shuffles its own shards differently). The one place this is decided."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    return seed + rank
+
+
+def feature_batches(features: FeatureArrays, rows_per_step: int, seed: int, start_step: int = 0, *,
+                    rank: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(embeddings (n, D) float32, labels (n,) int64)`` batches of :func:`epoch_indices`,
+    in worker ``rank``'s order (:func:`data_order_seed`)."""
     if len(features) == 0:
         raise DataError("features", "no training rows")
-    for rows in epoch_indices(len(features), rows_per_step, seed, start_step):
+    for rows in epoch_indices(len(features), rows_per_step, data_order_seed(seed, rank), start_step):
         rows = np.sort(rows)
         yield torch.from_numpy(features.embeddings[rows]), torch.from_numpy(features.labels[rows])
 
