@@ -141,7 +141,7 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=None)
     try:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
-    except Exception:  # pragma: no cover - informational only
+    except Exception:  # noqa: BLE001 - informational only
         pass
 
 
@@ -255,7 +255,7 @@ def _dashboard_url() -> str | None:
         import ray
 
         return ray.get_runtime_context().worker.node.address_info.get("webui_url")  # type: ignore[attr-defined]
-    except Exception:
+    except Exception:  # noqa: BLE001 - a private attribute of Ray's; no dashboard URL is not an error
         return None
 
 

@@ -63,7 +63,7 @@ from pading.serving.service import (
 )
 from pading.serving.vocabularies import BASE, check_name, default_store, open_store, store_key
 from pipelines import common
-from pipelines.common import MLFLOW_SCHEMES, resolve_bundle  # noqa: F401 - re-exported (moved to common)
+from pipelines.common import MLFLOW_SCHEMES, resolve_bundle
 
 logger = logging.getLogger("pipelines.serve")
 
@@ -366,7 +366,7 @@ class SegmentationDeployment:
                             retry) from None
         except PadingError:
             raise
-        except Exception as error:  # noqa: BLE001 - a library error wrapped by Ray: re-raise it as itself
+        except Exception as error:
             cause = _library_cause(error)
             if cause is error:
                 raise

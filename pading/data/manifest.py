@@ -122,7 +122,7 @@ def validate_rows(rows: Iterable[dict], table: ClassTable, data_format: str) -> 
         except DataError as err:
             bad.append({"source": err.source, "key": f"image_id={row.get('image_id')}", "reason": err.reason})
             continue
-        except Exception as err:  # an unexpected failure is still a reject, not a crash
+        except Exception as err:  # noqa: BLE001 - an unexpected failure is still a reject, not a crash
             bad.append({"source": str(row.get("image_path")), "key": f"image_id={row.get('image_id')}",
                         "reason": f"{type(err).__name__}: {err}"})
             continue

@@ -138,7 +138,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
                 loaded = read_safetensors(file)
             else:  # weights_only: tensors and plain containers, never arbitrary pickled objects
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad file
+        except Exception as err:
             raise MissingWeightsError(f"{file}: cannot read weights ({type(err).__name__}: {err}); checkpoints "
                                       "are loaded with weights_only=True, so pickled objects are refused") from err
         for nest_key in ("state_dict", "model"):

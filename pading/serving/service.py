@@ -343,7 +343,7 @@ class SegmentationService:
             finite = bool(torch.isfinite(output.mask_logits).all() and torch.isfinite(output.class_logits).all())
             if finite:
                 self.segment([image], "all")
-        except Exception as err:  # noqa: BLE001 - any failure of the model path means unhealthy
+        except Exception as err:
             raise UnhealthyError(f"health check forward pass failed: {type(err).__name__}: {err}") from err
         if not finite:
             raise UnhealthyError("health check forward pass gave non-finite logits (corrupted weights?)")
