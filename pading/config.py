@@ -32,7 +32,8 @@ _SECTION_NAMES = {"DataConfig": "data", "SyntheticConfig": "data.synthetic", "Se
                   "SegmenterConfig": "segmenter", "PretrainConfig": "pretrain", "GeneratorConfig": "generator",
                   "LossConfig": "losses", "GeneratorTrainingConfig": "generator_training", "InferenceConfig": "inference",
                   "RayConfig": "ray", "TrackingConfig": "tracking", "ServeConfig": "serve", "TuneConfig": "tune",
-                  "TablesConfig": "tables", "ExperimentConfig": "config"}
+                  "TablesConfig": "tables", "VocabularyConfig": "vocabulary", "SegmentConfig": "segment",
+                  "ExperimentConfig": "config"}
 
 
 def _check_choices(obj: Any) -> None:
@@ -466,7 +467,8 @@ class InferenceConfig:
 
 @config_section
 class RayConfig:
-    """Resources; pading never reads this, pipelines/ does."""
+    """Resources of the Ray stages; pipelines/ reads these (pading/ only ``extract_batch_size``,
+    the extraction's batch size, in pading.run.extraction)."""
 
     # Ray Train workers of pretraining (and of the generator stage, see generator_workers).
     num_workers: int = 1
