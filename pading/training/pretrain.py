@@ -150,8 +150,8 @@ class WeightAverage:
     average would mostly remember the random initialisation, count more. The average is
     what the pretraining stage saves when ``pretrain.ema_decay`` > 0, in place of the last
     step's weights (one noisy point of a constant-rate trajectory). On the demo it did not
-    make the unseen score steadier over seeds (README, "What makes the demo's numbers
-    move"), so it is off by default."""
+    make the unseen score steadier over seeds (docs/experiments.md, "What makes the
+    demo's numbers move"), so it is off by default."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
