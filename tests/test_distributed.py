@@ -2,7 +2,7 @@
 
 For the generator stage (the library's one loop, :func:`pading.training.generator.fit_generator`,
 synchronised by :class:`pading.training.distributed.TorchCollective`) and for pretraining (DDP through
-Ray Train's ``prepare_model``, :func:`pading.training.pretrain.pretrain_step`), k steps on 2 Ray
+Ray Train's ``prepare_model``, :func:`pading.training.pretrain.fit_segmenter`), k steps on 2 Ray
 Train workers, each given its half of every global batch, must end with the parameters of
 one worker trained on the whole batches, and identical parameters on both ranks. The same
 runs *without* the synchronisation must not: that is what makes the test able to fail. The
@@ -208,8 +208,8 @@ def test_generator_two_workers_match_one(ray_local, tmp_path, problem):
 # ---- pretraining ------------------------------------------------------------------------------
 
 
-def _pretrain_problem(data_root: str):
-    """Config, class table and PRETRAIN_STEPS global batches of 2 images (one per worker)."""
+def _pretrain_problem(data_root: str, grad_accumulation: int):
+    """Config, class table and the manifest rows of PRETRAIN_STEPS global batches of 2 images."""
     from pading.config import DataConfig, tiny_config
     from pading.data.manifest import class_table_for, read_split_index, to_rows
 
@@ -218,36 +218,33 @@ def _pretrain_problem(data_root: str):
     table = class_table_for(data, categories)
     rows = to_rows(records, table)[: 2 * PRETRAIN_STEPS]
     config = tiny_config(data={"root": data_root, "image_size": 48}, segmenter={"train_num_points": 64},
-                         pretrain={"batch_size": 2, "lr": 1e-3})
-    return config, table, [rows[2 * s: 2 * s + 2] for s in range(PRETRAIN_STEPS)]
+                         pretrain={"batch_size": 2, "lr": 1e-3, "iterations": PRETRAIN_STEPS,
+                                   "grad_accumulation": grad_accumulation})
+    return config, table, rows
 
 
-def _segmenter_parameters(model) -> dict:
-    module = model.module if hasattr(model, "module") else model
-    return {name: value.detach().clone() for name, value in module.segmenter.named_parameters()}
+def _segmenter_parameters(segmenter) -> dict:
+    return {name: value.detach().clone() for name, value in segmenter.named_parameters()}
 
 
-def _pretrain(rank_rows, config, table, model, micro_indices):
-    """PRETRAIN_STEPS steps; ``rank_rows(step)`` -> this process's micro-batches of rows."""
-    from pading.training.pretrain import build_pretrain_optimizer, load_training_batch, micro_batch_seed, pretrain_step
-
-    optimizer = build_pretrain_optimizer(model, config.pretrain)
-    for step in range(PRETRAIN_STEPS):
-        micro = [load_training_batch(rows, table, "panoptic", 48)[0] for rows in rank_rows(step)]
-        seeds = [micro_batch_seed(config.seed, step, index) for index in micro_indices]
-        pretrain_step(model, optimizer, micro, grad_clip=config.pretrain.grad_clip, seeds=seeds)
-    return model
-
-
-def _new_model(config, table):
+def _fit_segmenter(config, table, rows, rank: int = 0, world: int = 1, wrap=None):
+    """The library's pretraining loop (:func:`pading.training.pretrain.fit_segmenter`) from the
+    seed's initial weights; ``wrap`` makes the module ``pretrain_step`` calls (DDP)."""
     from pading.model.segmenter import Segmenter
-    from pading.training.pretrain import SegmenterLoss
+    from pading.training.pretrain import SegmenterLoss, SegmenterTrainer, fit_segmenter
 
     torch.manual_seed(config.seed)
-    return SegmenterLoss(Segmenter(config.segmenter, table.num_classes))
+    segmenter = Segmenter(config.segmenter, table.num_classes)
+    model = wrap(SegmenterLoss(segmenter)) if wrap is not None else None
+    trainer = SegmenterTrainer(segmenter, config, model=model)
+    fit_segmenter(trainer, rows, table, rank=rank, world=world)
+    assert trainer.step_count == PRETRAIN_STEPS
+    return segmenter
 
 
 def _pretrain_worker(loop_config: dict) -> None:
+    """Worker r of 2 takes image r of each global batch; DDP (Ray Train's prepare_model)
+    averages the gradients, or nothing does (``sync`` off)."""
     import ray.train
 
     from pipelines.common import prepare_model
@@ -255,11 +252,10 @@ def _pretrain_worker(loop_config: dict) -> None:
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    config, table, batches = _pretrain_problem(loop_config["data"])
-    model = _new_model(config, table)
-    model = prepare_model(model, world) if loop_config["sync"] else model
-    _pretrain(lambda step: [[batches[step][rank]]], config, table, model, micro_indices=[rank])
-    torch.save(_segmenter_parameters(model), Path(loop_config["out"]) / f"pretrain-rank{rank}.pt")
+    config, table, rows = _pretrain_problem(loop_config["data"], grad_accumulation=1)
+    wrap = (lambda model: prepare_model(model, world)) if loop_config["sync"] else None
+    segmenter = _fit_segmenter(config, table, rows, rank=rank, world=world, wrap=wrap)
+    torch.save(_segmenter_parameters(segmenter), Path(loop_config["out"]) / f"pretrain-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +271,8 @@ def pretrain_data(tmp_path_factory) -> str:
 def pretrain_reference(pretrain_data) -> dict:
     """One worker accumulating both images of each global batch as two micro-batches."""
     torch.set_num_threads(1)
-    config, table, batches = _pretrain_problem(pretrain_data)
-    model = _pretrain(lambda step: [[row] for row in batches[step]], config, table, _new_model(config, table),
-                      micro_indices=[0, 1])
-    return _segmenter_parameters(model)
+    config, table, rows = _pretrain_problem(pretrain_data, grad_accumulation=2)
+    return _segmenter_parameters(_fit_segmenter(config, table, rows))
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["ddp", "without-ddp"])

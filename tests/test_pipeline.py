@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -114,6 +115,36 @@ def test_mlflow_has_parent_and_stage_runs(full_run):
     pretrain = next(r for r in runs if r.info.run_name == "pretrain")
     history = mlflow.tracking.MlflowClient().get_metric_history(pretrain.info.run_id, "loss")
     assert len(history) == 60  # one point per pretraining step (RUN_SETTINGS)
+
+
+def test_the_pretraining_stage_computes_what_the_library_loop_computes(full_run, dataset):
+    """The Ray Train stage on one worker and :func:`pading.training.pretrain.fit_segmenter` in
+    this process, from the same manifest and seed: the same history and the same weights."""
+    from pading.config import load_config
+    from pading.model.segmenter import Segmenter
+    from pading.run import load_table, read_manifest
+    from pading.training.pretrain import SegmenterTrainer, fit_segmenter
+
+    output = full_run["output"]
+    config = load_config(SMOKE, [f"data.root={dataset['root']}", *RUN_SETTINGS[1::2]])
+    table = load_table(output)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the stage's one-CPU worker
+    try:
+        torch.manual_seed(config.seed)
+        trainer = SegmenterTrainer(Segmenter(config.segmenter, table.num_classes), config)
+        fit_segmenter(trainer, read_manifest(output, "train"), table)
+    finally:
+        torch.set_num_threads(threads)
+    stage = [json.loads(line) for line in (output / "pretrain" / "history.jsonl").read_text().splitlines()]
+    assert len(stage) == len(trainer.history) == config.pretrain.iterations
+    for ours, theirs in zip(trainer.history, stage):
+        assert ours.keys() == theirs.keys()
+        for key in ours.keys() - {"elapsed_s"}:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (ours["step"], key)
+    saved = Segmenter.load(output / "pretrain" / "segmenter").state_dict()
+    for key, value in trainer.segmenter.state_dict().items():
+        assert torch.allclose(value.float(), saved[key].float(), rtol=1e-5, atol=1e-7), key
 
 
 def test_second_run_skips_finished_stages(full_run, dataset):

@@ -123,9 +123,9 @@ class TorchCollective(LocalCollective):
         return torch.cat([gathered[r * longest : r * longest + size] for r, size in enumerate(sizes)], dim=0)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        reduced = tensor.detach().clone()
+        reduced = tensor.detach().to(self._device(), copy=True)  # NCCL reduces GPU tensors only
         self._dist.all_reduce(reduced)
-        return reduced
+        return reduced.to(tensor.device)
 
     def sum_gradients_async(self, parameters: Iterable[torch.nn.Parameter],
                             extras: Optional[torch.Tensor] = None) -> PendingSum:

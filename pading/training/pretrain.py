@@ -1,21 +1,26 @@
-"""Stage 1: segmenter pretraining on the seen-only manifest, as plain functions that a
-Ray Train worker (or a notebook loop) calls step by step."""
+"""Stage 1: segmenter pretraining on the seen-only manifest: the step (:func:`pretrain_step`)
+and the loop (:func:`fit_segmenter`, state in :class:`SegmenterTrainer`), without Ray; the
+Ray Train stage (pipelines/pretrain.py) runs the same loop on every worker."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from pading.classes import ClassTable
-from pading.config import PretrainConfig
+from pading.config import ExperimentConfig, PretrainConfig
+from pading.data.features import epoch_indices
 from pading.data.manifest import load_sample
-from pading.errors import DataError
+from pading.errors import ConfigError, DataError
 from pading.model.segmenter import prepare_batch
+from pading.training.distributed import LocalCollective, default_collective
 
 logger = logging.getLogger(__name__)
 
@@ -190,3 +195,143 @@ def _seeded(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+#: Consecutive global batches with no loadable image before :func:`fit_segmenter` gives up.
+MAX_EMPTY_BATCHES = 50
+
+
+def micro_batch_rows(config: ExperimentConfig, world: int) -> int:
+    """Images per micro-batch: the global ``pretrain.batch_size`` over ``world`` workers x
+    ``pretrain.grad_accumulation`` micro-batches (must divide evenly)."""
+    parts = world * config.pretrain.grad_accumulation
+    if config.pretrain.batch_size % parts:
+        raise ConfigError(
+            f"pretrain.batch_size={config.pretrain.batch_size} does not split into ray.num_workers={world} x "
+            f"pretrain.grad_accumulation={config.pretrain.grad_accumulation} equal micro-batches")
+    return config.pretrain.batch_size // parts
+
+
+class SegmenterTrainer:
+    """The state of a pretraining run: the segmenter, the module that computes its loss (the
+    segmenter's :class:`SegmenterLoss`, or a DistributedDataParallel wrapper of it on W
+    workers), the optimiser, the optional weight average, the step count and the history.
+
+    Args:
+        segmenter: the model to train (its initial weights must be equal on every worker).
+        config: the experiment's settings (``pretrain``, ``seed``).
+        model: what ``pretrain_step`` calls; default ``SegmenterLoss(segmenter)`` (one process).
+    """
+
+    def __init__(self, segmenter: nn.Module, config: ExperimentConfig, *, model: Optional[nn.Module] = None):
+        self.segmenter = segmenter
+        self.config = config
+        self.model = model if model is not None else SegmenterLoss(segmenter)
+        self.optimizer = build_pretrain_optimizer(self.model, config.pretrain)
+        self.average = WeightAverage(segmenter, config.pretrain.ema_decay) if config.pretrain.ema_decay else None
+        self.step_count = 0
+        self.batches_drawn = 0  # global batches drawn, including skipped ones (where to resume the order)
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, tensors and numbers only (``torch.load(weights_only=True)``)."""
+        state = {"model": self.segmenter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step_count, "batches_drawn": self.batches_drawn}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, history: Sequence[dict] = ()) -> None:
+        self.segmenter.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
+        self.step_count = int(state["step"])
+        self.batches_drawn = int(state.get("batches_drawn", state["step"]))
+        self.history = list(history)
+
+    def result(self) -> nn.Module:
+        """The segmenter the stage saves: the weight average when ``pretrain.ema_decay`` > 0,
+        else the segmenter itself."""
+        if self.average is None:
+            return self.segmenter
+        saved = copy.deepcopy(self.segmenter)
+        self.average.copy_to(saved)
+        return saved
+
+
+def fit_segmenter(
+    trainer: SegmenterTrainer,
+    rows: Sequence[dict],
+    table: ClassTable,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    collective: Optional[LocalCollective] = None,
+    before_step: Optional[Callable[[SegmenterTrainer], None]] = None,
+    on_step: Optional[Callable[[SegmenterTrainer, dict], None]] = None,
+) -> dict[str, float]:
+    """The pretraining loop: ``pretrain_step`` on global batches of the train manifest until
+    ``trainer.step_count == pretrain.iterations`` (a resumed trainer continues from its
+    count), without Ray: the Ray Train stage (pipelines/pretrain.py) calls it on every worker.
+
+    Every worker draws the same global batch of ``pretrain.batch_size`` images per step
+    (seeded epochs, :func:`pading.data.features.epoch_indices`); worker ``rank`` of ``world``
+    trains on its slice, ``pretrain.grad_accumulation`` micro-batches of it, and the model's
+    DDP wrapper averages the gradients. So the steps do not depend on the number of workers
+    (docs/architecture.md, "Distributed training"). A global batch in which some worker has no
+    loadable image is skipped by every worker (decided through ``collective``); more than
+    :data:`MAX_EMPTY_BATCHES` in a row stop the run.
+
+    Args:
+        rows: the train manifest's rows (:func:`pading.run.read_manifest`).
+        table: the run's class table.
+        collective: how the workers agree on skipping a batch; default
+            :func:`pading.training.distributed.default_collective`.
+        before_step: called before each step is taken (test hooks).
+        on_step: called after each step with its history row (logging, checkpoints).
+    Returns:
+        the last step's history row (empty when there was nothing left to do).
+    """
+    config = trainer.config
+    collective = collective if collective is not None else default_collective()
+    accumulation = config.pretrain.grad_accumulation
+    per_micro = micro_batch_rows(config, world)
+    iterations = config.pretrain.iterations
+    started, first_step, last = time.time(), trainer.step_count, {}
+    if trainer.step_count >= iterations:
+        return last
+    empty_in_a_row = 0
+    for global_batch in epoch_indices(len(rows), config.pretrain.batch_size, seed=config.seed,
+                                      start_step=trainer.batches_drawn, drop_last=True):
+        trainer.batches_drawn += 1
+        mine = global_batch[rank * accumulation * per_micro:][: accumulation * per_micro]
+        micro = [load_training_batch([rows[i] for i in mine[m * per_micro:][:per_micro]], table,
+                                     config.data.format, config.data.image_size)[0] for m in range(accumulation)]
+        usable = torch.tensor([float(all(b is not None for b in micro))])
+        if float(collective.all_reduce_sum(usable).item()) < collective.world_size:  # some worker has none
+            empty_in_a_row += 1
+            if empty_in_a_row > MAX_EMPTY_BATCHES:
+                raise DataError("pretrain", f"no usable image in the last {MAX_EMPTY_BATCHES} batches "
+                                            "(see the log for the reasons)")
+            continue
+        empty_in_a_row = 0
+        if before_step is not None:
+            before_step(trainer)
+        step = trainer.step_count
+        seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
+        set_learning_rate(trainer.optimizer, learning_rate(config.pretrain, step))
+        losses = pretrain_step(trainer.model, trainer.optimizer, micro, grad_clip=config.pretrain.grad_clip,
+                               seeds=seeds)
+        trainer.step_count = step + 1
+        if trainer.average is not None:
+            trainer.average.update(trainer.segmenter, trainer.step_count)
+        last = {"step": trainer.step_count, **losses, "lr": learning_rate(config.pretrain, step),
+                "elapsed_s": round(time.time() - started, 3)}
+        trainer.history.append(last)
+        if on_step is not None:
+            on_step(trainer, last)
+        if trainer.step_count >= iterations:
+            break
+    logger.debug("pretrain: %d steps in %.1f s", trainer.step_count - first_step, time.time() - started)
+    return last

@@ -1,0 +1,131 @@
+"""The pretraining loop without Ray (:func:`pading.training.pretrain.fit_segmenter`): steps and
+history, exact resume from a state dict, the weight average, skipped unusable batches.
+tests/test_pipeline.py checks that the Ray Train stage on one worker computes what this loop
+computes; tests/test_distributed.py that 2 workers compute what 1 does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    from pading.config import DataConfig, tiny_config
+    from pading.data import write_synthetic_dataset
+    from pading.data.manifest import class_table_for, read_split_index, to_rows
+
+    root = tmp_path_factory.mktemp("pretrain-loop")
+    write_synthetic_dataset(root, num_train=8, num_val=2, image_size=48, seed=3)
+    data = DataConfig(root=str(root), image_size=48)
+    records, categories, _ = read_split_index(data, "train")
+    table = class_table_for(data, categories)
+    config = tiny_config(data={"root": str(root), "image_size": 48}, segmenter={"train_num_points": 64},
+                         pretrain={"batch_size": 2, "lr": 1e-3, "iterations": STEPS, "ema_decay": 0.5,
+                                   "warmup_steps": 2})
+    return config, table, to_rows(records, table)
+
+
+def _trainer(config, table):
+    from pading.model.segmenter import Segmenter
+    from pading.training.pretrain import SegmenterTrainer
+
+    torch.manual_seed(config.seed)
+    return SegmenterTrainer(Segmenter(config.segmenter, table.num_classes), config)
+
+
+def _drop_time(history):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+
+
+@pytest.fixture(scope="module")
+def straight(problem):
+    from pading.training.pretrain import fit_segmenter
+
+    torch.set_num_threads(1)
+    config, table, rows = problem
+    trainer = _trainer(config, table)
+    seen = []
+    last = fit_segmenter(trainer, rows, table, on_step=lambda t, row: seen.append(row["step"]))
+    return trainer, last, seen
+
+
+def test_the_loop_takes_its_steps_and_records_them(straight, problem):
+    config = problem[0]
+    trainer, last, seen = straight
+    assert trainer.step_count == STEPS and seen == list(range(1, STEPS + 1))
+    assert [row["step"] for row in trainer.history] == seen and last == trainer.history[-1]
+    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in trainer.history)
+    assert trainer.history[0]["lr"] == pytest.approx(config.pretrain.lr / 2)  # warm-up step 1 of 2
+
+
+def test_a_resumed_run_equals_a_straight_one(straight, problem):
+    from pading.training.pretrain import fit_segmenter
+
+    torch.set_num_threads(1)
+    config, table, rows = problem
+    first = _trainer(config, table)
+
+    def stop_half_way(trainer, row):
+        if trainer.step_count == STEPS // 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):  # as if the process died after step 2's checkpoint
+        fit_segmenter(first, rows, table, on_step=stop_half_way)
+    state = first.state_dict()
+    resumed = _trainer(config, table)
+    resumed.load_state_dict(torch.load(_roundtrip(state), weights_only=True), first.history)
+    fit_segmenter(resumed, rows, table)
+    reference = straight[0]
+    assert _drop_time(resumed.history) == _drop_time(reference.history)
+    for key, value in reference.segmenter.state_dict().items():
+        assert torch.equal(resumed.segmenter.state_dict()[key], value), key
+    averaged, resumed_average = reference.result().state_dict(), resumed.result().state_dict()
+    assert all(torch.equal(averaged[k], resumed_average[k]) for k in averaged)
+    assert any(not torch.equal(averaged[k], v) for k, v in reference.segmenter.state_dict().items()
+               if v.is_floating_point())  # the average is not the last weights
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_finished_trainer_does_nothing(straight, problem):
+    from pading.training.pretrain import fit_segmenter
+
+    trainer = straight[0]
+    before = len(trainer.history)
+    assert fit_segmenter(trainer, problem[2], problem[1]) == {} and len(trainer.history) == before
+
+
+def test_batches_without_a_loadable_image_are_skipped_then_refused(problem, monkeypatch):
+    from pading.errors import DataError
+    from pading.training import pretrain
+    from pading.training.pretrain import fit_segmenter
+
+    config, table, rows = problem
+    broken = [{**row, "image_path": row["image_path"] + ".missing"} for row in rows]
+    monkeypatch.setattr(pretrain, "MAX_EMPTY_BATCHES", 3)
+    trainer = _trainer(config, table)
+    with pytest.raises(DataError, match="no usable image in the last 3 batches"):
+        fit_segmenter(trainer, broken, table)
+    assert trainer.step_count == 0 and trainer.batches_drawn == 4
+
+    mixed = broken[:6] + rows[6:]  # a global batch of two broken rows is skipped, the others train
+    monkeypatch.setattr(pretrain, "MAX_EMPTY_BATCHES", 50)
+    trainer = _trainer(config, table)
+    fit_segmenter(trainer, mixed, table)
+    assert trainer.step_count == STEPS and trainer.batches_drawn > STEPS
