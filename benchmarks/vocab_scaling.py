@@ -40,12 +40,12 @@ import time
 import numpy as np
 import torch
 
+from pading.bundle import Bundle
 from pading.classes import ClassInfo, ClassTable
 from pading.config import tiny_config
 from pading.model.classifier import Classifier
 from pading.model.generator import build_generator
 from pading.model.segmenter import Segmenter
-from pading.serving.bundle import Bundle
 from pading.serving.service import SegmentationService
 from pading.training.generator import GeneratorTrainer
 

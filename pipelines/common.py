@@ -16,6 +16,7 @@ from typing import Any
 
 from pading.config import ExperimentConfig, load_config
 from pading.errors import ConfigError
+from pading.io import write_json_atomic
 from pading.run import tracking
 from pading.run.layout import SUCCESS_FILE, WORKERS_DIR
 
@@ -157,8 +158,10 @@ def resolve_bundle(reference: str, config: ExperimentConfig | None = None) -> Pa
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(reference), dst_path=target))
     else:
         path = Path(reference).expanduser().resolve()
-    if not (path / "classes.json").is_file():
-        raise ConfigError(f"{reference}: not a model bundle (no classes.json in {path})")
+    from pading.bundle import CLASSES_FILE  # here: it imports the model code (transformers), which other stages skip
+
+    if not (path / CLASSES_FILE).is_file():
+        raise ConfigError(f"{reference}: not a model bundle (no {CLASSES_FILE} in {path})")
     return path
 
 
@@ -273,9 +276,7 @@ def stage_done(stage_dir: Path) -> dict | None:
 def mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / (SUCCESS_FILE + ".tmp")
-    tmp.write_text(json.dumps({**info, "finished_at": time.time()}, indent=2, default=str))
-    tmp.replace(stage_dir / SUCCESS_FILE)
+    write_json_atomic(stage_dir / SUCCESS_FILE, {**info, "finished_at": time.time()}, indent=2)
 
 
 def clear_done(stage_dir: Path) -> None:

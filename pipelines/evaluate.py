@@ -26,9 +26,9 @@ NUM_OVERLAYS = 4
 
 def write_overlays(bundle_dir: Path, rows: list[dict], out_dir: Path, count: int = NUM_OVERLAYS) -> list[Path]:
     """A few qualitative overlays of val images, preferring images with unseen classes."""
+    from pading.bundle import Bundle
     from pading.data import load_image
     from pading.evaluation.predict import predict_images
-    from pading.serving.bundle import Bundle
     from pading.serving.visualize import overlay_panoptic
 
     bundle = Bundle.load(bundle_dir)

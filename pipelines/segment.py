@@ -27,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from pading.bundle import CLASSES_FILE, CONFIG_FILE
 from pading.classes import ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig, load_config
 from pading.errors import ConfigError, PadingError
+from pading.io import write_json_atomic
 from pading.serving import batch
 from pading.serving.inputs import list_inputs
 from pading.serving.vocabularies import default_store, open_store, store_key
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     source = common.resolve_bundle(args.bundle, load_config(args.config) if args.config else None)
     overrides = list(args.overrides) + [f"segment.{key}={getattr(args, flag)}" for flag, key in FLAG_SETTINGS.items()
                                         if getattr(args, flag) is not None]
-    config = load_config(args.config or source / "config.yaml", overrides)
+    config = load_config(args.config or source / CONFIG_FILE, overrides)
     output = Path(common._absolute(args.output, "--output"))  # workers may run on other nodes
     output.mkdir(parents=True, exist_ok=True)
     settings = config.segment
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     added = batch.merge_names(batch.parse_class_names(args.add_classes),
                               batch.read_class_file(args.add_classes_file) if args.add_classes_file else [])
     only = batch.parse_class_names(args.only_classes)
-    source_table = ClassTable.from_records(json.loads((source / "classes.json").read_text()))
+    source_table = ClassTable.from_records(json.loads((source / CLASSES_FILE).read_text()))
     named = visible = vocabulary = None
     if args.vocabulary:
         if added:
@@ -125,8 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     if visible is not None:  # a named vocabulary's classes only, like the endpoint's answers
         only_ids = [i for i in (only_ids or visible) if i in set(visible)]
     categories = batch.coco_categories(table)
-    batch.write_json_atomic(output / "categories.json", categories)
-    batch.write_json_atomic(output / batch.JOB_FILE, spec)
+    write_json_atomic(output / "categories.json", categories)
+    write_json_atomic(output / batch.JOB_FILE, spec)
 
     shards = batch.plan_shards(paths, settings.shard_size)
     pending = batch.pending_shards(output, shards)
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         "concurrency": settings.concurrency, "classes": table.num_classes, "added_classes": added,
         "only_classes": only, "output": str(output), "products": counts["products"],
     }
-    batch.write_json_atomic(output / "summary.json", summary)
+    write_json_atomic(output / "summary.json", summary)
     logger.info("segment: %d images segmented, %d rejected, %d segments; %.1f s (%d new images at %.2f images/s, "
                 "%.2f once the actors were up)", summary["segmented"], summary["rejected"], summary["segments"],
                 seconds, new_images, summary["images_per_second"], steady)

@@ -47,6 +47,7 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.config import BackpressureConfig
 from starlette.datastructures import UploadFile
 
+from pading.bundle import CONFIG_FILE
 from pading.config import ExperimentConfig, ServeConfig, from_dict, load_config, to_dict
 from pading.errors import ConfigError, PadingError
 from pading.serving.service import (
@@ -188,7 +189,7 @@ class ModelDeployment:
                  store_key_: str = "bundle"):
         import torch
 
-        from pading.serving.bundle import Bundle
+        from pading.bundle import Bundle
 
         common.setup_logging()
         self.config: ServeConfig = from_dict(ServeConfig, serve_config, prefix="serve")
@@ -522,7 +523,7 @@ def app(args: dict):
     config_path = args.pop("config", None)
     overrides = [f"{key if '.' in key else 'serve.' + key}={value}" for key, value in args.items()]
     bundle_dir = resolve_bundle(reference, load_config(config_path) if config_path else None)
-    config = load_config(config_path or bundle_dir / "config.yaml", overrides)
+    config = load_config(config_path or bundle_dir / CONFIG_FILE, overrides)
     return build_application(bundle_dir, config.serve, reference, _tracking_uri(config, reference))
 
 
@@ -590,7 +591,7 @@ def main() -> None:
     overrides += [f"serve.host={args.host}"] if args.host else []
     overrides += [f"serve.port={args.port}"] if args.port else []
     bundle_dir = resolve_bundle(args.bundle, load_config(args.config) if args.config else None)
-    config = load_config(args.config or bundle_dir / "config.yaml", overrides)
+    config = load_config(args.config or bundle_dir / CONFIG_FILE, overrides)
     url = deploy(bundle_dir, config, blocking=False, num_cpus=args.num_cpus)
     print(f"PADing segmentation endpoint: {url}  (API docs: {url}docs; Ctrl-C to stop)", flush=True)
     if not args.no_block:

@@ -67,9 +67,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pading.bundle import Bundle
     from pading.data.features import feature_batches, read_features, with_no_object_index
     from pading.model.segmenter import Segmenter
-    from pading.serving.bundle import Bundle
     from pading.training.generator import GeneratorTrainer, fit_generator
 
     config: ExperimentConfig = loop_config["config"]

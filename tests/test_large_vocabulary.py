@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pading.bundle import CLASSES_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "lvis_synthetic.yaml"
 SHORT = ["--set", "data.synthetic.num_train=120", "--set", "data.synthetic.num_val=30",
@@ -94,7 +96,7 @@ def test_the_generator_stage_trains_over_20000_classes_on_two_workers(past_lvis)
     from pading.run import read_history
 
     assert len(past_lvis["run"]["workers"]) == 2
-    classes = json.loads((past_lvis["bundle"] / "classes.json").read_text())
+    classes = json.loads((past_lvis["bundle"] / CLASSES_FILE).read_text())
     assert len(classes) > 20000 and sum(c["added"] for c in classes) > 19000
     history = read_history(past_lvis["bundle"].parent / "history.jsonl")
     assert history and all(math.isfinite(row["generator/total"]) for row in history)
@@ -104,7 +106,7 @@ def test_the_generator_stage_trains_over_20000_classes_on_two_workers(past_lvis)
 def test_the_endpoint_service_answers_at_that_vocabulary(past_lvis, lvis_run):
     from PIL import Image
 
-    from pading.serving.bundle import Bundle
+    from pading.bundle import Bundle
     from pading.serving.service import SegmentationService
 
     service = SegmentationService(Bundle.load(past_lvis["bundle"]))

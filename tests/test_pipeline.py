@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pading.bundle import CLASSIFIER_WEIGHTS_FILE, SEGMENTER_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 # The module's run: enough pretraining steps that a SIGINT can land in the middle of them
@@ -86,7 +88,7 @@ def test_results_json_has_finite_tables(full_run):
     assert set(results["wall_seconds"]) == {"prepare", "pretrain", "extract", "generator", "evaluate"}
     assert "ZSP" in full_run["stdout"] and "HM" in full_run["stdout"]  # the printed table
     bundle = full_run["output"] / "generator" / "bundle"
-    assert (bundle / "classifier.safetensors").is_file() and (bundle / "segmenter" / "segmenter.safetensors").is_file()
+    assert (bundle / CLASSIFIER_WEIGHTS_FILE).is_file() and (bundle / SEGMENTER_DIR / "segmenter.safetensors").is_file()
     assert list((full_run["output"] / "evaluate" / "overlays").glob("*.png"))
 
 

@@ -20,10 +20,12 @@ import pytest
 from helpers.tiny_bundle import build_tiny_bundle
 from PIL import Image
 
+from pading.bundle import CLASSES_FILE, CONFIG_FILE
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
 from pading.errors import ConfigError
 from pading.evaluation.inference import rgb_to_ids
+from pading.io import write_json_atomic
 from pading.serving import batch
 from pading.serving.inputs import (
     FileTooLargeError,
@@ -129,7 +131,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def table(bundle_dir) -> ClassTable:
-    return ClassTable.from_records(json.loads((bundle_dir / "classes.json").read_text()))
+    return ClassTable.from_records(json.loads((bundle_dir / CLASSES_FILE).read_text()))
 
 
 def test_class_names_are_parsed_and_checked(table, tmp_path):
@@ -151,7 +153,7 @@ def test_an_output_refuses_another_vocabulary_request_unless_forced(tmp_path):
     spec = batch.job_spec(bundle="b1", add_classes=["teapot"], only_classes=[], task="panoptic", paths=["/a.jpg"],
                           shard_size=4, config=config)
     assert batch.check_output(tmp_path, spec, force=False) is False
-    batch.write_json_atomic(tmp_path / batch.JOB_FILE, spec)
+    write_json_atomic(tmp_path / batch.JOB_FILE, spec)
     (tmp_path / "keep.txt").write_text("not ours")
     assert batch.check_output(tmp_path, spec, force=False) is True  # the same job: resume
     other = {**spec, "add_classes": ["lamp post"]}
@@ -194,7 +196,7 @@ def small_job(bundle_dir, tmp_path_factory) -> dict:
 def _bundle_config(bundle_dir: Path):
     from pading.config import load_config
 
-    return load_config(bundle_dir / "config.yaml")
+    return load_config(bundle_dir / CONFIG_FILE)
 
 
 def test_shards_hold_segments_and_rejects_with_reasons(small_job):
@@ -354,8 +356,8 @@ def test_parquet_run_segments_the_images_and_rejects_the_bad_files(parquet_run, 
     categories = json.loads((output / "categories.json").read_text())
     teapot = [c for c in categories if c["name"] == "teapot"]
     assert teapot and teapot[0]["added"] and {"id", "name", "isthing", "supercategory", "unseen"} <= set(teapot[0])
-    assert (output / "bundle" / "classes.json").is_file()
-    assert "teapot" in (output / "bundle" / "classes.json").read_text()
+    assert (output / batch.BUNDLE_DIR / CLASSES_FILE).is_file()
+    assert "teapot" in (output / batch.BUNDLE_DIR / CLASSES_FILE).read_text()
     log = parquet_run["proc"].stderr
     assert "3 shards of 4, 3 to do" in log and "[3/3 shards]" in log and "images/s" in log
 

@@ -11,9 +11,9 @@ from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pading.bundle import Bundle
 from pading.errors import CorruptImageError, UnknownClassError
 from pading.evaluation.inference import rgb_to_ids
-from pading.serving.bundle import Bundle
 from pading.serving.service import (
     ClassConflictError,
     ImageTooLargeError,

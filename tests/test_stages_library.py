@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pading.bundle import SEGMENTER_DIR, Bundle
 from pading.config import DataConfig, tiny_config
 from pading.data import write_synthetic_dataset
 from pading.data.manifest import (
@@ -27,7 +28,6 @@ from pading.model.generator import build_generator
 from pading.model.segmenter import Segmenter
 from pading.model.semantics import class_embeddings
 from pading.run.extraction import FeatureExtractor, extract_features
-from pading.serving.bundle import Bundle
 from pading.training.pretrain import (
     SegmenterLoss,
     build_pretrain_optimizer,
@@ -111,7 +111,7 @@ def test_pretrain_step_reduces_loss_on_one_batch(synthetic):
 def test_extract_features_rows_and_idempotent_shards(synthetic, bundle_dir, tmp_path):
     config = tiny_config(data={"image_size": 48})
     table = synthetic["table"]
-    segmenter = Segmenter.load(bundle_dir / "segmenter")
+    segmenter = Segmenter.load(bundle_dir / SEGMENTER_DIR)
     rows = synthetic["train"][:3]
     features, rejects = extract_features(segmenter, rows, table, config, "ckpt", batch_size=2)
     queries = config.segmenter.num_queries
@@ -122,7 +122,7 @@ def test_extract_features_rows_and_idempotent_shards(synthetic, bundle_dir, tmp_
     for image_rows in np.array_split(labels, 3):  # each GT segment gets exactly one query
         matched = image_rows[image_rows < table.no_object_index]
         assert len(matched) > 0
-    extractor = FeatureExtractor(config, str(bundle_dir / "segmenter"), table.to_records(), rows, str(tmp_path / "f"), "ckpt", "cpu")
+    extractor = FeatureExtractor(config, str(bundle_dir / SEGMENTER_DIR), table.to_records(), rows, str(tmp_path / "f"), "ckpt", "cpu")
     out = extractor({"shard": [0], "image_ids": [[r["image_id"] for r in rows]]})
     path = tmp_path / "f" / "shard-00000.parquet"
     written = pq.read_table(path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers.tiny_bundle import EXTRA_NAMES, build_tiny_bundle
 
+from pading.bundle import Bundle
 from pading.errors import UnknownClassError
-from pading.serving.bundle import Bundle
 from pading.serving.service import ClassConflictError, RequestError, SegmentationService, http_status
 from pading.serving.vocabularies import (
     BASE,

@@ -1,4 +1,4 @@
-"""Universal inference with a :class:`~pading.serving.bundle.Bundle` and the GZSL evaluation of
+"""Universal inference with a :class:`~pading.bundle.Bundle` and the GZSL evaluation of
 a whole split (stage 5). :class:`EvaluationPredictor` is the callable class that
 pipelines/evaluate.py hands to Ray Data ``map_batches``; :func:`summarize` turns its
 rows into COCO-format prediction files and the Seen/Unseen/HM tables."""
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pading.bundle import Bundle
 from pading.classes import TASKS, ClassTable
 from pading.config import InferenceConfig
 from pading.data import (
@@ -34,7 +35,6 @@ from pading.evaluation.inference import (
 )
 from pading.evaluation.metrics import evaluate_instance, evaluate_lvis, evaluate_panoptic, evaluate_semantic
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
-from pading.serving.bundle import Bundle
 
 
 @dataclass

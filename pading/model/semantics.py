@@ -29,6 +29,7 @@ import numpy as np
 from pading.classes import ClassTable, clean_name
 from pading.config import SemanticsConfig
 from pading.errors import MissingWeightsError, UnknownClassError
+from pading.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +245,7 @@ def class_embeddings(
             if cached.shape[0] == len(texts):
                 return cached
         vectors = encode_with_config(texts, config, device=device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, vectors, allow_pickle=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+            np.save(handle, vectors, allow_pickle=False)
         return vectors
     return encode_with_config(texts, config, device=device)

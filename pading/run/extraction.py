@@ -17,6 +17,7 @@ from pading.classes import ClassTable
 from pading.config import ExperimentConfig
 from pading.data.manifest import REJECTS_SCHEMA, load_sample
 from pading.errors import DataError
+from pading.io import write_parquet_atomic
 from pading.model.matching import assign_query_labels
 from pading.model.segmenter import Segmenter, prepare_batch
 
@@ -100,15 +101,6 @@ def extract_features(
     return features, rejects
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet to ``path`` through a temporary name, so a reader (or a re-run)
-    never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
 class FeatureExtractor:
     """Holds the frozen segmenter; each call extracts whole shards and writes one
     Parquet file per shard (``shard-00012.parquet``), skipping shards already written.
@@ -159,14 +151,14 @@ class FeatureExtractor:
                 batch_size=self.config.ray.extract_batch_size,
             )
             if rejects:
-                write_table_atomic(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                                   self.rejects_dir / f"shard-{shard:05d}.parquet")
+                write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                                     self.rejects_dir / f"shard-{shard:05d}.parquet")
             columns = {name: [f[name] for f in features] for name in self.schema.names}
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(np.concatenate(columns["embedding"]) if features else np.zeros(0, np.float32)),
                 self.config.segmenter.hidden_dim,
             )
-            write_table_atomic(pa.Table.from_pydict(columns, schema=self.schema), path)
+            write_parquet_atomic(pa.Table.from_pydict(columns, schema=self.schema), path)
             logger.info("shard %d: %d images -> %d feature rows", shard, len(rows), len(features))
             shards.append(shard)
             counts.append(len(features))

@@ -41,11 +41,20 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pading.bundle import (
+    CLASSES_FILE,
+    CLASSIFIER_META_FILE,
+    CLASSIFIER_WEIGHTS_FILE,
+    GENERATOR_WEIGHTS_FILE,
+    SEGMENTER_DIR,
+    SEMANTICS_FILE,
+    Bundle,
+)
 from pading.classes import TASKS, ClassInfo, ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig
 from pading.errors import ConfigError, CorruptImageError, DataError, UnknownClassError
 from pading.evaluation.inference import panoptic_to_rgb
-from pading.serving.bundle import Bundle
+from pading.io import atomic_path, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from pading.serving.inputs import FileTooLargeError, MissingImageError, read_image_bytes
 from pading.serving.service import (
     ImageTooLargeError,
@@ -185,9 +194,8 @@ def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
     """Content hash of a bundle's vocabulary and weights (not its config)."""
     directory = Path(bundle_dir)
     digest = hashlib.sha256()
-    files = [directory / name for name in ("classes.json", "semantics.npy", "classifier.safetensors",
-                                           "generator.safetensors")]
-    files += sorted((directory / "segmenter").glob("*"))
+    files = [directory / name for name in (CLASSES_FILE, SEMANTICS_FILE, CLASSIFIER_WEIGHTS_FILE, GENERATOR_WEIGHTS_FILE)]
+    files += sorted((directory / SEGMENTER_DIR).glob("*"))
     for path in files:
         if path.is_file():
             digest.update(path.name.encode())
@@ -255,15 +263,6 @@ def check_output(output: Path, spec: dict, force: bool) -> bool:
     return False
 
 
-def write_json_atomic(path: Path, data, compact: bool = False) -> None:
-    """JSON through a temporary name (``compact``: no indentation, for the large result files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = json.dumps(data, separators=(",", ":"), default=str) if compact else json.dumps(data, indent=1, default=str)
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def vocabulary_state(source: str | os.PathLike, config: ExperimentConfig, store, name: str):
     """The named vocabulary ``name`` of ``store`` (:mod:`pading.serving.vocabularies`) over the
     bundle ``source``, exactly as the endpoint serves it: ``(bundle, version, visible class ids or None)``."""
@@ -279,9 +278,9 @@ def prepare_bundle(source: str | os.PathLike, output: Path, config: ExperimentCo
     once (things, fitted here). When ``reuse`` and it exists, it is kept as it is. Returns its
     vocabulary."""
     target = Path(output) / BUNDLE_DIR
-    if reuse and (target / "classifier.json").is_file():
+    if reuse and (target / CLASSIFIER_META_FILE).is_file():
         logger.info("vocabulary: reusing %s", target)
-        return ClassTable.from_records(json.loads((target / "classes.json").read_text()))
+        return ClassTable.from_records(json.loads((target / CLASSES_FILE).read_text()))
     bundle = bundle if bundle is not None else Bundle.load(source)
     bundle.config = config
     if add_classes:
@@ -337,13 +336,6 @@ def id_map(segments: Sequence[dict], height: int, width: int, value: str = "segm
     return ids
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -357,13 +349,6 @@ def render_png(output_format: str, segments: Sequence[dict], height: int, width:
         return _png(panoptic_to_rgb(id_map(segments, height, width)))
     ids = id_map(segments, height, width, value="class_id")
     return _png(ids.astype(np.uint16 if sixteen_bit else np.uint8))
-
-
-def write_atomic_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 # ---- the worker --------------------------------------------------------------------------
@@ -484,8 +469,8 @@ class ShardSegmenter:
         if chunk:
             self._segment(chunk, segment_rows, image_rows)
         image_rows.sort(key=lambda r: r["image_id"])
-        write_atomic_table(pa.Table.from_pylist(segment_rows, schema=SEGMENTS_SCHEMA), segments_file)
-        write_atomic_table(pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA), images_file)  # the marker: last
+        write_parquet_atomic(pa.Table.from_pylist(segment_rows, schema=SEGMENTS_SCHEMA), segments_file)
+        write_parquet_atomic(pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA), images_file)  # the marker: last
         seconds = time.perf_counter() - started
         rejected = sum(r["status"] != "ok" for r in image_rows)
         logger.info("shard %d: %d images (%d rejected) -> %d segments in %.1f s", shard, len(image_rows), rejected,
@@ -504,8 +489,8 @@ class ShardSegmenter:
                 segment_rows.extend(rows)
             if self.png_dir:
                 rows = by_task[FORMAT_TASK[self.output_format]]
-                _write_atomic(self.output / self.png_dir / png_name(image_id),
-                              render_png(self.output_format, rows, height, width, self.sixteen_bit))
+                write_bytes_atomic(self.output / self.png_dir / png_name(image_id),
+                                   render_png(self.output_format, rows, height, width, self.sixteen_bit))
             if self.overlays:
                 self._overlay(image, image_id, by_task[self.tasks[0]])
             image_rows.append({"image_id": image_id, "path": path, "width": width, "height": height, "status": "ok",
@@ -536,7 +521,7 @@ class ShardSegmenter:
         picture = overlay_panoptic(image, ids, segments, self.table, scale=1)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
-        _write_atomic(self.output / OVERLAYS_DIR / png_name(image_id), buffer.getvalue())
+        write_bytes_atomic(self.output / OVERLAYS_DIR / png_name(image_id), buffer.getvalue())
 
 
 def steady_throughput(rows: Sequence[dict]) -> float:
@@ -570,15 +555,15 @@ def assemble(output: Path, output_format: str, task: str, num_shards: int, categ
                         f"(first: {missing[0]}); run the job again to finish them")
     images = pa.concat_tables([t for _, t in _shard_tables(output, num_shards, 1)]) if num_shards else \
         IMAGES_SCHEMA.empty_table()
-    write_atomic_table(images, output / "images.parquet")
+    write_parquet_atomic(images, output / "images.parquet")
     ok = images.filter(pc.equal(images["status"], "ok"))
     rejected = images.filter(pc.not_equal(images["status"], "ok"))
     rejects = pa.table({"file": rejected["path"], "image_id": rejected["image_id"], "kind": rejected["kind"],
                         "reason": rejected["reason"]}, schema=REJECTS_SCHEMA)
-    write_atomic_table(rejects, output / "rejects.parquet")
+    write_parquet_atomic(rejects, output / "rejects.parquet")
     buffer = io.BytesIO()
     pacsv.write_csv(rejects, buffer)
-    _write_atomic(output / "rejects.csv", buffer.getvalue())
+    write_bytes_atomic(output / "rejects.csv", buffer.getvalue())
     coco_images = [{"id": r["image_id"], "file_name": r["path"], "width": r["width"], "height": r["height"]}
                    for r in ok.select(["image_id", "path", "width", "height"]).to_pylist()]
     write_json_atomic(output / "categories.json", categories)
@@ -587,13 +572,11 @@ def assemble(output: Path, output_format: str, task: str, num_shards: int, categ
     wanted = task_names(task) if output_format == "parquet" else (FORMAT_TASK[output_format],)
     segments = 0
     if output_format == "parquet":
-        tmp = output / ".segments.parquet.tmp"
-        with pq.ParquetWriter(tmp, SEGMENTS_SCHEMA) as writer:
+        with atomic_path(output / "segments.parquet") as tmp, pq.ParquetWriter(str(tmp), SEGMENTS_SCHEMA) as writer:
             for _, table in _shard_tables(output, num_shards, 0):
                 table = table.filter(pc.is_in(table["task"], pa.array(wanted)))
                 segments += table.num_rows
                 writer.write_table(table)
-        tmp.replace(output / "segments.parquet")
         products = ["segments.parquet"]
     elif output_format == "coco-instance":
         results = []
@@ -638,7 +621,7 @@ def _assemble_pngs(output: Path, output_format: str, num_shards: int, size: dict
             count += len(rows)
             if not (png_dir / png_name(image_id)).is_file():
                 height, width = size[image_id]
-                _write_atomic(png_dir / png_name(image_id), render_png(output_format, rows, height, width, sixteen_bit))
+                write_bytes_atomic(png_dir / png_name(image_id), render_png(output_format, rows, height, width, sixteen_bit))
                 rendered += 1
             if output_format == "coco-panoptic":
                 annotations.append({"image_id": image_id, "file_name": png_name(image_id), "segments_info": [
@@ -647,7 +630,7 @@ def _assemble_pngs(output: Path, output_format: str, num_shards: int, size: dict
     done = {a["image_id"] for a in annotations} if output_format == "coco-panoptic" else set()
     for image_id, (height, width) in size.items():  # images without any segment
         if not (png_dir / png_name(image_id)).is_file():
-            _write_atomic(png_dir / png_name(image_id), render_png(output_format, [], height, width, sixteen_bit))
+            write_bytes_atomic(png_dir / png_name(image_id), render_png(output_format, [], height, width, sixteen_bit))
             rendered += 1
         if output_format == "coco-panoptic" and image_id not in done:
             annotations.append({"image_id": image_id, "file_name": png_name(image_id), "segments_info": []})

@@ -1,6 +1,6 @@
 """The serving logic behind the HTTP endpoint (pipelines/serve.py), without Ray or HTTP.
 
-:class:`SegmentationService` wraps a :class:`~pading.serving.bundle.Bundle`:
+:class:`SegmentationService` wraps a :class:`~pading.bundle.Bundle`:
 
 - :func:`decode_image` turns request bytes into an (H, W, 3) uint8 RGB array (JPEG, PNG,
   WebP; any mode), refusing empty bodies, non-images, truncated files and images above
@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from pading.bundle import Bundle
 from pading.classes import TASKS, ClassInfo, ClassTable, clean_name
 from pading.config import ServeConfig
 from pading.data import to_rgb
@@ -55,7 +56,6 @@ from pading.model.classifier import (
 )
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.model.semantics import encode_with_config
-from pading.serving.bundle import Bundle
 from pading.serving.vocabularies import (
     BASE,
     Change,

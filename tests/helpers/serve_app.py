@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from helpers.tiny_bundle import build_tiny_bundle
+from pading.bundle import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def start(workdir: Path) -> dict:
     overrides = [f"serve.port={free_port()}", "serve.num_cpus=1", f"serve.max_image_pixels={MAX_IMAGE_PIXELS}",
                  f"serve.max_body_bytes={MAX_BODY_BYTES}", "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
                  "serve.batching=on"]  # auto would turn it off on CPU; this app tests the batching path
-    config = load_config(bundle_dir / "config.yaml", overrides)
+    config = load_config(bundle_dir / CONFIG_FILE, overrides)
     env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     metrics_port = free_port()
@@ -95,7 +96,7 @@ def deploy_extra(app_info: dict, name: str, **serve_settings) -> str:
     settings = {"num_cpus": 0, "vocabulary_store": app_info["bundle_dir"].parent / f"vocabularies-{name}",
                 **serve_settings}
     overrides = [f"serve.{key}={value}" for key, value in settings.items()]
-    config = load_config(app_info["bundle_dir"] / "config.yaml",
+    config = load_config(app_info["bundle_dir"] / CONFIG_FILE,
                          [f"serve.port={app_info['config'].serve.port}", *overrides])
     serve.run(serve_module.build_application(app_info["bundle_dir"], config.serve), name=name,
               route_prefix=f"/{name}")

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pading.bundle import Bundle
 from pading.config import tiny_config
 from pading.data.synthetic import synthetic_table
 from pading.model.classifier import Classifier, ProjectionClassifier
 from pading.model.generator import build_generator
 from pading.model.segmenter import Segmenter
 from pading.model.semantics import class_embeddings, encoder_id
-from pading.serving.bundle import Bundle
 
 EXTRA_NAMES = ("zebra crossing", "teapot", "lamp post", "kite surfer")
 SEMANTIC_DIM = 16

@@ -1,0 +1,66 @@
+"""Atomic file writers: a reader (or a re-run after a crash) sees the old file or the whole new
+one, never a half-written one. Each writes to a temporary name in the same directory
+(``.<name>.<unique>.tmp``, hidden, so globs of the products skip it), flushes and fsyncs it,
+then ``os.replace``-s it onto the name. Standard library only; pyarrow is imported by the
+Parquet writer alone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for the caller to write; on success it is
+    fsynced and renamed onto ``path``, on an error removed. The parent directory is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str | None = None) -> None:
+    """Write ``text`` to ``path`` atomically (``encoding`` as ``Path.write_text``'s)."""
+    with atomic_path(path) as tmp, open(tmp, "x", encoding=encoding) as handle:
+        handle.write(text)
+        handle.flush()
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 1, compact: bool = False) -> None:
+    """JSON to ``path`` atomically: indented by ``indent``, or with ``compact`` no whitespace at
+    all (for the large result files). Values JSON cannot hold are written as ``str()``."""
+    if compact:
+        text = json.dumps(data, separators=(",", ":"), default=str)
+    else:
+        text = json.dumps(data, indent=indent, default=str)
+    write_text_atomic(path, text)
+
+
+def write_parquet_atomic(table, path: str | os.PathLike) -> None:
+    """Write the pyarrow ``table`` as Parquet to ``path`` atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))

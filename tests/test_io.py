@@ -1,0 +1,40 @@
+"""pading.io: the atomic writers write what they are given, leave no temporary file, and keep
+the old file when writing fails."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pading.io import atomic_path, write_bytes_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
+
+
+def test_writers_write_the_contents_and_leave_no_temporary(tmp_path):
+    data = {"a": [1, 2], "b": tmp_path}  # a Path: written as str()
+    write_bytes_atomic(tmp_path / "sub" / "x.bin", b"\x00\x01")
+    write_text_atomic(tmp_path / "x.txt", "hello\n")
+    write_json_atomic(tmp_path / "x.json", data)
+    write_json_atomic(tmp_path / "x2.json", data, indent=2)
+    write_json_atomic(tmp_path / "x3.json", data, compact=True)
+    table = pa.table({"n": [1, 2, 3]})
+    write_parquet_atomic(table, tmp_path / "x.parquet")
+    assert (tmp_path / "sub" / "x.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "x.txt").read_text() == "hello\n"
+    assert (tmp_path / "x.json").read_text() == json.dumps(data, indent=1, default=str)
+    assert (tmp_path / "x2.json").read_text() == json.dumps(data, indent=2, default=str)
+    assert (tmp_path / "x3.json").read_text() == json.dumps(data, separators=(",", ":"), default=str)
+    assert pq.read_table(tmp_path / "x.parquet").equals(table)
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary left behind
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "x.json"
+    write_json_atomic(target, {"old": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
