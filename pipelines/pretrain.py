@@ -8,7 +8,6 @@ from it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -19,14 +18,14 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
-from pading.run import RunLayout, load_table, read_history, read_manifest
+from pading.run import RunLayout, load_table, read_manifest
+from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.layout import HISTORY_FILE
 from pading.training.pretrain import micro_batch_rows
 from pipelines import common
 
 logger = logging.getLogger("pipelines.pretrain")
 
-STATE_FILE = "train_state.pt"
 #: Test hook: a worker raises once at this step (to exercise FailureConfig + resume).
 FAIL_AT_STEP_ENV = "PADING_TEST_FAIL_AT_STEP"
 
@@ -66,8 +65,7 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-            trainer.load_state_dict(state, read_history(Path(directory) / HISTORY_FILE))
+            trainer.load_state_dict(*read_checkpoint(directory))
         if rank == 0:
             log.info(f"[pretrain] resumed from checkpoint at step {trainer.step_count}")
 
@@ -78,8 +76,7 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
-                (Path(tmp) / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
+                write_checkpoint(tmp, trainer.state_dict(), trainer.history)
                 trainer.result().save(Path(tmp) / "segmenter")  # the weight average with pretrain.ema_decay
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

@@ -13,7 +13,6 @@ steps and resumes; the result is the model bundle ``<output>/generator/bundle``.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -24,13 +23,13 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
-from pading.run import RunLayout, load_table, read_history
+from pading.run import RunLayout, load_table
+from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.layout import HISTORY_FILE
 from pipelines import common
 
 logger = logging.getLogger("pipelines.train_generator")
 
-STATE_FILE = "generator_state.pt"
 REFERENCE_ROWS = 4096  # real query embeddings kept in the bundle for run-time class fitting
 
 
@@ -88,8 +87,8 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True))
-            history = read_history(Path(directory) / HISTORY_FILE)
+            state, history = read_checkpoint(directory, map_location=device)
+            trainer.load_state_dict(state)
         if rank == 0:
             log.info(f"[generator] resumed from checkpoint at step {trainer.step_count}")
 
@@ -103,8 +102,7 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
-                (Path(tmp) / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+                write_checkpoint(tmp, trainer.state_dict(), history)
                 if final:
                     generator = trainer.generator
                     reference = features.select(np.arange(min(REFERENCE_ROWS, len(features))))

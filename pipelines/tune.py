@@ -31,12 +31,12 @@ import yaml
 
 from pading.config import ExperimentConfig, apply_overrides, save_config
 from pading.run import RunLayout, load_table, read_manifest, tracking
+from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.search import SearchSplit, validate_search_space
 from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")
 
-STATE_FILE = "trainer_state.pt"
 PAPER_WARNING = ("protocol=paper: settings were selected on the real unseen classes of the val images; "
                  "unseen numbers of the chosen config are optimistic (not a zero-shot result)")
 PREREQUISITE_STAGES = ("prepare", "pretrain", "extract")
@@ -122,11 +122,11 @@ def trial(params: dict, split: SearchSplit, semantics, base_config: ExperimentCo
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            resume_state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+            resume_state, _ = read_checkpoint(directory, map_location=device)
 
     def report(metrics: dict, trainer) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+            write_checkpoint(tmp, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train_and_score(split, semantics, config, iterations=iterations, report_every=settings.report_every,

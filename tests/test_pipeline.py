@@ -189,6 +189,7 @@ def test_pretrain_survives_a_worker_failure_and_resumes_its_weight_average(full_
     import torch
 
     from pading.model.segmenter import Segmenter
+    from pading.run.checkpoint import read_checkpoint
 
     saved = {}
     for name, env in (("whole", None), ("resumed", {"PADING_TEST_FAIL_AT_STEP": "4"})):
@@ -207,7 +208,7 @@ def test_pretrain_survives_a_worker_failure_and_resumes_its_weight_average(full_
             assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
         else:
             info = json.loads((output / "pretrain" / "_SUCCESS.json").read_text())
-            last = torch.load(Path(info["checkpoint"]) / "train_state.pt", weights_only=True)["model"]
+            last = read_checkpoint(info["checkpoint"])[0]["model"]
             assert last.keys() == saved[name].keys()
             assert any(not torch.equal(saved[name][k], v) for k, v in last.items() if v.is_floating_point())
     assert saved["whole"].keys() == saved["resumed"].keys()

@@ -129,3 +129,21 @@ def test_batches_without_a_loadable_image_are_skipped_then_refused(problem, monk
     trainer = _trainer(config, table)
     fit_segmenter(trainer, mixed, table)
     assert trainer.step_count == STEPS and trainer.batches_drawn > STEPS
+
+
+def test_one_checkpoint_format_for_every_trainer(straight, tmp_path):
+    """pading.run.checkpoint: the state and history round-trip; a checkpoint written under an
+    earlier name (train_state.pt, generator_state.pt) still resumes; a directory without one
+    is refused by name."""
+    from pading.errors import DataError
+    from pading.run.checkpoint import STATE_FILE, read_checkpoint, write_checkpoint
+
+    trainer = straight[0]
+    directory = write_checkpoint(tmp_path / "ckpt", trainer.state_dict(), trainer.history)
+    state, history = read_checkpoint(directory)
+    assert history == trainer.history and state["step"] == trainer.step_count
+    assert all(torch.equal(state["model"][k], v) for k, v in trainer.segmenter.state_dict().items())
+    (directory / STATE_FILE).rename(directory / "train_state.pt")
+    assert read_checkpoint(directory)[0]["step"] == trainer.step_count
+    with pytest.raises(DataError, match="not a checkpoint"):
+        read_checkpoint(tmp_path)
