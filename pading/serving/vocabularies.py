@@ -142,7 +142,26 @@ class Change:
         return out
 
 
-class VocabularyStore:
+class _ChainStore:
+    """What both stores share: a vocabulary's chain read through ``_versions`` and ``_read``."""
+
+    def _versions(self, name: str) -> list[int]:
+        raise NotImplementedError
+
+    def _read(self, name: str, version: int) -> Change:
+        raise NotImplementedError
+
+    def latest(self, name: str) -> int:
+        """The newest committed version of ``name`` (0: no change since the trained classes)."""
+        versions = self._versions(name)
+        return versions[-1] if versions else 0
+
+    def changes(self, name: str, after: int = 0) -> list[Change]:
+        """The committed changes of ``name`` newer than version ``after``, oldest first."""
+        return [self._read(name, v) for v in self._versions(name) if v > after]
+
+
+class VocabularyStore(_ChainStore):
     """Vocabulary chains under ``root`` (module docstring). Safe for many processes on many
     nodes at once, as long as they share the file system."""
 
@@ -162,15 +181,6 @@ class VocabularyStore:
         except OSError as err:
             raise StoreUnavailableError(f"vocabulary store {folder} cannot be read: {err}") from None
         return sorted(int(m.group(1)) for m in map(RECORD.match, entries) if m)
-
-    def latest(self, name: str) -> int:
-        """The newest committed version of ``name`` (0: no change since the trained classes)."""
-        versions = self._versions(name)
-        return versions[-1] if versions else 0
-
-    def changes(self, name: str, after: int = 0) -> list[Change]:
-        """The committed changes of ``name`` newer than version ``after``, oldest first."""
-        return [self._read(name, v) for v in self._versions(name) if v > after]
 
     def _read(self, name: str, version: int) -> Change:
         folder = self.root / name
@@ -260,7 +270,7 @@ class VocabularyStore:
         return change
 
 
-class MlflowVocabularyStore:
+class MlflowVocabularyStore(_ChainStore):
     """The same chains kept by an MLflow tracking server (``serve.vocabulary_store: mlflow``).
 
     A version is claimed by creating the registered model ``pading-vocabulary.<key>.<name>.v<N>``
@@ -307,13 +317,6 @@ class MlflowVocabularyStore:
     def _versions(self, name: str) -> list[int]:
         prefix = self._prefix(name)
         return sorted(int(m.name[len(prefix):]) for m in self._search(prefix) if m.name[len(prefix):].isdigit())
-
-    def latest(self, name: str) -> int:
-        versions = self._versions(name)
-        return versions[-1] if versions else 0
-
-    def changes(self, name: str, after: int = 0) -> list[Change]:
-        return [self._read(name, v) for v in self._versions(name) if v > after]
 
     def _read(self, name: str, version: int) -> Change:
         import mlflow
