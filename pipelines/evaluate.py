@@ -17,6 +17,7 @@ from pading.config import ExperimentConfig
 from pading.data.manifest import resolve, rows_to_table
 from pading.evaluation.predict import EvaluationPredictor, summarize
 from pading.run import RunLayout, load_table, read_manifest
+from pading.run.reports import format_results_table
 from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
@@ -90,27 +91,6 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     return info
 
 
-def format_table(results: dict) -> str:
-    """The Seen / Unseen / HM table as Markdown."""
-    lines = ["| task | metric | seen | unseen | HM |", "|---|---|---|---|---|"]
-    names = {"panoptic": ("ZSP", ("pq", "sq", "rq")), "instance": ("ZSI", ("map50", "recall100")),
-             "semantic": ("ZSS", ("miou",))}
-    for task, (label, metrics) in names.items():
-        if task not in results:
-            continue
-        for metric in metrics:
-            row = results[task]
-            lines.append(f"| {label} | {metric.upper()} | {row['seen'][metric]:.1f} | {row['unseen'][metric]:.1f} | "
-                         f"{row['hm'][metric]:.1f} |")
-    if "lvis" in results:  # seen = frequent + common, unseen = rare (AP_r), docs/lvis.md
-        row = results["lvis"]
-        lines.append(f"| OVIS (LVIS) | mask AP | {row['seen']['ap']:.1f} | {row['unseen']['ap']:.1f} | "
-                     f"{row['hm']['ap']:.1f} |")
-        lines += ["", "| LVIS mask AP | AP_r | AP_c | AP_f | AP50 |", "|---|---|---|---|---|",
-                  "| {ap:.1f} | {ap_r:.1f} | {ap_c:.1f} | {ap_f:.1f} | {ap50:.1f} |".format(**row["all"])]
-    return "\n".join(lines)
-
-
 def _options(parser) -> dict:
     parser.add_argument("--bundle", dest="bundle_dir", type=Path, default=None,
                         help="model bundle directory (default: <output>/generator/bundle)")
@@ -119,7 +99,7 @@ def _options(parser) -> dict:
 
 def main() -> None:
     info = common.stage_main(run, __doc__, _options)
-    print(format_table(info["results"]))
+    print(format_results_table(info["results"]))
 
 
 if __name__ == "__main__":

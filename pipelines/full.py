@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pading.config import ExperimentConfig, save_config
 from pading.run import RunLayout, read_history, tracking
+from pading.run.reports import format_results_table
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")
@@ -107,7 +108,7 @@ def main() -> None:
     print()
     print(f"PADing ({config.losses.variant}) on {config.data.root}, seed {config.seed} "
           f"(--set seed=N for another) — Seen / Unseen / HM (percent)")
-    print(evaluate.format_table(results))
+    print(format_results_table(results))
     print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
     print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "
           f"MLflow run {results['mlflow_run_id']} at {tracking.tracking_uri(config.tracking)}")

@@ -32,6 +32,7 @@ import yaml
 from pading.config import ExperimentConfig, apply_overrides, save_config
 from pading.run import RunLayout, load_table, read_manifest, tracking
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
+from pading.run.reports import format_trials
 from pading.run.search import SearchSplit, validate_search_space
 from pipelines import common
 
@@ -318,27 +319,6 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     return info
 
 
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _percent(value) -> str:
-    return f"{value:.1f}" if isinstance(value, (int, float)) else "failed"
-
-
-def format_summary(info: dict, output: Path) -> str:
-    trials = json.loads(RunLayout(output).tune_trials.read_text())
-    keys = sorted({k for t in trials for k in t["params"]})
-    lines = ["| trial | " + " | ".join(keys) + " | steps run | score | seen acc | unseen acc |",
-             "|---|" + "---|" * (len(keys) + 4)]
-    for t in sorted(trials, key=lambda t: -(t["score"] if isinstance(t["score"], (int, float)) else -1)):
-        params = " | ".join(_short(t["params"].get(k)) for k in keys)
-        steps = "-" if t["step"] is None else f"{int(t['step'])}{'' if t['completed'] else ' (stopped)'}"
-        lines.append(f"| {t['trial_id']} | {params} | {steps} | {_percent(t['score'])} | "
-                     f"{_percent(t['seen_accuracy'])} | {_percent(t['unseen_accuracy'])} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     common.setup_logging()
     parser = common.base_parser(__doc__)
@@ -360,7 +340,7 @@ def main() -> None:
           "score = HM of seen / unseen per-class accuracy (percent)")
     if info["protocol"] == "paper":
         print(f"WARNING: {PAPER_WARNING}")
-    print(format_summary(info, output))
+    print(format_trials(json.loads(RunLayout(output).tune_trials.read_text())))
     print("(stopped) = ASHA ended the trial early; the best config is chosen among trials that ran every step.")
     print()
     print(f"best config ({info['best_config']}); run it with: python pipelines/full.py --config {info['best_config']}")
