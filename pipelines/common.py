@@ -283,18 +283,42 @@ def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / SUCCESS_FILE).unlink(missing_ok=True)
 
 
-def begin_stage(name: str, stage_dir: Path, force: bool, clean: bool = False) -> dict | None:
-    """The finished stage's record if it can be skipped; otherwise None after removing
-    the stage's old output (always when ``clean``, else only under ``force``)."""
-    import shutil
+class Stage:
+    """One stage's lifecycle, the same for every stage, the Tune search and the tables:
 
-    done = stage_done(stage_dir)
-    if done and not force:
-        logger.info("%s: already done (%s), skipping", name, stage_dir)
-        return done
-    if stage_dir.exists() and (force or clean):
-        shutil.rmtree(stage_dir)
-    return None
+        stage = common.Stage("pretrain", stage_dir, force)
+        if stage.done:                 # finished before (and not --force): its record
+            return stage.done
+        ...checks that must pass before anything is removed...
+        stage.start()                  # removes the old output (under --force, or always with clean)
+        ...the work...
+        return stage.finish(info)      # adds "seconds", writes _SUCCESS.json
+
+    A stage that raises before ``finish`` is not marked done, so the next run redoes it."""
+
+    def __init__(self, name: str, stage_dir: Path, force: bool = False, *, clean: bool = False):
+        self.name, self.dir, self.force, self.clean = name, Path(stage_dir), force, clean
+        self.done = None if force else stage_done(self.dir)
+        if self.done is not None:
+            logger.info("%s: already done (%s), skipping", name, self.dir)
+        self.started: float | None = None
+
+    def start(self) -> "Stage":
+        import shutil
+
+        if self.done is not None:
+            raise RuntimeError(f"{self.name}: finished before; return stage.done instead of starting it")
+        if self.dir.exists() and (self.force or self.clean):
+            shutil.rmtree(self.dir)
+        self.started = time.time()
+        return self
+
+    def finish(self, info: dict[str, Any]) -> dict[str, Any]:
+        if self.started is None:
+            raise RuntimeError(f"{self.name}: finish() before start()")
+        info = {**info, "seconds": time.time() - self.started}
+        mark_done(self.dir, info)
+        return info
 
 
 def stage_main(run, description: str, configure=None) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from pading.config import ExperimentConfig
@@ -51,10 +50,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
 
 
     stage_dir = RunLayout(output).stage(stage_name)
-    done = common.begin_stage(stage_name, stage_dir, force, clean=True)
-    if done:
-        return done
-    started = time.time()
+    stage = common.Stage(stage_name, stage_dir, force, clean=True)
+    if stage.done:
+        return stage.done
+    stage.start()
     common.init_ray(config)
     bundle_dir = Path(bundle_dir or RunLayout(output).bundle)
     table = load_table(output)
@@ -86,15 +85,29 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     if data.format == "panoptic":
         overlays = [str(p) for p in write_overlays(bundle_dir, rows, RunLayout(output).overlays(stage_name))]
     info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
-            "overlays": overlays, "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "overlays": overlays}
+    return stage.finish(info)
 
 
 def _options(parser) -> dict:
     parser.add_argument("--bundle", dest="bundle_dir", type=Path, default=None,
                         help="model bundle directory (default: <output>/generator/bundle)")
     return {"bundle_dir": None}
+
+
+def track(info: dict, output: Path) -> None:
+    """The Seen / Unseen / HM metrics, the overlays and the per-class reports."""
+    import mlflow
+
+    from pading.run import tracking
+
+    tracking.log_metrics(info.get("results", {}))
+    for path in info.get("overlays", []):
+        mlflow.log_artifact(path, artifact_path="overlays")
+    reports = RunLayout(output).reports()
+    if reports.is_file():
+        mlflow.log_artifact(str(reports))
+
 
 
 def main() -> None:

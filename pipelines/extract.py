@@ -62,12 +62,12 @@ class NodeRecordingExtractor(FeatureExtractor):
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     stage_dir = RunLayout(output).features
-    done = common.begin_stage("extract", stage_dir, force)
-    if done:
-        return done
+    stage = common.Stage("extract", stage_dir, force)
+    if stage.done:
+        return stage.done
+    stage.start()
     if force:
         shutil.rmtree(RunLayout(output).features_rejects, ignore_errors=True)
-    started = time.time()
     common.init_ray(config)
     table = load_table(output)
     rows = read_manifest(output, "train")
@@ -105,11 +105,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             steady += sum(len(shards[int(r["shard"])]) for r in mine) / max(window, 1e-9)
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "actor_nodes": nodes, "steady_images_per_second": steady, "seconds": time.time() - started}
+            "actor_nodes": nodes, "steady_images_per_second": steady}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
-    common.mark_done(stage_dir, info)
-    return info
+    return stage.finish(info)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from pading.config import ExperimentConfig, save_config
-from pading.run import RunLayout, read_history, tracking
+from pading.run import RunLayout, tracking
 from pading.run.reports import format_results_table
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")
 
-#: The stages in order, each a module with ``run(config, output, force=False) -> dict``.
+#: The stages in order, each a module with ``run(config, output, force=False) -> dict`` and optionally
+#: ``track(info, output)`` (what it adds to its MLflow run).
 STAGE_MODULES = {"prepare": prepare, "pretrain": pretrain, "extract": extract, "generator": train_generator,
                  "evaluate": evaluate}
 STAGES = tuple(STAGE_MODULES)
@@ -37,30 +38,13 @@ def run_stages(config: ExperimentConfig, output: Path, names=STAGES, force: bool
 
 
 def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
+    """A stage's MLflow run: whether it was skipped, its record's numbers, and what the stage's
+    own ``track(info, output)`` adds (histories, artifacts)."""
     tracking.log_params({"stage": name, "skipped": skipped})
-    numbers = {k: v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tracking.log_metrics(numbers)
-    if name == "prepare":
-        tracking.log_metrics(info.get("counts", {}))
-        rejects = RunLayout(output).rejects
-        if rejects.is_file():
-            import mlflow
-
-            mlflow.log_artifact(str(rejects))
-    if name == "pretrain":
-        tracking.log_metric_history(read_history(RunLayout(output).history("pretrain")))
-    if name == "generator":
-        rows = [{k.replace("/", "."): v for k, v in row.items()} for row in read_history(RunLayout(output).history("generator"))]
-        tracking.log_metric_history(rows)
-    if name == "evaluate":
-        tracking.log_metrics(info.get("results", {}))
-        import mlflow
-
-        for path in info.get("overlays", []):
-            mlflow.log_artifact(path, artifact_path="overlays")
-        reports = RunLayout(output).reports()
-        if reports.is_file():
-            mlflow.log_artifact(str(reports))
+    tracking.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    track = getattr(STAGE_MODULES[name], "track", None)
+    if track is not None:
+        track(info, output)
 
 
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:

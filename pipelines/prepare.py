@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -86,10 +85,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray
 
     stage_dir = RunLayout(output).manifest
-    done = common.begin_stage("prepare", stage_dir, force, clean=True)
-    if done:
-        return done
-    started = time.time()
+    stage = common.Stage("prepare", stage_dir, force, clean=True)
+    if stage.done:
+        return stage.done
+    stage.start()
     ensure_dataset(config)
     stage_dir.mkdir(parents=True)
     common.init_ray(config)
@@ -141,9 +140,22 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     if empty:  # the stage is not marked finished: a rerun (after fixing the data) redoes it
         raise EmptySplitError(empty_split_message(empty, counts, all_rejects, stage_dir))
     info = {"counts": counts, "rejects": len(all_rejects), "num_classes": table.num_classes,
-            "unseen": [c.name for c in table if c.unseen], "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "unseen": [c.name for c in table if c.unseen]}
+    return stage.finish(info)
+
+
+def track(info: dict, output: Path) -> None:
+    """What the full run records in this stage's MLflow run besides its numbers: the per-split
+    counts and the rejects file."""
+    import mlflow
+
+    from pading.run import tracking
+
+    tracking.log_metrics(info.get("counts", {}))
+    rejects = RunLayout(output).rejects
+    if rejects.is_file():
+        mlflow.log_artifact(str(rejects))
+
 
 
 if __name__ == "__main__":

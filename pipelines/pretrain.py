@@ -101,11 +101,11 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     stage_dir = RunLayout(output).pretrain
-    done = common.begin_stage("pretrain", stage_dir, force)
-    if done:
-        return done
-    started = time.time()
+    stage = common.Stage("pretrain", stage_dir, force)
+    if stage.done:
+        return stage.done
     micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker
+    stage.start()
     common.init_ray(config)
     table = load_table(output)
     storage = RunLayout(output).ray_storage("pretrain")
@@ -124,10 +124,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     result = trainer.fit()
     common.copy_from_checkpoint(result, "segmenter", HISTORY_FILE, stage_dir)
     info = {"segmenter": str(RunLayout(output).segmenter), "final_metrics": result.metrics,
-            "checkpoint": result.checkpoint.path, "workers": common.worker_nodes(stage_dir),
-            "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "checkpoint": result.checkpoint.path, "workers": common.worker_nodes(stage_dir)}
+    return stage.finish(info)
+
+
+def track(info: dict, output: Path) -> None:
+    """The loss history as MLflow metric curves (step = pretraining step)."""
+    from pading.run import read_history, tracking
+
+    tracking.log_metric_history(read_history(RunLayout(output).history("pretrain")))
+
 
 
 if __name__ == "__main__":

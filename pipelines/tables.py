@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from pading.classes import clean_name
@@ -180,11 +179,10 @@ def log_to_mlflow(config: ExperimentConfig, out_dir: Path, written: dict, failur
 def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None, variants=None,
         primitive_counts=None) -> dict:
     stage_dir = RunLayout(output).tables
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("tables: already done (%s), skipping", stage_dir)
-        return done
-    started = time.time()
+    stage = common.Stage("tables", stage_dir, force)
+    if stage.done:
+        return stage.done
+    stage.start()
     seeds = tuple(int(s) for s in (seeds if seeds is not None else config.tables.seeds))
     rows = table_rows(config, variants, primitive_counts)
     common.init_ray(config)
@@ -198,9 +196,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None,
     written = write_outputs(config, stage_dir, rows, trained, seeds)
     run_id = log_to_mlflow(config, stage_dir, written, failures)
     info = {"markdown": written["markdown"], "csv": written["csv"], "figures": written["figures"],
-            "failures": failures, "seeds": list(seeds), "mlflow_run_id": run_id, "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "failures": failures, "seeds": list(seeds), "mlflow_run_id": run_id}
+    return stage.finish(info)
 
 
 def main() -> None:

@@ -143,9 +143,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
 
 
     stage_dir = output / stage_name
-    if common.stage_done(stage_dir) is not None and not force:
-        return common.begin_stage(stage_name, stage_dir, force)
-    started = time.time()
+    stage = common.Stage(stage_name, stage_dir, force)
+    if stage.done:
+        return stage.done
     # every check before the stage's old output is removed or any work starts
     table = load_table(output)
     base_classes = table.num_classes
@@ -158,7 +158,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     shard_files_of(RunLayout(output).features, 0, workers)  # enough shards for the workers?
     check_features_cover(table, base_classes, feature_files(RunLayout(output).features))
     check_chunk_size(config, config.segmenter.hidden_dim, torch.device("cuda" if config.ray.use_gpu else "cpu"))
-    common.begin_stage(stage_name, stage_dir, force)
+    stage.start()
     common.init_ray(config)
     semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
     trainer = TorchTrainer(
@@ -178,9 +178,17 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     result = trainer.fit()
     common.copy_from_checkpoint(result, "bundle", HISTORY_FILE, stage_dir)
     info = {"bundle": str(RunLayout(output).bundle), "variant": config.losses.variant,
-            "workers": common.worker_nodes(stage_dir), "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "workers": common.worker_nodes(stage_dir)}
+    return stage.finish(info)
+
+
+def track(info: dict, output: Path) -> None:
+    """The loss history as MLflow metric curves ("generator/mmd" logged as "generator.mmd")."""
+    from pading.run import read_history, tracking
+
+    rows = [{k.replace("/", "."): v for k, v in row.items()} for row in read_history(RunLayout(output).history("generator"))]
+    tracking.log_metric_history(rows)
+
 
 
 if __name__ == "__main__":

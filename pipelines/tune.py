@@ -23,7 +23,6 @@ import logging
 import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -247,14 +246,11 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
 
     settings = config.tune
     stage_dir = RunLayout(output).tune
-    done = common.stage_done(stage_dir)
-    if done and not force:
-        logger.info("tune: already done (%s), skipping", stage_dir)
-        return done
-    if force and stage_dir.exists():
-        shutil.rmtree(stage_dir)
+    stage = common.Stage("tune", stage_dir, force)
+    if stage.done:
+        return stage.done
+    stage.start()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     space = search_space(settings.search_space)
     common.init_ray(config)
     ensure_features(config, output)
@@ -314,9 +310,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
         mlflow.log_artifact(str(RunLayout(output).tune_trials))
     info = {"best": best, "best_config": str(best_path), "protocol": settings.protocol, "trials": len(trials),
             "failed": sum(1 for t in trials if t["error"]), "iterations": iterations,
-            "mlflow_run_id": parent_id or parent.info.run_id, "seconds": time.time() - started}
-    common.mark_done(stage_dir, info)
-    return info
+            "mlflow_run_id": parent_id or parent.info.run_id}
+    return stage.finish(info)
 
 
 def main() -> None:
