@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pading.classes import clean_name
 from pading.config import ExperimentConfig
-from pading.run import RunLayout, load_table, read_manifest, tracking
+from pading.run import RunLayout, read_manifest, tracking
 from pading.run.tables import (
     ABLATION_LABELS,
     RowSpec,
@@ -72,21 +72,18 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     Returns ``({row key: [per-seed outputs]}, failures)``."""
     import ray
 
-    from pading.data.features import read_features
-    from pading.model.segmenter import Segmenter
-    from pading.model.semantics import class_embeddings
+    from pading.run.inputs import load_generator_inputs
 
-    table = load_table(output)
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
-    segmenter_dir = str(RunLayout(output).segmenter)
+    inputs = load_generator_inputs(config, output)
+    table, segmenter_dir = inputs.table, str(inputs.segmenter_dir)
     settings = config.tables
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
     common.check_resources("a table task", "tables.cpus_per_task / tables.gpus_per_task", 1,
                            settings.cpus_per_task, settings.gpus_per_task)
     cache_ref = ray.remote(_segmenter_cache).options(**resources).remote(
         config, segmenter_dir, read_manifest(output, "val"))
-    shared = [ray.put(read_features(RunLayout(output).features)), ray.put(table), ray.put(semantics), ray.put(config),
-              cache_ref, ray.put(Segmenter.load(segmenter_dir, map_location="cpu").class_head)]
+    shared = [ray.put(inputs.features()), ray.put(table), ray.put(inputs.semantics()), ray.put(config),
+              cache_ref, ray.put(inputs.class_head())]
     iterations = settings.iterations or config.generator_training.iterations
     task = ray.remote(_train_row).options(**resources)
     pending = {}

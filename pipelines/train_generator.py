@@ -23,7 +23,7 @@ import torch
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
-from pading.run import RunLayout, load_table
+from pading.run import RunLayout
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.layout import HISTORY_FILE
 from pipelines import common
@@ -137,9 +137,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     from ray.train.torch import TorchTrainer
 
     from pading.data.features import feature_files
-    from pading.model.semantics import class_embeddings, encoder_id
+    from pading.run.inputs import load_generator_inputs
     from pading.training.checks import check_chunk_size, check_features_cover
-    from pading.vocabulary import extend_with_unseen
 
 
     stage_dir = output / stage_name
@@ -147,10 +146,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     if stage.done:
         return stage.done
     # every check before the stage's old output is removed or any work starts
-    table = load_table(output)
-    base_classes = table.num_classes
-    if config.vocabulary.extra_unseen:
-        table = extend_with_unseen(table, config.vocabulary.extra_unseen)
+    inputs = load_generator_inputs(config, output, extend_vocabulary=True)
+    table, base_classes = inputs.table, inputs.base_classes
+    if table.num_classes > base_classes:
         logger.info("generator: %d classes (%d of the dataset + %d from %s), %d unseen", table.num_classes,
                     base_classes, table.num_classes - base_classes, config.vocabulary.extra_unseen,
                     len(table.unseen_indices))
@@ -160,13 +158,12 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     check_chunk_size(config, config.segmenter.hidden_dim, torch.device("cuda" if config.ray.use_gpu else "cpu"))
     stage.start()
     common.init_ray(config)
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "config": config, "table": table.to_records(), "semantics": semantics.astype(np.float32), "base_classes": base_classes,
-            "segmenter_dir": str(RunLayout(output).segmenter), "encoder": encoder_id(config.semantics),
-            "features_dir": str(RunLayout(output).features), "stage_dir": str(stage_dir),
+            "config": config, "table": table.to_records(), "semantics": inputs.semantics(), "base_classes": base_classes,
+            "segmenter_dir": str(inputs.segmenter_dir), "encoder": inputs.encoder,
+            "features_dir": str(inputs.features_dir), "stage_dir": str(stage_dir),
         },
         scaling_config=common.train_scaling(config, workers),
         run_config=ray.train.RunConfig(

@@ -29,8 +29,9 @@ import torch
 import yaml
 
 from pading.config import ExperimentConfig, apply_overrides, save_config
-from pading.run import RunLayout, load_table, read_manifest, tracking
+from pading.run import RunLayout, read_manifest, tracking
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
+from pading.run.inputs import GeneratorInputs, load_generator_inputs
 from pading.run.reports import format_trials
 from pading.run.search import SearchSplit, validate_search_space
 from pipelines import common
@@ -60,20 +61,7 @@ def search_space(space: dict) -> dict:
     return {key: makers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
 
 
-def load_inputs(config: ExperimentConfig, output: Path) -> dict:
-    """Class table, semantics, class head and features of a finished extract stage."""
-    from pading.data.features import read_features
-    from pading.model.segmenter import Segmenter
-    from pading.model.semantics import class_embeddings
-
-    table = load_table(output)
-    semantics = class_embeddings(table, config.semantics, cache_dir=config.semantics.cache_dir or RunLayout(output).cache)
-    segmenter = Segmenter.load(RunLayout(output).segmenter, map_location="cpu")
-    return {"table": table, "semantics": semantics, "class_head": segmenter.class_head,
-            "features": read_features(RunLayout(output).features), "segmenter_dir": str(RunLayout(output).segmenter)}
-
-
-def val_features(config: ExperimentConfig, output: Path, inputs: dict):
+def val_features(config: ExperimentConfig, output: Path, inputs: GeneratorInputs):
     """Matched query embeddings of the val images (the paper protocol only), as a Ray task."""
     import ray
 
@@ -84,8 +72,8 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
     @ray.remote(num_cpus=config.tune.cpus_per_trial, num_gpus=config.tune.gpus_per_trial)
     def extract(rows: list[dict]):
         device = "cuda" if torch.cuda.is_available() and config.tune.gpus_per_trial > 0 else "cpu"
-        segmenter = Segmenter.load(inputs["segmenter_dir"], map_location=device)
-        found, rejects = extract_features(segmenter, rows, inputs["table"], config, checkpoint_id="val",
+        segmenter = Segmenter.load(inputs.segmenter_dir, map_location=device)
+        found, rejects = extract_features(segmenter, rows, inputs.table, config, checkpoint_id="val",
                                           batch_size=config.ray.extract_batch_size)
         for reject in rejects:
             logger.warning("val image rejected: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
@@ -95,14 +83,14 @@ def val_features(config: ExperimentConfig, output: Path, inputs: dict):
     return ray.get(extract.remote(rows))
 
 
-def build_split(config: ExperimentConfig, output: Path, inputs: dict) -> SearchSplit:
+def build_split(config: ExperimentConfig, output: Path, inputs: GeneratorInputs) -> SearchSplit:
     from pading.run.search import paper_split, pseudo_unseen_split
 
     settings = config.tune
     if settings.protocol == "paper":
         logger.warning(PAPER_WARNING)
-        return paper_split(inputs["features"], val_features(config, output, inputs), inputs["table"])
-    return pseudo_unseen_split(inputs["features"], inputs["table"], count=settings.pseudo_unseen_count,
+        return paper_split(inputs.features(), val_features(config, output, inputs), inputs.table)
+    return pseudo_unseen_split(inputs.features(), inputs.table, count=settings.pseudo_unseen_count,
                                holdout_fraction=settings.holdout_fraction, seed=config.seed)
 
 
@@ -254,12 +242,12 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     space = search_space(settings.search_space)
     common.init_ray(config)
     ensure_features(config, output)
-    inputs = load_inputs(config, output)
+    inputs = load_generator_inputs(config, output)
     split = build_split(config, output, inputs)
     iterations = settings.max_iterations or config.generator_training.iterations
     trainable = tune.with_resources(
-        tune.with_parameters(trial, split=split, semantics=inputs["semantics"], base_config=config,
-                             class_head=inputs["class_head"], iterations=iterations),
+        tune.with_parameters(trial, split=split, semantics=inputs.semantics(), base_config=config,
+                             class_head=inputs.class_head(), iterations=iterations),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     common.check_resources("a Tune trial", "tune.cpus_per_trial / tune.gpus_per_trial", 1,

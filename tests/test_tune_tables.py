@@ -73,6 +73,33 @@ def test_pipeline_output_has_features_of_seen_classes_only(pipeline_output):
     assert not set(features.labels.tolist()) & set(table.unseen_indices)
 
 
+def test_the_generator_inputs_load_one_way(pipeline_output, tmp_path):
+    """pading.run.inputs: what the generator stage, the search and the tables start from."""
+    import numpy as np
+
+    from pading.config import apply_overrides
+    from pading.data.features import read_features
+    from pading.run import load_table
+    from pading.run.inputs import load_generator_inputs
+
+    output, config = pipeline_output["output"], pipeline_output["config"]
+    inputs = load_generator_inputs(config, output)
+    table = load_table(output)
+    assert inputs.table.to_records() == table.to_records() and inputs.base_classes == table.num_classes
+    semantics = inputs.semantics()
+    assert semantics.dtype == np.float32 and semantics.shape[0] == table.num_classes
+    assert inputs.class_head().out_features == table.num_classes + 1
+    assert len(inputs.features()) == len(read_features(output / "features"))
+
+    names = tmp_path / "names.txt"
+    names.write_text("lunar rover\nsea urchin\n")
+    extended = apply_overrides(config, {"vocabulary.extra_unseen": str(names)})
+    wider = load_generator_inputs(extended, output, extend_vocabulary=True)
+    assert wider.table.num_classes == table.num_classes + 2 and wider.base_classes == table.num_classes
+    assert wider.semantics().shape[0] == table.num_classes + 2
+    assert load_generator_inputs(extended, output).table.num_classes == table.num_classes  # not asked to extend
+
+
 def _mlflow_runs(tmp: Path, experiment: str) -> list:
     import mlflow
 
