@@ -9,13 +9,11 @@ The seen-only filter then drops every train image with an unseen segment.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pading.classes import ClassTable
 from pading.config import ExperimentConfig
@@ -24,17 +22,16 @@ from pading.data.manifest import (
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
-    rejects_to_table,
     rows_to_table,
     to_rows,
     validate_rows,
 )
 from pading.run import RunLayout
+from pading.run.readers import write_manifest
 from pipelines import common
 
 logger = logging.getLogger("pipelines.prepare")
 
-MANIFEST_ROWS_PER_FILE = 10000
 
 
 def ensure_dataset(config: ExperimentConfig) -> None:
@@ -67,7 +64,7 @@ class EmptySplitError(RuntimeError):
     """A split has no usable image: nothing can be trained or evaluated."""
 
 
-def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], stage_dir: Path) -> str:
+def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], rejects_file: Path) -> str:
     """What went wrong, with the counts and the most common reject reasons."""
     reasons = Counter(r["reason"].split(":")[0][:120] for r in rejects).most_common(3)
     lines = [f"prepare: no usable image in the {' and '.join(empty)} split(s)."]
@@ -76,7 +73,7 @@ def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], sta
                      + (f", {c['seen_only_filtered']} dropped by the seen-only filter" if split == "train" else ""))
     if reasons:
         lines.append("  most common reject reasons: " + "; ".join(f"{n} x {reason}" for reason, n in reasons))
-    lines.append(f"  every reject with its file: {stage_dir / 'rejects.parquet'}. Check data.root and the "
+    lines.append(f"  every reject with its file: {rejects_file}. Check data.root and the "
                  "annotation paths of the config.")
     return "\n".join(lines)
 
@@ -113,7 +110,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             batch_format="pyarrow", batch_size=32, concurrency=(1, max(1, config.ray.extract_concurrency * 2)),
         ).to_arrow_refs()
         checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
-    counts = {}
+    counts, good_by_split = {}, {}
     for split in ("train", "val"):
         mine = [r for r in checked_rows if r["split"] == split]
         bad = [r for r in mine if r["reject_reason"]]
@@ -124,21 +121,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         if split == "train":
             good, dropped = apply_seen_only_filter(good, table, config.data.unseen_in_train)
             filtered = len(dropped)
-        good.sort(key=lambda r: r["image_id"])
-        (stage_dir / split).mkdir(parents=True)
-        for part, first in enumerate(range(0, max(1, len(good)), MANIFEST_ROWS_PER_FILE)):
-            pq.write_table(rows_to_table(good[first : first + MANIFEST_ROWS_PER_FILE]),
-                           stage_dir / split / f"part-{part:05d}.parquet")
+        good_by_split[split] = good
         counts[split] = {"images": len(good), "rejected": len(bad), "seen_only_filtered": filtered}
         logger.info("prepare: %s: %d usable images, %d rejected%s", split, len(good), len(bad),
                     f", {filtered} dropped by the seen-only filter" if split == "train" else "")
-    pq.write_table(rejects_to_table(all_rejects), RunLayout(output).rejects)
-    RunLayout(output).classes.write_text(json.dumps(table.to_records(), indent=1))
+    write_manifest(output, table, good_by_split, all_rejects)
     for reject in all_rejects:
         logger.warning("reject: %s [%s]: %s", reject["source"], reject["key"], reject["reason"])
     empty = [split for split in ("train", "val") if counts[split]["images"] == 0]
     if empty:  # the stage is not marked finished: a rerun (after fixing the data) redoes it
-        raise EmptySplitError(empty_split_message(empty, counts, all_rejects, stage_dir))
+        raise EmptySplitError(empty_split_message(empty, counts, all_rejects, RunLayout(output).rejects))
     info = {"counts": counts, "rejects": len(all_rejects), "num_classes": table.num_classes,
             "unseen": [c.name for c in table if c.unseen]}
     return stage.finish(info)

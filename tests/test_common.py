@@ -98,3 +98,24 @@ def test_one_data_order_seed_for_the_stage_and_the_search():
 
     names = search.train_generator.__code__.co_names
     assert "feature_batches" in names and "epoch_indices" not in names  # the search has no order of its own
+
+
+def test_the_manifest_is_written_next_to_its_reader(tmp_path, monkeypatch):
+    """pading.run.readers: what write_manifest writes, read_manifest / read_rejects / load_table
+    read back; a split larger than a part is written in parts; an empty split is readable."""
+    from pading.classes import ClassTable
+    from pading.data.manifest import MANIFEST_SCHEMA
+    from pading.run import readers
+
+    table = ClassTable.from_records([{"id": 1, "name": "cat", "unseen": False, "isthing": True},
+                                     {"id": 2, "name": "tree", "unseen": True, "isthing": False}])
+    row = {name: None for name in MANIFEST_SCHEMA.names}
+    rows = [{**row, "image_id": i, "split": "train", "image_path": f"{i}.jpg"} for i in (5, 3, 9)]
+    rejects = [{"source": "a.json", "key": "image_id=7", "reason": "truncated"}]
+    monkeypatch.setattr(readers, "MANIFEST_ROWS_PER_FILE", 2)
+    readers.write_manifest(tmp_path, table, {"train": rows, "val": []}, rejects)
+    assert [r["image_id"] for r in readers.read_manifest(tmp_path, "train")] == [3, 5, 9]
+    assert len(list((tmp_path / "manifest" / "train").glob("part-*.parquet"))) == 2
+    assert readers.read_manifest(tmp_path, "val") == []
+    assert readers.load_table(tmp_path).to_records() == table.to_records()
+    assert [r["reason"] for r in readers.read_rejects(tmp_path)] == ["truncated"]

@@ -32,6 +32,11 @@ class RunLayout:
     def manifest_split(self, split: str) -> Path:
         return self.manifest / split
 
+    def manifest_part(self, split: str, part: int) -> Path:
+        """Part ``part`` of a split's manifest (a split is written in parts of at most
+        :data:`pading.run.readers.MANIFEST_ROWS_PER_FILE` rows)."""
+        return self.manifest_split(split) / f"part-{part:05d}.parquet"
+
     @property
     def rejects(self) -> Path:
         return self.manifest / "rejects.parquet"

@@ -1,5 +1,6 @@
 """Readers of what earlier stages wrote (the manifest, the rejects, the class table, loss
-histories). The features table has its own module, :mod:`pading.data.features`."""
+histories), and the writer of the manifest next to its reader. The features table has its
+own module, :mod:`pading.data.features`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,28 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pading.classes import ClassTable
-from pading.data.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA
+from pading.data.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, rejects_to_table, rows_to_table
+from pading.io import write_parquet_atomic, write_text_atomic
 from pading.run.layout import RunLayout
+
+#: Rows per manifest Parquet file.
+MANIFEST_ROWS_PER_FILE = 10000
+
+
+def write_manifest(output: str | Path, table: ClassTable, splits: dict[str, list[dict]],
+                   rejects: list[dict]) -> None:
+    """What prepare writes: each split's rows (sorted by image_id, in parts of
+    :data:`MANIFEST_ROWS_PER_FILE`; an empty split is one empty part), the rejects and the
+    class table; :func:`read_manifest`, :func:`read_rejects` and :func:`load_table` read them."""
+    layout = RunLayout(output)
+    for split, rows in splits.items():
+        rows = sorted(rows, key=lambda r: r["image_id"])
+        layout.manifest_split(split).mkdir(parents=True, exist_ok=True)
+        for part, first in enumerate(range(0, max(1, len(rows)), MANIFEST_ROWS_PER_FILE)):
+            write_parquet_atomic(rows_to_table(rows[first:first + MANIFEST_ROWS_PER_FILE]),
+                                 layout.manifest_part(split, part))
+    write_parquet_atomic(rejects_to_table(rejects), layout.rejects)
+    write_text_atomic(layout.classes, json.dumps(table.to_records(), indent=1))
 
 
 def load_table(output: str | Path) -> ClassTable:
