@@ -94,7 +94,7 @@ def main() -> None:
           f"(--set seed=N for another) — Seen / Unseen / HM (percent)")
     print(format_results_table(results))
     print("stage wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["wall_seconds"].items()))
-    print(f"total {time.time() - started:.0f} s; results: {output / 'results.json'}; "
+    print(f"total {time.time() - started:.0f} s; results: {RunLayout(output).results}; "
           f"MLflow run {results['mlflow_run_id']} at {tracking.tracking_uri(config.tracking)}")
     bad = [k for k, v in json.loads((RunLayout(output).results).read_text()).items()
            if k != "wall_seconds" and any(not math.isfinite(x) for g in v.values() for x in g.values())]

@@ -16,29 +16,22 @@ segmenter once and each row only swaps the classifier. Writes ``<output>/tables/
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from pading.classes import clean_name
 from pading.config import ExperimentConfig
 from pading.run import RunLayout, read_manifest, tracking
 from pading.run.tables import (
     ABLATION_LABELS,
+    TABLES_RESULTS_FILE,
+    TSNE_PANELS,
     RowSpec,
-    aggregate,
-    flatten_results,
-    format_markdown,
     table_rows,
-    write_csv,
+    write_table_outputs,
 )
 from pipelines import common
 
 logger = logging.getLogger("pipelines.tables")
-
-#: The t-SNE panels: variant -> title (the paper's Fig. 5 compares these generators).
-TSNE_PANELS = {"gmmn": "GMMN generator", "primitive": "primitive generator", "full": "PADing (full)"}
-HM_PQ = "panoptic.hm.pq"
 
 
 def _segmenter_cache(config: ExperimentConfig, segmenter_dir: str, rows: list[dict]):
@@ -113,46 +106,6 @@ def run_rows(config: ExperimentConfig, output: Path, rows: list[RowSpec], seeds:
     return {"outputs": done, "table": table}, failures
 
 
-def write_outputs(config: ExperimentConfig, out_dir: Path, rows: list[RowSpec], trained: dict, seeds: tuple) -> dict:
-    """Markdown, CSV, figures and results.json; returns what was written."""
-    from pading.run.table_figures import bar_chart, tsne_figure
-
-    outputs, table = trained["outputs"], trained["table"]
-    aggregated = {key: aggregate([flatten_results(o["results"]) for o in runs]) for key, runs in outputs.items()}
-    written: dict = {"markdown": {}, "csv": {}, "figures": []}
-    for name in ("ablation", "primitives"):
-        table_rows_ = [(spec, aggregated[spec.key]) for spec in rows if spec.table == name and spec.key in aggregated]
-        if not table_rows_:
-            continue
-        markdown = format_markdown(table_rows_, seeds=seeds)
-        (out_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
-        write_csv(out_dir / f"{name}.csv", table_rows_, seeds=seeds)
-        written["markdown"][name] = markdown
-        written["csv"][name] = str(out_dir / f"{name}.csv")
-    panels = {}
-    for variant, title in TSNE_PANELS.items():
-        key = f"{variant}-K{config.generator.num_primitives}"
-        draws = [o for o in outputs.get(key, []) if o.get("synthetic_unseen") is not None]
-        if draws:
-            panels[title] = (draws[0]["synthetic_unseen"], draws[0]["synthetic_labels"])
-    if panels:
-        names = {i: clean_name(table[i].name) for i in table.unseen_indices}
-        written["figures"].append(str(tsne_figure(panels, names, out_dir / "tsne.png", seed=seeds[0])))
-    ablation = [spec for spec in rows if spec.table == "ablation" and HM_PQ in aggregated.get(spec.key, {})]
-    if ablation:
-        written["figures"].append(str(bar_chart([s.label for s in ablation],
-                                                [aggregated[s.key][HM_PQ]["mean"] for s in ablation],
-                                                [aggregated[s.key][HM_PQ]["std"] for s in ablation],
-                                                out_dir / "ablation_hm_pq.png")))
-    results = {"seeds": list(seeds), "rows": [
-        {"table": s.table, "label": s.label, "variant": s.variant, "num_primitives": s.num_primitives,
-         "seeds_done": [o["seed"] for o in outputs.get(s.key, [])], "metrics": aggregated.get(s.key, {}),
-         "per_seed": [flatten_results(o["results"]) for o in outputs.get(s.key, [])]} for s in rows]}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    written["results"] = results
-    return written
-
-
 def log_to_mlflow(config: ExperimentConfig, out_dir: Path, written: dict, failures: list[dict]) -> str:
     import mlflow
 
@@ -169,7 +122,7 @@ def log_to_mlflow(config: ExperimentConfig, out_dir: Path, written: dict, failur
                     tracking.log_metrics({f"seed.{k}": v for k, v in seed_metrics.items()}, step=step)
         for path in sorted(out_dir.glob("*.md")) + sorted(out_dir.glob("*.csv")) + sorted(out_dir.glob("*.png")):
             mlflow.log_artifact(str(path))
-        mlflow.log_artifact(str(out_dir / "results.json"))
+        mlflow.log_artifact(str(out_dir / TABLES_RESULTS_FILE))
         return parent.info.run_id
 
 
@@ -190,7 +143,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, seeds=None,
     trained, failures = run_rows(config, output, rows, seeds)
     if not trained["outputs"]:
         raise RuntimeError(f"tables: every task failed: {failures[:3]}")
-    written = write_outputs(config, stage_dir, rows, trained, seeds)
+    written = write_table_outputs(config, stage_dir, rows, trained, seeds)
     run_id = log_to_mlflow(config, stage_dir, written, failures)
     info = {"markdown": written["markdown"], "csv": written["csv"], "figures": written["figures"],
             "failures": failures, "seeds": list(seeds), "mlflow_run_id": run_id}

@@ -38,6 +38,9 @@ from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")
 
+#: Ray Tune's own state file of a search (what ``Tuner.can_restore`` looks for).
+RAY_TUNER_STATE = "tuner.pkl"
+
 PAPER_WARNING = ("protocol=paper: settings were selected on the real unseen classes of the val images; "
                  "unseen numbers of the chosen config are optimistic (not a zero-shot result)")
 PREREQUISITE_STAGES = ("prepare", "pretrain", "extract")
@@ -257,7 +260,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
         tags["warning"] = PAPER_WARNING
     tracking.setup(config.tracking)
     experiment_id = mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
-    parent_file = stage_dir / "mlflow_parent.json"
+    parent_file = RunLayout(output).tune_parent_run
     parent_id = json.loads(parent_file.read_text())["run_id"] if parent_file.is_file() else None
     name = f"{config.name}-tune"
     experiment_dir = RunLayout(output).ray_storage("tune") / name
@@ -315,7 +318,7 @@ def main() -> None:
     if args.fresh and (RunLayout(output).tune).exists():
         shutil.rmtree(RunLayout(output).tune)
     experiment_dir = RunLayout(output).ray_storage("tune") / f"{config.name}-tune"
-    if args.resume and not (experiment_dir / "tuner.pkl").is_file():
+    if args.resume and not (experiment_dir / RAY_TUNER_STATE).is_file():
         logger.warning("--resume: no interrupted search in %s; starting a new one", experiment_dir)
     info = run(config, output, force=args.force, resume=not args.fresh)
     print()

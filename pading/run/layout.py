@@ -140,6 +140,11 @@ class RunLayout:
         return self.tune / "trials.json"
 
     @property
+    def tune_parent_run(self) -> Path:
+        """The search's MLflow run id, so a resumed search logs into the same run."""
+        return self.tune / "mlflow_parent.json"
+
+    @property
     def tables_results(self) -> Path:
         return self.tables / "results.json"
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pading.classes import ClassTable
+from pading.classes import ClassTable, clean_name
 from pading.config import ExperimentConfig, apply_overrides
 from pading.data import (
     load_image,
@@ -32,6 +32,7 @@ from pading.data.features import FeatureArrays
 from pading.data.manifest import resolve
 from pading.errors import DataError
 from pading.evaluation.predict import error_row, postprocess, summarize, tasks_for, write_prediction
+from pading.io import write_json_atomic
 from pading.model.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
 from pading.run.search import train_generator
 
@@ -263,3 +264,55 @@ def write_csv(path: str | Path, rows: Sequence[tuple[RowSpec, dict]], *, seeds: 
 
 def all_finite(aggregated: dict) -> bool:
     return all(math.isfinite(v) for stats in aggregated.values() for v in stats.values())
+
+
+#: The t-SNE panels: variant -> title (the paper's Fig. 5 compares these generators).
+TSNE_PANELS = {"gmmn": "GMMN generator", "primitive": "primitive generator", "full": "PADing (full)"}
+#: The metric of the ablation's bar chart.
+HM_PQ = "panoptic.hm.pq"
+#: The tables' results, in the tables' stage directory (RunLayout.tables_results).
+TABLES_RESULTS_FILE = "results.json"
+
+
+def write_table_outputs(config: ExperimentConfig, out_dir: Path, rows: Sequence[RowSpec], trained: dict,
+                        seeds: Sequence[int]) -> dict:
+    """What pipelines/tables.py writes into ``out_dir`` from its rows' outputs (``trained``:
+    ``{"outputs": {row key: [per-seed outputs]}, "table": ClassTable}``): per table Markdown and
+    CSV, the t-SNE of the synthetic unseen features, the ablation's HM-PQ bar chart and
+    :data:`TABLES_RESULTS_FILE`. Returns what was written."""
+    from pading.run.table_figures import bar_chart, tsne_figure
+
+    outputs, table = trained["outputs"], trained["table"]
+    aggregated = {key: aggregate([flatten_results(o["results"]) for o in runs]) for key, runs in outputs.items()}
+    written: dict = {"markdown": {}, "csv": {}, "figures": []}
+    for name in ("ablation", "primitives"):
+        table_rows_ = [(spec, aggregated[spec.key]) for spec in rows if spec.table == name and spec.key in aggregated]
+        if not table_rows_:
+            continue
+        markdown = format_markdown(table_rows_, seeds=seeds)
+        (out_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
+        write_csv(out_dir / f"{name}.csv", table_rows_, seeds=seeds)
+        written["markdown"][name] = markdown
+        written["csv"][name] = str(out_dir / f"{name}.csv")
+    panels = {}
+    for variant, title in TSNE_PANELS.items():
+        key = f"{variant}-K{config.generator.num_primitives}"
+        draws = [o for o in outputs.get(key, []) if o.get("synthetic_unseen") is not None]
+        if draws:
+            panels[title] = (draws[0]["synthetic_unseen"], draws[0]["synthetic_labels"])
+    if panels:
+        names = {i: clean_name(table[i].name) for i in table.unseen_indices}
+        written["figures"].append(str(tsne_figure(panels, names, out_dir / "tsne.png", seed=seeds[0])))
+    ablation = [spec for spec in rows if spec.table == "ablation" and HM_PQ in aggregated.get(spec.key, {})]
+    if ablation:
+        written["figures"].append(str(bar_chart([s.label for s in ablation],
+                                                [aggregated[s.key][HM_PQ]["mean"] for s in ablation],
+                                                [aggregated[s.key][HM_PQ]["std"] for s in ablation],
+                                                out_dir / "ablation_hm_pq.png")))
+    results = {"seeds": list(seeds), "rows": [
+        {"table": s.table, "label": s.label, "variant": s.variant, "num_primitives": s.num_primitives,
+         "seeds_done": [o["seed"] for o in outputs.get(s.key, [])], "metrics": aggregated.get(s.key, {}),
+         "per_seed": [flatten_results(o["results"]) for o in outputs.get(s.key, [])]} for s in rows]}
+    write_json_atomic(out_dir / TABLES_RESULTS_FILE, results)
+    written["results"] = results
+    return written
