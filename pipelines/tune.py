@@ -33,7 +33,7 @@ from pading.run import RunLayout, read_manifest, tracking
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.inputs import GeneratorInputs, load_generator_inputs
 from pading.run.reports import format_trials
-from pading.run.search import SearchSplit, validate_search_space
+from pading.run.search import SearchSplit, best_config, best_trial, validate_search_space
 from pipelines import common
 
 logger = logging.getLogger("pipelines.tune")
@@ -211,25 +211,6 @@ def summarize_trials(grid, iterations: int) -> list[dict]:
     return trials
 
 
-def best_trial(trials: list[dict]) -> dict:
-    """The best finite score among trials that ran every iteration (else among all)."""
-    scored = sorted((t for t in trials if not t["error"] and isinstance(t["score"], (int, float))
-                     and math.isfinite(t["score"])), key=lambda t: t["trial_id"])
-    if not scored:
-        raise RuntimeError("tune: no trial reported a score (all failed?); see the trial errors above")
-    complete = [t for t in scored if t["completed"]] or scored
-    return max(complete, key=lambda t: t["score"])  # ties: the first trial id (stable across restores)
-
-
-def best_config(config: ExperimentConfig, params: dict, output: Path) -> ExperimentConfig:
-    """The experiment config with the best params; its own output dir so a full run of it
-    does not skip stages of this one."""
-    best = apply_overrides(config, params)
-    best.name = f"{config.name}-tuned"
-    best.output_dir = str(RunLayout(output).tune / "best_run")
-    return best
-
-
 def run(config: ExperimentConfig, output: Path, force: bool = False, resume: bool = True) -> dict:
     import mlflow
     from ray import tune
@@ -291,7 +272,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
             logger.warning("tune: trial %s failed: %s", failed["trial_id"], failed["error"].splitlines()[0][:300])
         best = best_trial(trials)
         best_path = RunLayout(output).tune_best_config
-        save_config(best_config(config, best["params"], output), best_path)
+        save_config(best_config(config, best["params"], RunLayout(output).tune / "best_run"), best_path)
         RunLayout(output).tune_trials.write_text(json.dumps(trials, indent=1, default=str))
         tracking.log_metrics({"best_score": best["score"], "best_seen_accuracy": best["seen_accuracy"],
                               "best_unseen_accuracy": best["unseen_accuracy"], "trials": len(trials),

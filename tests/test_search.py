@@ -231,3 +231,28 @@ def test_figures_are_written(tmp_path):
     for path in (tsne, bars):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_the_best_trial_is_the_best_complete_finite_one():
+    from pading.errors import DataError
+    from pading.run.search import best_trial
+
+    def trial(tid, score, completed=True, error=""):
+        return {"trial_id": tid, "score": score, "completed": completed, "error": error}
+
+    trials = [trial("a", 30.0, completed=False), trial("b", 20.0), trial("c", float("nan")),
+              trial("d", 50.0, error="boom"), trial("e", 20.0)]
+    assert best_trial(trials)["trial_id"] == "b"  # a stopped early; c not finite; d failed; b before e on a tie
+    assert best_trial([trial("a", 30.0, completed=False)])["trial_id"] == "a"  # none complete: among all
+    with pytest.raises(DataError, match="no trial reported a score"):
+        best_trial([trial("d", 50.0, error="boom")])
+
+
+def test_the_best_config_has_its_own_output(tmp_path):
+    from pading.config import tiny_config
+    from pading.run.search import best_config
+
+    config = tiny_config()
+    best = best_config(config, {"generator.num_primitives": 16}, tmp_path / "best_run")
+    assert best.generator.num_primitives == 16 and best.output_dir == str(tmp_path / "best_run")
+    assert best.name == f"{config.name}-tuned" and config.generator.num_primitives != 16

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -277,3 +279,23 @@ def validate_search_space(space: Mapping[str, Any]) -> None:
 def replace_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
     """``config`` with another ``seed`` (a shallow copy; sections are shared, read-only)."""
     return dataclasses.replace(config, seed=int(seed))
+
+
+def best_trial(trials: Sequence[dict]) -> dict:
+    """The best finite score among trials (``tune/trials.json`` rows) that ran every iteration
+    (else among all); ties go to the first trial id, which is stable across restores."""
+    scored = sorted((t for t in trials if not t["error"] and isinstance(t["score"], (int, float))
+                     and math.isfinite(t["score"])), key=lambda t: t["trial_id"])
+    if not scored:
+        raise DataError("tune", "no trial reported a score (all failed?); see the trial errors above")
+    complete = [t for t in scored if t["completed"]] or scored
+    return max(complete, key=lambda t: t["score"])  # ties: the first trial id (stable across restores)
+
+
+def best_config(config: ExperimentConfig, params: dict, output_dir: str | Path) -> ExperimentConfig:
+    """The experiment config with the best params and its own ``output_dir``, so a full run
+    of it does not skip the stages of the run that searched."""
+    best = apply_overrides(config, params)
+    best.name = f"{config.name}-tuned"
+    best.output_dir = str(output_dir)
+    return best
