@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import queue
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 SAMPLE = "val2017/000000142238.jpg"
-DEVTOOLS_TIMEOUT_S = 30
+DEVTOOLS_TIMEOUT_S = 90
 RESULT_TIMEOUT_S = 90
 
 
@@ -68,39 +71,65 @@ class DevTools:
         raise TimeoutError(f"{expression} stayed falsy for {timeout} s; status: {self.evaluate('document.body.innerText')}")
 
 
+def start_chromium(url: str, profile: Path) -> tuple[subprocess.Popen, int]:
+    """Start headless Chromium on ``url``; return it and its DevTools port.
+
+    Its stderr is read on a thread, so a Chromium that is alive but silent cannot block the
+    deadline; when no port appears, the error carries the last lines Chromium wrote."""
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-allow-origins=*",
+         "--window-size=1280,1000", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.time() + DEVTOOLS_TIMEOUT_S
+    while time.time() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+        if match:
+            return process, int(match.group(1))
+    stop_chromium(process)
+    raise RuntimeError(f"Chromium (exit {process.returncode}) did not start its DevTools server in "
+                       f"{DEVTOOLS_TIMEOUT_S} s; its last stderr lines: {''.join(seen[-20:])!r}")
+
+
+def stop_chromium(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture
 def browser(serve_url, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     pytest.importorskip("websockets")
-    process = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0", "--remote-allow-origins=*",
-         "--window-size=1280,1000", serve_url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
     try:
-        port = None
-        deadline = time.time() + DEVTOOLS_TIMEOUT_S
-        while port is None and time.time() < deadline:
-            line = process.stderr.readline()
-            match = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-            port = int(match.group(1)) if match else None
-            if not line and process.poll() is not None:
-                break
-        assert port is not None, "Chromium did not start its DevTools server"
+        process, port = start_chromium(serve_url, tmp_path / "profile")
+    except RuntimeError as first:  # a loaded machine can starve Chromium's start; one fresh try
+        logging.getLogger(__name__).warning("retrying Chromium: %s", first)
+        process, port = start_chromium(serve_url, tmp_path / "profile-retry")
+    try:
         pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"]
         devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
         devtools.wait_for("document.readyState === 'complete' && document.body.dataset.state === 'idle'")
         yield devtools
         devtools.socket.close()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_chromium(process)
 
 
 def test_page_segments_an_uploaded_coco_image(browser, coco_samples, serve_url):
