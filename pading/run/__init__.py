@@ -1,6 +1,7 @@
 """The run layer between the library and Ray: where a run's products live
 (:class:`RunLayout`), readers of earlier stages' products, feature extraction, MLflow
-tracking, the Tune search's library side and the paper's tables. Ray-free; pipelines/
+tracking, the Tune search's library side and the paper's tables, and what the entry points
+do without Ray (``cli``, ``stage``, ``tune_support``, ``batch_job``). Ray-free; pipelines/
 builds on it (docs/architecture.md)."""
 
 from pading.run.layout import RunLayout
