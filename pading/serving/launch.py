@@ -1,0 +1,117 @@
+"""Starting the endpoint, the parts without Ray (docs/serving.md, "Two deployments" and
+"Settings"): the two deployments' options from :class:`~pading.config.ServeConfig`, the
+arguments of ``serve run pipelines.serve:app ...`` and of ``python pipelines/serve.py``, and
+waiting for Ctrl-C or SIGTERM. pipelines/serve.py passes them to Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pading.config import ExperimentConfig, ServeConfig, to_dict
+from pading.errors import ConfigError
+from pading.serving.vocabularies import default_store, store_key
+
+logger = logging.getLogger(__name__)
+
+#: Requests the HTTP front lets wait when ``serve.max_queued_requests`` sets no limit (-1).
+UNLIMITED_QUEUE = 1000
+
+
+def model_options(config: ServeConfig) -> dict:
+    """``.options()`` of the model deployment: autoscaling, resources, backpressure, health checks."""
+    return dict(
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,  # per caller: the front gets BackPressureError -> 503
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+    )
+
+
+def front_options(config: ServeConfig) -> dict:
+    """``.options()`` of the HTTP front (no CPUs reserved; room for every replica's requests and
+    the queue), less its backpressure config (503 with ``serve.retry_after_s``)."""
+    queue = config.max_queued_requests if config.max_queued_requests > 0 else UNLIMITED_QUEUE
+    return dict(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_replicas * config.max_ongoing_requests + queue,
+        max_queued_requests=config.max_queued_requests,
+    )
+
+
+def model_arguments(bundle_dir: str | Path, config: ServeConfig, *, reference: str | None = None,
+                    tracking_uri: str | None = None) -> tuple[str, dict, str, str | None, str]:
+    """The model deployment's arguments (bundle directory, serve settings, vocabulary store,
+    tracking URI, the bundle's key in the store) for a local bundle directory. The vocabulary
+    store is ``serve.vocabulary_store``, else the default for the bundle ``reference`` (a
+    directory or an MLflow URI; docs/serving.md, "Vocabularies"); the tracking URI defaults to
+    ``MLFLOW_TRACKING_URI``."""
+    reference = reference or str(bundle_dir)
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    store_spec = default_store(reference, bundle_dir, config.vocabulary_store, tracking_uri)
+    return str(bundle_dir), to_dict(config), store_spec, tracking_uri, store_key(reference) or "bundle"
+
+
+def app_arguments(args: Mapping[str, str]) -> tuple[str, str | None, list[str]]:
+    """``serve run`` arguments ``bundle=PATH [config=YAML] [KEY=VALUE ...]`` -> (bundle reference,
+    config path or None, overrides); KEY is a ``serve`` setting (``max_batch_size=4``) or any
+    ``section.key``. ``PADING_BUNDLE`` may name the bundle."""
+    args = dict(args)
+    reference = args.pop("bundle", None) or os.environ.get("PADING_BUNDLE")
+    if not reference:
+        raise ConfigError("give the model bundle: serve run pipelines.serve:app bundle=PATH (or PADING_BUNDLE=PATH)")
+    config_path = args.pop("config", None)
+    overrides = [f"{key if '.' in key else 'serve.' + key}={value}" for key, value in args.items()]
+    return reference, config_path, overrides
+
+
+def bundle_tracking_uri(config: ExperimentConfig, reference: str) -> str | None:
+    """The MLflow tracking URI that an MLflow bundle ``reference`` (``runs:/...``,
+    ``models:/...``) resolves against; None for a bundle directory."""
+    if store_key(reference) is None:
+        return None
+    from pading.run import tracking
+
+    return tracking.tracking_uri(config.tracking)
+
+
+def parse_command_line(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``python pipelines/serve.py``; ``--host``/``--port`` are folded into
+    ``overrides`` as ``serve.host``/``serve.port``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/...")
+    parser.add_argument("--config", default=None, help="YAML config (default: the bundle's config.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set serve.max_batch_size=4 (repeatable)")
+    parser.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    parser.add_argument("--no-block", action="store_true",
+                        help="return after deploying (for a running cluster: RAY_ADDRESS or `ray start`)")
+    args = parser.parse_args(argv)
+    args.overrides = list(args.overrides)
+    args.overrides += [f"serve.host={args.host}"] if args.host else []
+    args.overrides += [f"serve.port={args.port}"] if args.port else []
+    return args
+
+
+def wait_until_interrupted() -> None:
+    """Sleep until Ctrl-C or SIGTERM (e.g. `kill`, a container stop), then return."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        logger.info("stopping Serve")
