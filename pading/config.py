@@ -296,8 +296,12 @@ class PretrainConfig:
     checkpoint_every: int = 5000
     # Steps between loss log lines of pipelines/pretrain.py.
     log_every: int = 50
+    # MB of decoded images and targets each worker keeps for later epochs (0 = decode every time).
+    decoded_cache_mb: int = 512
 
     def __post_init__(self):
+        if self.decoded_cache_mb < 0:
+            raise ConfigError(f"pretrain.decoded_cache_mb must be >= 0, got {self.decoded_cache_mb}")
         if self.iterations < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("pretrain.iterations, batch_size and grad_accumulation must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0:

@@ -147,3 +147,37 @@ def test_one_checkpoint_format_for_every_trainer(straight, tmp_path):
     assert read_checkpoint(directory)[0]["step"] == trainer.step_count
     with pytest.raises(DataError, match="not a checkpoint"):
         read_checkpoint(tmp_path)
+
+
+def test_kept_decoded_samples_equal_decoding_again_and_respect_the_budget(problem):
+    from pading.training.pretrain import DecodedSamples, load_training_batch
+
+    config, table, rows = problem
+    kept = DecodedSamples(table, "panoptic", budget_mb=64)
+    for _ in range(2):  # the second pass is served from memory
+        cached, _ = load_training_batch(rows[:4], table, "panoptic", 48, samples=kept)
+    fresh, _ = load_training_batch(rows[:4], table, "panoptic", 48)
+    assert len(kept.samples) == 4 and kept.used > 0
+    assert torch.equal(cached["pixel_values"], fresh["pixel_values"])
+    for a, b in zip(cached["mask_labels"] + cached["class_labels"], fresh["mask_labels"] + fresh["class_labels"]):
+        assert torch.equal(a, b)
+
+    one_row = sum(array.nbytes for array in kept.load(rows[0]))
+    small = DecodedSamples(table, "panoptic", budget_mb=1.5 * one_row / (1 << 20))
+    for row in rows[:4]:
+        small.load(row)
+    assert len(small.samples) == 1 and small.used <= small.budget  # full after one row: the rest decoded each time
+    nothing = DecodedSamples(table, "panoptic", budget_mb=0)
+    nothing.load(rows[0])
+    assert not nothing.samples
+
+
+def test_a_bad_row_is_reported_every_time_it_is_drawn(problem, tmp_path):
+    from pading.training.pretrain import DecodedSamples, load_training_batch
+
+    config, table, rows = problem
+    broken = {**rows[0], "image_path": str(tmp_path / "missing.jpg")}
+    kept = DecodedSamples(table, "panoptic", budget_mb=64)
+    for _ in range(2):
+        batch, rejects = load_training_batch([broken, rows[1]], table, "panoptic", 48, samples=kept)
+        assert len(rejects) == 1 and "missing.jpg" in rejects[0]["source"] and batch["pixel_values"].shape[0] == 1

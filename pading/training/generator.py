@@ -203,7 +203,8 @@ class GeneratorTrainer:
             self.generator.to(self.device)
             self.loss.to(self.device)
             parameters = list(self.generator.parameters()) + list(self.loss.parameters())
-            self.generator_optimizer = torch.optim.Adam(parameters, lr=training.generator_lr)
+            self.generator_optimizer = torch.optim.Adam(
+                parameters, lr=training.generator_lr, foreach=True)  # multi-tensor update, the same numbers
             milestones = sorted(
                 {max(1, int(round(fraction * training.iterations))) for fraction in training.lr_decay_at}
             )

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,25 +29,59 @@ logger = logging.getLogger(__name__)
 LOGGED_TERMS = ("loss", "loss_cross_entropy", "loss_mask", "loss_dice")
 
 
+class DecodedSamples:
+    """Decoded images and crowd-free targets of manifest rows, kept up to a byte budget.
+
+    Pretraining draws every image once per epoch, so decoding it again in every epoch is
+    host-side work the step waits for. Rows are kept in the order they are first loaded until
+    ``budget_mb`` is used, then the rest is decoded each time (with random epochs any row is
+    as likely as another, so no eviction beats filling once). The arrays are handed out, never
+    changed: a cached row gives exactly what decoding it again would. Failures are not kept:
+    a bad row is reported each time it is drawn."""
+
+    def __init__(self, table: ClassTable, data_format: str, *, budget_mb: float):
+        self.table, self.data_format = table, data_format
+        self.budget = int(budget_mb * (1 << 20))
+        self.used = 0
+        self.samples: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def load(self, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image (H, W, 3) uint8, masks (N, H, W) bool, labels (N,)) of ``row``; raises
+        DataError like :func:`pading.data.manifest.load_sample`."""
+        key = (row.get("image_id"), row.get("image_path"))
+        sample = self.samples.get(key)
+        if sample is None:
+            image, target = load_sample(row, self.table, self.data_format)
+            target = target.without_crowd()
+            sample = (image, target.masks, target.labels)
+            size = sum(array.nbytes for array in sample)
+            if self.used + size <= self.budget:
+                self.samples[key] = sample
+                self.used += size
+        return sample
+
+
 def load_training_batch(
-    rows: Sequence[dict], table: ClassTable, data_format: str, image_size: int
+    rows: Sequence[dict], table: ClassTable, data_format: str, image_size: int,
+    *, samples: Optional[DecodedSamples] = None,
 ) -> tuple[dict | None, list[dict]]:
     """Images and crowd-free targets of manifest ``rows`` as a segmenter batch.
 
     Rows that fail to load are returned as reject rows (``source``, ``key``, ``reason``)
-    instead of stopping the step. Returns ``(None, rejects)`` when no row loads.
+    instead of stopping the step. Returns ``(None, rejects)`` when no row loads. ``samples``
+    keeps decoded rows for later epochs (default: decode every row now).
     """
+    samples = samples if samples is not None else DecodedSamples(table, data_format, budget_mb=0)
     images, targets, sources, rejects = [], [], [], []
     for row in rows:
         try:
-            image, target = load_sample(row, table, data_format)
+            image, masks, labels = samples.load(row)
         except DataError as err:
             logger.warning("skipping %s: %s", err.source, err.reason)
             rejects.append({"source": err.source, "key": f"image_id={row.get('image_id')}", "reason": err.reason})
             continue
-        target = target.without_crowd()
         images.append(image)
-        targets.append((target.masks, target.labels))
+        targets.append((masks, labels))
         sources.append(str(row.get("image_path")))
     if not images:
         return None, rejects
@@ -75,6 +110,7 @@ def build_pretrain_optimizer(model: nn.Module, config: PretrainConfig) -> torch.
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
+        foreach=True,  # one multi-tensor update instead of a Python loop over ~200 tensors; the same numbers
     )
 
 
@@ -302,12 +338,14 @@ def fit_segmenter(
     if trainer.step_count >= iterations:
         return last
     empty_in_a_row = 0
+    samples = DecodedSamples(table, config.data.format, budget_mb=config.pretrain.decoded_cache_mb)
     for global_batch in epoch_indices(len(rows), config.pretrain.batch_size, seed=config.seed,
                                       start_step=trainer.batches_drawn, drop_last=True):
         trainer.batches_drawn += 1
         mine = global_batch[rank * accumulation * per_micro:][: accumulation * per_micro]
         micro = [load_training_batch([rows[i] for i in mine[m * per_micro:][:per_micro]], table,
-                                     config.data.format, config.data.image_size)[0] for m in range(accumulation)]
+                                     config.data.format, config.data.image_size, samples=samples)[0]
+                 for m in range(accumulation)]
         usable = torch.tensor([float(all(b is not None for b in micro))])
         if float(collective.all_reduce_sum(usable).item()) < collective.world_size:  # some worker has none
             empty_in_a_row += 1

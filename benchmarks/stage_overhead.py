@@ -1,0 +1,322 @@
+"""How far each stage is from the limit: the stage as it runs against the same work as a
+bare PyTorch loop in one process (no Ray, no checkpoints, no logging, no MLflow).
+
+Runs ``python pipelines/full.py --config CONFIG --output DIR`` from scratch (or reads a
+finished run with ``--reuse``), then repeats each stage's work in this process on the run's
+own data and model:
+
+- prepare: index the annotations and decode every image and its targets
+  (``pading.data.manifest``), the seen-only filter;
+- pretrain: :func:`pading.training.pretrain.fit_segmenter` for ``--pretrain-steps`` steps
+  (the run's first steps: same batches, same initial weights), decoding included;
+- extract: :class:`pading.run.extraction.FeatureExtractor` over every shard;
+- generator: :func:`pading.training.generator.fit_generator` for ``--generator-steps`` steps
+  on the run's features;
+- evaluate: :class:`pading.evaluation.predict.EvaluationPredictor` over the val manifest and
+  the metrics (:func:`pading.evaluation.predict.summarize`);
+- the per-image paths (``--serving``): the endpoint's latency (sequential requests to
+  ``python pipelines/serve.py``) against :class:`pading.serving.service.SegmentationService`
+  on the same bytes in this process; ``pipelines/segment.py``'s images/s once its actors are
+  up against the library's shard segmenter called in this process.
+
+For the two training stages the stage's own time splits in two: the loop (from the stage's
+loss history, ``elapsed_s``) and everything outside it (Ray Train's controller and worker
+start, model loading, the last checkpoint). The ratio that matters is the loop's per-step
+time over the bare loop's; the start-up is reported apart. The bare loops run with torch's
+own thread count (every core), so a stage that leaves cores idle shows it.
+
+    python benchmarks/stage_overhead.py                         # configs/demo.yaml, ~10 min
+    python benchmarks/stage_overhead.py --reuse --output outputs/demo
+    python benchmarks/stage_overhead.py --config configs/smoke.yaml --output /tmp/smoke-overhead
+
+Prints a Markdown table and writes ``<output>/stage_overhead.json``. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_pipeline(config: Path, output: Path, overrides: list[str]) -> None:
+    shutil.rmtree(output, ignore_errors=True)
+    command = [sys.executable, str(REPO / "pipelines" / "full.py"), "--config", str(config), "--output", str(output)]
+    for override in overrides:
+        command += ["--set", override]
+    log = output.with_suffix(".log")
+    print(f"running {' '.join(command)} (log: {log})", flush=True)
+    with open(log, "w") as sink:
+        subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, check=True)
+
+
+def loop_split(history: list[dict]) -> tuple[float, float, int]:
+    """(seconds in the loop, seconds per step after the first logged step, steps) of a
+    stage's loss history (rows with ``step`` and the loop's cumulative ``elapsed_s``)."""
+    rows = [r for r in history if "elapsed_s" in r and "step" in r]
+    first, last = rows[0], rows[-1]
+    per_step = (last["elapsed_s"] - first["elapsed_s"]) / max(1, last["step"] - first["step"])
+    return float(last["elapsed_s"]), per_step, int(last["step"])
+
+
+def timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def bare_prepare(config) -> float:
+    from pading.data.manifest import apply_seen_only_filter, class_table_for, read_split_index, to_rows, validate_rows
+
+    def work():
+        table, rows = None, {}
+        for split in ("train", "val"):
+            records, categories, _ = read_split_index(config.data, split)
+            table = table or class_table_for(config.data, categories)
+            rows[split] = to_rows(records, table)
+        good_train, _ = validate_rows(rows["train"], table, config.data.format)
+        validate_rows(rows["val"], table, config.data.format)
+        apply_seen_only_filter(good_train, table, config.data.unseen_in_train)
+
+    return timed(work)
+
+
+def bare_pretrain(config, output: Path, steps: int) -> float:
+    """Seconds per step of the library loop over the run's first ``steps`` steps."""
+    from pading.model.segmenter import Segmenter
+    from pading.run import load_table, read_manifest
+    from pading.training.pretrain import SegmenterTrainer, fit_segmenter
+
+    table, rows = load_table(output), read_manifest(output, "train")
+    config.pretrain.iterations = steps + 1
+    torch.manual_seed(config.seed)
+    trainer = SegmenterTrainer(Segmenter(config.segmenter, table.num_classes), config)
+    marks = []
+    fit_segmenter(trainer, rows, table, on_step=lambda trainer, row: marks.append(time.perf_counter()))
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def bare_extract(config, output: Path) -> float:
+    from pading.data.manifest import shard_rows
+    from pading.run import RunLayout, load_table, read_manifest
+    from pading.run.extraction import FeatureExtractor
+
+    rows, table = read_manifest(output, "train"), load_table(output)
+    shards = shard_rows(rows, config.ray.extract_shard_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        extractor = FeatureExtractor(config, str(RunLayout(output).segmenter), table.to_records(), rows, scratch,
+                                     "benchmark")
+        for index, ids in enumerate(shards):
+            extractor({"shard": [index], "image_ids": [ids]})
+        return time.perf_counter() - started
+
+
+def bare_generator(config, output: Path, steps: int) -> float:
+    """Seconds per step of the library loop on the run's features."""
+    from pading.data.features import feature_batches, feature_files, read_features, with_no_object_index
+    from pading.model.segmenter import Segmenter
+    from pading.run.inputs import load_generator_inputs
+    from pading.training.generator import GeneratorTrainer, fit_generator
+
+    inputs = load_generator_inputs(config, output, extend_vocabulary=True)
+    table = inputs.table
+    segmenter = Segmenter.load(inputs.segmenter_dir, map_location="cpu")
+    semantics = torch.tensor(np.asarray(inputs.semantics(), dtype=np.float32))
+    trainer = GeneratorTrainer(table, semantics, config.segmenter.hidden_dim, config, class_head=segmenter.class_head)
+    features = with_no_object_index(read_features(feature_files(inputs.features_dir)), inputs.base_classes,
+                                    table.no_object_index)
+    rows = config.generator_training.batch_images * config.segmenter.num_queries
+    marks = []
+    fit_generator(trainer, feature_batches(features, rows, seed=config.seed), steps + 1,
+                  on_step=lambda trainer, metrics: marks.append(time.perf_counter()))
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def bare_evaluate(config, output: Path) -> float:
+    from pading.data.manifest import resolve
+    from pading.evaluation.predict import EvaluationPredictor, summarize
+    from pading.run import RunLayout, load_table, read_manifest
+
+    rows, table, data = read_manifest(output, "val"), load_table(output), config.data
+    root = Path(data.root)
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        predictor = EvaluationPredictor(str(RunLayout(output).bundle), scratch, data.format,
+                                        batch_size=config.ray.extract_batch_size, inference=config.inference)
+        result = []
+        for start in range(0, len(rows), 16):
+            batch = predictor(rows[start:start + 16])
+            result.extend(dict(zip(batch, values)) for values in zip(*batch.values()))
+        summarize(result, table, data.format, scratch,
+                  gt_panoptic_json=resolve(root, data.val_panoptic_json), gt_panoptic_dir=resolve(root, data.val_panoptic_dir),
+                  gt_instances_json=resolve(root, data.instances_json("val")),
+                  gt_semantic_dir=resolve(root, data.val_semantic_dir), images=rows)
+        return time.perf_counter() - started
+
+
+def val_image_bytes(output: Path, count: int) -> list[bytes]:
+    from pading.run import read_manifest
+
+    rows = read_manifest(output, "val")
+    return [Path(rows[k % len(rows)]["image_path"]).read_bytes() for k in range(count)]
+
+
+def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, float]:
+    """Median ms per request: sequential POSTs to ``pipelines/serve.py``, and
+    ``SegmentationService.segment`` on the same bytes in this process."""
+    import httpx
+
+    from pading.bundle import Bundle
+    from pading.serving.service import SegmentationService
+
+    bundle = output / "generator" / "bundle"
+    images = val_image_bytes(output, requests)
+    service = SegmentationService(Bundle.load(bundle))
+    bare = []
+    for data in [images[0]] * 3 + images:
+        started = time.perf_counter()
+        service.segment([service.decode(data)], ["panoptic"], ["json"])
+        bare.append(time.perf_counter() - started)
+    server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        served = []
+        with httpx.Client(timeout=60) as client:
+            for data in [images[0]] * 3 + images:
+                started = time.perf_counter()
+                client.post(url + "v1/segment", params={"task": "panoptic"}, content=data).raise_for_status()
+                served.append(time.perf_counter() - started)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=120)
+    return 1000 * float(np.median(served[3:])), 1000 * float(np.median(bare[3:]))
+
+
+def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
+    """(wall s, images/s once the actors are up) of ``pipelines/segment.py`` over ``count``
+    val images, and images/s of the library's shard segmenter in this process."""
+    from pading.serving.batch import ShardSegmenter
+
+    bundle = output / "generator" / "bundle"
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs = Path(scratch) / "in"
+        inputs.mkdir()
+        for k, data in enumerate(val_image_bytes(output, count)):
+            (inputs / f"{k:06d}.png").write_bytes(data)
+        target = Path(scratch) / "out"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "pipelines" / "segment.py"), "--bundle", str(bundle), "--input",
+                        str(inputs), "--output", str(target), "--concurrency", "1"], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        summary = json.loads((target / "summary.json").read_text())
+        paths = sorted(str(p) for p in inputs.iterdir())
+        segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
+        started = time.perf_counter()
+        for index in range(0, len(paths), 8):
+            segmenter({"shard": [index], "paths": [paths[index:index + 8]],
+                       "image_ids": [list(range(index, index + len(paths[index:index + 8])))]})
+        bare_rate = len(paths) / (time.perf_counter() - started)
+    return wall, float(summary.get("steady_images_per_second", 0.0)), bare_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--output", type=Path, default=Path("/tmp/pading-stage-overhead"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true", help="read a finished run at --output instead of running one")
+    parser.add_argument("--pretrain-steps", type=int, default=100)
+    parser.add_argument("--generator-steps", type=int, default=400)
+    parser.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the endpoint and pipelines/segment.py (starts Serve; ~2 min)")
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from pading.config import load_config
+    from pading.run import read_history
+    from pading.run.layout import RunLayout
+
+    output = args.output.resolve()
+    if not (args.reuse and (output / "results.json").is_file()):
+        run_pipeline(args.config, output, args.overrides)
+    results = json.loads((output / "results.json").read_text())
+    wall = results["wall_seconds"]
+
+    def config():
+        return load_config(output / "config.yaml")
+
+    layout = RunLayout(output)
+    rows = []
+    print(f"bare loops with {torch.get_num_threads()} torch threads", flush=True)
+    bare = bare_prepare(config())
+    rows.append({"stage": "prepare", "wall_s": wall["prepare"], "bare_s": bare})
+    for stage, steps, bare_loop in (("pretrain", args.pretrain_steps, bare_pretrain),
+                                    ("generator", args.generator_steps, bare_generator)):
+        loop_s, per_step, total_steps = loop_split(read_history(layout.history(stage)))
+        bare_step = bare_loop(config(), output, steps)
+        rows.append({"stage": stage, "wall_s": wall[stage], "outside_loop_s": wall[stage] - loop_s, "loop_s": loop_s,
+                     "step_ms": 1000 * per_step, "bare_step_ms": 1000 * bare_step, "bare_s": bare_step * total_steps,
+                     "loop_ratio": per_step / bare_step})
+        print(f"  {stage}: bare {1000 * bare_step:.1f} ms/step over {steps} steps", flush=True)
+    rows.insert(2, {"stage": "extract", "wall_s": wall["extract"], "bare_s": bare_extract(config(), output)})
+    rows.append({"stage": "evaluate", "wall_s": wall["evaluate"], "bare_s": bare_evaluate(config(), output)})
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / row["bare_s"]
+    if args.serving:
+        served, bare_ms = endpoint_latency(output, args.requests, args.port)
+        rows.append({"stage": "endpoint (ms per image)", "served_ms": served, "bare_ms": bare_ms,
+                     "loop_ratio": served / bare_ms})
+        seg_wall, steady, bare_rate = segment_rate(output, 4 * args.requests)
+        rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady, "bare_rate": bare_rate,
+                     "loop_ratio": bare_rate / steady if steady else float("nan")})
+
+    def cell(row, key, fmt="{:.1f}"):
+        return fmt.format(row[key]) if key in row else ""
+
+    print("\n| stage | stage wall s | outside the loop s | stage ms/step | bare ms/step | bare s | "
+          "loop / bare | wall / bare |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "served_ms" in row:
+            print(f"| {row['stage']} | | | {row['served_ms']:.0f} ms | {row['bare_ms']:.0f} ms | | "
+                  f"{row['loop_ratio']:.2f} | |")
+        elif "steady_rate" in row:
+            print(f"| {row['stage']} | {row['wall_s']:.1f} | | {row['steady_rate']:.2f}/s | {row['bare_rate']:.2f}/s | | "
+                  f"{row['loop_ratio']:.2f} | |")
+        else:
+            print(f"| {row['stage']} | {row['wall_s']:.1f} | {cell(row, 'outside_loop_s')} | {cell(row, 'step_ms')} | "
+                  f"{cell(row, 'bare_step_ms')} | {row['bare_s']:.1f} | {cell(row, 'loop_ratio', '{:.2f}')} | "
+                  f"{row['wall_ratio']:.2f} |")
+    total = sum(wall.values())
+    print(f"\nstages {total:.0f} s; bare {sum(r.get('bare_s', 0) for r in rows):.0f} s")
+    (output / "stage_overhead.json").write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(),
+                                                            "wall_seconds": wall}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
