@@ -480,6 +480,9 @@ class RayConfig:
     use_gpu: bool = False
     # CPUs per Ray Train worker and per extraction / evaluation actor.
     cpus_per_worker: float = 1.0
+    # Seconds between Ray Train's polls of its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2):
+    # a finished or failed worker group is noticed within this time; the variable, when set, wins.
+    train_poll_s: float = 0.25
     # Actors of the extract and evaluate stages (prepare's validation uses up to twice as many).
     extract_concurrency: int = 1
     # GPUs per extraction / evaluation actor (0: CPU only).
@@ -502,6 +505,8 @@ class RayConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:
             raise ConfigError("ray.num_workers and ray.extract_concurrency must be >= 1, ray.cpus_per_worker >= 0")
+        if self.train_poll_s <= 0:
+            raise ConfigError(f"ray.train_poll_s must be > 0, got {self.train_poll_s}")
 
 
 @config_section

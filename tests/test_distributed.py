@@ -21,6 +21,7 @@ Adam turns float noise of ~1e-10 in them into steps of the learning rate's size.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ RELATIVE_TOLERANCE = 1e-5
 def ray_local():
     import ray
 
+    from pipelines.common import TRAIN_POLL_ENV
+
+    os.environ.setdefault(TRAIN_POLL_ENV, "0.25")  # as the stages do (ray.train_poll_s)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}})
     yield
