@@ -180,9 +180,10 @@ def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, flo
     import httpx
 
     from pading.bundle import Bundle
+    from pading.run import RunLayout
     from pading.serving.service import SegmentationService
 
-    bundle = output / "generator" / "bundle"
+    bundle = RunLayout(output).bundle
     images = val_image_bytes(output, requests)
     service = SegmentationService(Bundle.load(bundle))
     bare = []
@@ -217,9 +218,10 @@ def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, flo
 def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
     """(wall s, images/s once the actors are up) of ``pipelines/segment.py`` over ``count``
     val images, and images/s of the library's shard segmenter in this process."""
-    from pading.serving.batch import ShardSegmenter
+    from pading.run import RunLayout
+    from pading.serving.batch import SUMMARY_FILE, ShardSegmenter
 
-    bundle = output / "generator" / "bundle"
+    bundle = RunLayout(output).bundle
     with tempfile.TemporaryDirectory() as scratch:
         inputs = Path(scratch) / "in"
         inputs.mkdir()
@@ -231,7 +233,7 @@ def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
                         str(inputs), "--output", str(target), "--concurrency", "1"], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started
-        summary = json.loads((target / "summary.json").read_text())
+        summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
         segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
         started = time.perf_counter()

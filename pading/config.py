@@ -497,7 +497,7 @@ class RayConfig:
     # STRICT_SPREAD (one per node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train workers of the generator stage. None: num_workers when a step has enough work to divide
-    # (rows x classes x D >= 1e8, pading.training.distributed.worth_dividing), else one (README "Performance").
+    # (rows x classes x D >= 1e8, pading.training.distributed.worth_dividing), else one (docs/performance.md).
     generator_workers: Optional[int] = None
     # CPUs of the local Ray a run starts when it joins no cluster (None: every core).
     local_cpus: Optional[int] = None
@@ -534,8 +534,8 @@ class ServeConfig:
     port: int = 8000
     # URL path the application is served under (must start with "/").
     route_prefix: str = "/"
-    # auto: batch on a GPU, run every request alone on CPU (measured faster there, README
-    # "Serving"); on / off force it (true / false are accepted as on / off).
+    # auto: batch on a GPU, run every request alone on CPU (measured faster there,
+    # docs/serving.md "Load test"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"
     # Most requests one batched forward pass takes (when batching is on).
     max_batch_size: int = 8

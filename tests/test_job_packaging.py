@@ -1,5 +1,5 @@
 """What ``ray job submit --working-dir .`` would upload from a checkout that also holds a
-virtual environment, data and run outputs (README, "Running on a cluster").
+virtual environment, data and run outputs (docs/usage.md, "Running on a cluster").
 
 Ray builds the job's package with ``ray._private.runtime_env.packaging.create_package``, which
 walks the directory and skips what ``.gitignore`` and ``.rayignore`` match. The test builds that

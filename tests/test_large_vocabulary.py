@@ -4,7 +4,7 @@
   stage and the LVIS evaluation over the 1,203 LVIS classes;
 - past LVIS: the generator stage (Ray Train) over the LVIS names plus the ImageNet-21k names
   (> 20,000 classes, ``vocabulary.extra_unseen=imagenet21k``) on 2 workers (the short run above
-  is the 1-worker generator stage; README "Large vocabularies" times both at 22,325 classes),
+  is the 1-worker generator stage; docs/lvis.md "Large vocabularies" times both at 22,325 classes),
   and the resulting bundle answering through the endpoint's service and ``pipelines/segment.py``;
 - a chunk size that cannot fit is refused before any work.
 """

@@ -159,7 +159,7 @@ def finish(job: Job, new_images: int | float, segment_seconds: float, steady: fl
         "concurrency": settings.concurrency, "classes": job.table.num_classes, "added_classes": job.added,
         "only_classes": job.only, "output": str(job.output), "products": counts["products"],
     }
-    write_json_atomic(job.output / "summary.json", summary)
+    write_json_atomic(job.output / batch.SUMMARY_FILE, summary)
     logger.info("segment: %d images segmented, %d rejected, %d segments; %.1f s (%d new images at %.2f images/s, "
                 "%.2f once the actors were up)", summary["segmented"], summary["rejected"], summary["segments"],
                 seconds, new_images, summary["images_per_second"], steady)

@@ -71,6 +71,8 @@ FORMAT_TASK = {"parquet": "panoptic", "coco-panoptic": "panoptic", "coco-instanc
 assert set(FORMAT_TASK) == set(SEGMENT_FORMATS)
 
 JOB_FILE = "job.json"
+#: The job's counts and throughput, written last (pading.run.batch_job.finish).
+SUMMARY_FILE = "summary.json"
 SHARDS_DIR = "shards"
 BUNDLE_DIR = "bundle"
 PNG_DIRS = {"coco-panoptic": "panoptic", "semantic": "semantic"}
@@ -78,7 +80,7 @@ OVERLAYS_DIR = "overlays"
 #: Everything a job writes in its output directory (``--force`` removes exactly these).
 PRODUCTS = (SHARDS_DIR, BUNDLE_DIR, "panoptic", "semantic", OVERLAYS_DIR, "categories.json", "images.json",
             "images.parquet", "segments.parquet", "panoptic.json", "instances_results.json", "rejects.parquet",
-            "rejects.csv", "summary.json", JOB_FILE)
+            "rejects.csv", SUMMARY_FILE, JOB_FILE)
 #: Request fields that decide the vocabulary (named in the refusal message).
 VOCABULARY_KEYS = ("bundle", "add_classes", "only_classes")
 

@@ -158,7 +158,7 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "request body") 
 
 def resolve_batching(setting: str, device: torch.device | str) -> bool:
     """``serve.batching``: ``on``/``off``, or ``auto`` = batch on a GPU only. On CPU the
-    unbatched replica measured faster at every concurrency (README "Serving"): requests run
+    unbatched replica measured faster at every concurrency (docs/serving.md, "Load test"): requests run
     side by side on threads, while a batch waits for its slowest image."""
     if setting == "auto":
         return torch.device(device).type == "cuda"
