@@ -104,7 +104,7 @@ def record_worker_node(stage_dir: Path, stage: str, rank: int, world: int, node:
     log.info(f"[{stage}] worker {rank}/{world} on node {node} ({record['hostname']}, pid {record['pid']})")
     directory = Path(stage_dir) / WORKERS_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"rank-{rank}.json").write_text(json.dumps(record))
+    write_json_atomic(directory / f"rank-{rank}.json", record)  # read while the stage runs (tests)
 
 
 def worker_nodes(stage_dir: Path) -> list[dict]:
