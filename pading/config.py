@@ -501,6 +501,9 @@ class RayConfig:
     generator_workers: Optional[int] = None
     # CPUs of the local Ray a run starts when it joins no cluster (None: every core).
     local_cpus: Optional[int] = None
+    # Start Ray's dashboard with that local Ray (its address is logged). Off saves about 3 s of start-up
+    # (configs/smoke.yaml, which the tests run many times); a cluster's dashboard is the cluster's own.
+    local_dashboard: bool = True
 
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:

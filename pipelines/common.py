@@ -56,7 +56,8 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
     else:
         env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
         num_cpus = config.ray.local_cpus if config is not None else None
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=None)
+        dashboard = None if config is None or config.ray.local_dashboard else False  # None: when installed
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=dashboard)
     try:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # noqa: BLE001 - informational only

@@ -58,9 +58,9 @@ def _one_torch_thread():
 # ``@pytest.mark.xdist_group("...")`` when it needs no module fixture. Units start in the order
 # below (the longest first: the last unit to start bounds the run), the rest in file order.
 # docs/testing.md lists the measured times.
-SHARED_APP = {"test_serve", "test_page", "test_serve_production"}  # helpers/serve_app.py
+SHARED_APP = {"test_serve", "test_page", "test_serve_production", "test_serve_vocabularies"}  # helpers/serve_app.py
 LONGEST_FIRST = ["test_pipeline", "test_cluster", "test_large_vocabulary", "shared-serve-app", "coco-tiny-run",
-                 "test_segment", "test_tune_tables", "test_distributed", "test_serve_vocabularies"]
+                 "test_segment", "test_tune_tables", "test_distributed"]
 
 
 def _unit(item) -> str:
@@ -90,3 +90,14 @@ def pytest_configure(config):
         return
     ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "get-auth-token", "--generate"], capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_app_only_for_its_modules(request):
+    """helpers/serve_app.py's app (its Ray, its replicas' CPUs) is stopped before any other
+    module runs in this process: a module that starts or joins Ray here must find the CPUs free."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    app = sys.modules.get("helpers.serve_app")
+    if module not in SHARED_APP and app is not None:
+        app.stop()
+    yield

@@ -28,7 +28,7 @@ CONFIG = REPO / "configs" / "lvis_synthetic.yaml"
 SHORT = ["--set", "data.synthetic.num_train=120", "--set", "data.synthetic.num_val=30",
          "--set", "pretrain.iterations=40", "--set", "pretrain.checkpoint_every=40",
          "--set", "generator_training.iterations=20", "--set", "generator_training.checkpoint_every=20",
-         "--set", "generator.num_primitives=32"]
+         "--set", "generator.num_primitives=32", "--set", "ray.local_dashboard=false"]
 PAST_LVIS = ["--set", "vocabulary.extra_unseen=imagenet21k", "--set", "generator_training.iterations=4",
              "--set", "generator_training.unseen_classes_per_step=64", "--set", "generator_training.log_every=1"]
 

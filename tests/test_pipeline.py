@@ -239,8 +239,11 @@ def test_zsi_path_on_real_coco_tiny(coco_tiny, tmp_path):
     """configs/zsi_coco_tiny.yaml end to end on 100 real COCO images (crowd, polygons, RLE,
     grayscale): the seen-only filter on instances, every stage, instance Seen/Unseen/HM."""
     output = tmp_path / "zsi"
+    shorter = ["--set", "pretrain.iterations=10", "--set", "pretrain.checkpoint_every=10", "--set",
+               "generator_training.iterations=40", "--set", "generator_training.checkpoint_every=40"]
     proc = _run(["pipelines/full.py", "--config", "configs/zsi_coco_tiny.yaml", "--output", str(output),
-                 "--set", f"data.root={coco_tiny}", "--set", "data.max_val_images=20"], tmp_path)
+                 "--set", f"data.root={coco_tiny}", "--set", "data.max_val_images=20", "--set",
+                 "ray.local_dashboard=false", *shorter], tmp_path)
     assert proc.returncode == 0
     results = json.loads((output / "results.json").read_text())
     assert set(results) == {"instance", "wall_seconds"}
