@@ -24,6 +24,7 @@ from pading.config import ExperimentConfig
 from pading.data.manifest import shard_rows
 from pading.run import RunLayout, load_table, read_manifest
 from pading.run.extraction import FeatureExtractor
+from pading.serving.batch import steady_throughput
 from pipelines import common
 
 logger = logging.getLogger("pipelines.extract")
@@ -96,13 +97,9 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
-        # steady-state throughput: each actor's images over its first-shard-to-last window (start-up
-        # left out), summed over the actors that ran side by side
-        steady = 0.0
-        for pid in {int(r["actor_pid"]) for r in results}:
-            mine = [r for r in results if int(r["actor_pid"]) == pid]
-            window = max(float(r["finished_at"]) for r in mine) - min(float(r["started_at"]) for r in mine)
-            steady += sum(len(shards[int(r["shard"])]) for r in mine) / max(window, 1e-9)
+        # images/s once the actors are up (each actor's first shard start to last shard end)
+        steady = steady_throughput([{"pid": r["actor_pid"], "images": len(shards[int(r["shard"])]), "skipped": False,
+                                     "started_at": r["started_at"], "finished_at": r["finished_at"]} for r in results])
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
             "actor_nodes": nodes, "steady_images_per_second": steady}

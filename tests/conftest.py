@@ -71,6 +71,7 @@ def _unit(item) -> str:
     return "shared-serve-app" if module in SHARED_APP else module
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
     for item in items:
