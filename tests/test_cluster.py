@@ -69,21 +69,36 @@ def cluster():
     home.mkdir()
     env = _clean_env(home, secrets.token_hex(32))
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dashboard = _free_port(), _free_port()
-    started = []
+    ports = {}
 
-    def start(args: list[str], temp: str) -> None:
-        (base / temp).mkdir()
-        proc = subprocess.run([ray_bin, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={base / temp}",
-                               *args, *_node_ports()], env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        started.append(temp)
+    def start(args, temp: str) -> None:
+        """``ray start`` one node; ``args()`` picks its ports. Another test process's Ray may take a
+        port between the pick and ``ray start`` (the suite runs in two processes): then that node is
+        stopped and started again on new ports, up to three times, and the reason is printed."""
+        failures = []
+        for _ in range(3):
+            (base / temp).mkdir()
+            proc = subprocess.run([ray_bin, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={base / temp}",
+                                   *args(), *_node_ports()], env=env, capture_output=True, text=True, timeout=180)
+            if proc.returncode == 0:
+                return
+            failures.append(proc.stdout[-2000:] + proc.stderr[-3000:])
+            print(f"`ray start` of node {temp} failed; retrying on new ports:\n{failures[-1]}")
+            subprocess.run(["pkill", "-9", "-f", str(base / temp)], capture_output=True, timeout=60)
+            shutil.rmtree(base / temp, ignore_errors=True)
+        pytest.fail(f"`ray start` of node {temp} failed 3 times; last output:\n{failures[-1]}")
+
+    def head_args() -> list[str]:
+        ports.update(gcs=_free_port(), dashboard=_free_port())
+        return ["--head", f"--port={ports['gcs']}", "--num-cpus=0", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                f"--ray-client-server-port={_free_port()}"]
 
     try:
-        start(["--head", f"--port={gcs}", "--num-cpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}"], "head")
+        start(head_args, "head")
+        gcs, dashboard = ports["gcs"], ports["dashboard"]
         for name in ("w1", "w2"):
-            start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={WORKER_NODE_CPUS}"], name)
+            start(lambda: [f"--address=127.0.0.1:{gcs}", f"--num-cpus={WORKER_NODE_CPUS}"], name)
         yield {"base": base, "env": env, "ray": ray_bin, "gcs": f"127.0.0.1:{gcs}",
                "dashboard": f"http://127.0.0.1:{dashboard}", "shared": base / "shared"}
     finally:  # stop this cluster only (its processes name its temp dirs), not every Ray on the machine
