@@ -10,6 +10,7 @@ its real files, next to a fake virtual environment and other local build product
 from __future__ import annotations
 
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def test_the_job_package_holds_the_code_and_no_local_environment(tmp_path, inclu
     assert set(CODE) <= names  # the code goes
     leaked = sorted(n for n in names if any(n == local or n.startswith(local + "/") for local in LOCAL_ROOTS))
     assert not leaked, leaked
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@pytest.mark.parametrize("path", [".venv", ".venv/", ".venv/bin/python", "venv/bin/python"])
+def test_git_ignores_the_virtual_environment_whatever_its_kind(path):
+    """``.venv`` as a symlink to an environment elsewhere is not a directory to git, so the
+    ``.venv/`` pattern alone would leave it showing in ``git status``; the plain name is listed too."""
+    proc = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO, capture_output=True)
+    assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
+
 
 def test_the_ignore_files_agree_on_local_environments():
     """``.rayignore`` covers every local-environment pattern of ``.gitignore``: the package stays
