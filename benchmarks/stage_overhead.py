@@ -295,7 +295,7 @@ def main() -> None:
     extract = {"stage": "extract", "wall_s": wall["extract"], "bare_s": bare_all}
     if steady:
         extract.update(outside_loop_s=wall["extract"] - images / steady, step_ms=1000 / steady,
-                       bare_step_ms=1000 * bare_loop_s / images, loop_ratio=bare_loop_s and images / steady / bare_loop_s)
+                       bare_step_ms=1000 * bare_loop_s / images, loop_ratio=images / steady / bare_loop_s)
     rows.insert(2, extract)
     rows.append({"stage": "evaluate", "wall_s": wall["evaluate"], "bare_s": bare_evaluate(config(), output)})
     for row in rows:
