@@ -15,15 +15,20 @@ own data and model:
 - evaluate: :class:`pading.evaluation.predict.EvaluationPredictor` over the val manifest and
   the metrics (:func:`pading.evaluation.predict.summarize`);
 - the per-image paths (``--serving``): the endpoint's latency (sequential requests to
-  ``python pipelines/serve.py``) against :class:`pading.serving.service.SegmentationService`
-  on the same bytes in this process; ``pipelines/segment.py``'s images/s once its actors are
-  up against the library's shard segmenter called in this process.
+  ``python pipelines/serve.py``, at the demo's image size and at a COCO-sized 640 px,
+  ``--endpoint-sizes``) against :class:`pading.serving.service.SegmentationService` on the
+  same bytes in this process; ``pipelines/segment.py``'s images/s once its actor is up
+  (``--segment-images``, 16 shards by default) against the library's shard segmenter called
+  in this process on the same images and shards. Both bare loops run with as many torch
+  threads as the replica or actor they stand for (``serve.num_cpus``, ``segment.num_cpus``:
+  one by default).
 
 For the two training stages the stage's own time splits in two: the loop (from the stage's
 loss history, ``elapsed_s``) and everything outside it (Ray Train's controller and worker
 start, model loading, the last checkpoint). The ratio that matters is the loop's per-step
 time over the bare loop's; the start-up is reported apart. The bare loops run with torch's
-own thread count (every core), so a stage that leaves cores idle shows it.
+own thread count (every core), so a stage that leaves cores idle shows it; the per-image
+paths are the exception above.
 
     python benchmarks/stage_overhead.py                         # configs/demo.yaml, ~10 min
     python benchmarks/stage_overhead.py --reuse --output outputs/demo
@@ -35,6 +40,7 @@ Prints a Markdown table and writes ``<output>/stage_overhead.json``. Run it on a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -177,9 +183,29 @@ def val_image_bytes(output: Path, count: int) -> list[bytes]:
     return [Path(rows[k % len(rows)]["image_path"]).read_bytes() for k in range(count)]
 
 
-def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, float]:
-    """Median ms per request: sequential POSTs to ``pipelines/serve.py``, and
-    ``SegmentationService.segment`` on the same bytes in this process."""
+def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
+    """The images as they are (``size`` None), or resized to ``size`` px on the long side and
+    re-encoded as JPEG: a COCO-sized request (640 px) to a model that runs at the demo's 64 px."""
+    if size is None:
+        return images
+    from PIL import Image
+
+    out = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            scale = size / max(image.size)
+            image = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+    return out
+
+
+def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None]) -> dict:
+    """Median ms per request for each image size in ``sizes`` (None: the val images as they
+    are): sequential POSTs to ``pipelines/serve.py`` (one server for all sizes), and
+    ``SegmentationService.segment`` on the same bytes in this process with the replica's
+    torch threads (``serve.num_cpus``). {size: (served, bare)}"""
     import httpx
 
     from pading.bundle import Bundle
@@ -187,17 +213,28 @@ def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, flo
     from pading.serving.service import SegmentationService
 
     bundle = RunLayout(output).bundle
-    images = val_image_bytes(output, requests)
-    service = SegmentationService(Bundle.load(bundle))
-    bare = []
-    for data in [images[0]] * 3 + images:
-        started = time.perf_counter()
-        service.segment([service.decode(data)], ["panoptic"], ["json"])
-        bare.append(time.perf_counter() - started)
+    originals = val_image_bytes(output, requests)
+    payloads = {size: resized_bytes(originals, size) for size in sizes}
+    trained = Bundle.load(bundle)
+    service = SegmentationService(trained)
+    bare = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(trained.config.serve.num_cpus)))  # as many as a replica runs (serve.num_cpus)
+    try:
+        for size, images in payloads.items():
+            times = []
+            for data in [images[0]] * 3 + images:  # the first three warm up
+                started = time.perf_counter()
+                service.segment([service.decode(data)], ["panoptic"], ["json"])
+                times.append(time.perf_counter() - started)
+            bare[size] = 1000 * float(np.median(times[3:]))
+    finally:
+        torch.set_num_threads(threads)
     server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
                                "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
+    results = {}
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -206,25 +243,38 @@ def endpoint_latency(output: Path, requests: int, port: int) -> tuple[float, flo
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        served = []
         with httpx.Client(timeout=60) as client:
-            for data in [images[0]] * 3 + images:
-                started = time.perf_counter()
-                client.post(url + "v1/segment", params={"task": "panoptic"}, content=data).raise_for_status()
-                served.append(time.perf_counter() - started)
+            for size, images in payloads.items():
+                served = []
+                for data in [images[0]] * 3 + images:
+                    started = time.perf_counter()
+                    client.post(url + "v1/segment", params={"task": "panoptic"}, content=data).raise_for_status()
+                    served.append(time.perf_counter() - started)
+                results[size] = (1000 * float(np.median(served[3:])), bare[size])
     finally:
         os.killpg(server.pid, signal.SIGINT)
-        server.wait(timeout=120)
-    return 1000 * float(np.median(served[3:])), 1000 * float(np.median(bare[3:]))
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
+            print("pipelines/serve.py did not stop within 120 s of SIGINT; killing it", flush=True)
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=60)
+    return results
 
 
 def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
     """(wall s, images/s once the actors are up) of ``pipelines/segment.py`` over ``count``
-    val images, and images/s of the library's shard segmenter in this process."""
+    val images (one actor, the default shard size), and images/s of the library's shard
+    segmenter in this process over the same images in the same shards. The command's rate
+    runs from its actor's first shard start to its last shard end, so the first shard's
+    warm-up (a fresh process's first forward passes) is in it: ``count`` should be many
+    shards."""
+    from pading.config import SegmentConfig
     from pading.run import RunLayout
     from pading.serving.batch import SUMMARY_FILE, ShardSegmenter
 
     bundle = RunLayout(output).bundle
+    shard = SegmentConfig().shard_size
     with tempfile.TemporaryDirectory() as scratch:
         inputs = Path(scratch) / "in"
         inputs.mkdir()
@@ -238,12 +288,17 @@ def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
         wall = time.perf_counter() - started
         summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
-        segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
-        started = time.perf_counter()
-        for index in range(0, len(paths), 8):
-            segmenter({"shard": [index], "paths": [paths[index:index + 8]],
-                       "image_ids": [list(range(index, index + len(paths[index:index + 8])))]})
-        bare_rate = len(paths) / (time.perf_counter() - started)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(SegmentConfig().num_cpus)))  # as many as the command's actor runs
+        try:
+            segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
+            started = time.perf_counter()
+            for index in range(0, len(paths), shard):
+                segmenter({"shard": [index], "paths": [paths[index:index + shard]],
+                           "image_ids": [list(range(index, index + len(paths[index:index + shard])))]})
+            bare_rate = len(paths) / (time.perf_counter() - started)
+        finally:
+            torch.set_num_threads(threads)
     return wall, float(summary.get("steady_images_per_second", 0.0)), bare_rate
 
 
@@ -257,7 +312,11 @@ def main() -> None:
     parser.add_argument("--generator-steps", type=int, default=400)
     parser.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
                         help="also the endpoint and pipelines/segment.py (starts Serve; ~2 min)")
-    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=30, help="endpoint requests per image size")
+    parser.add_argument("--endpoint-sizes", default="demo,640",
+                        help="image sizes sent to the endpoint: 'demo' (the val images as they are) or a long side in px")
+    parser.add_argument("--segment-images", type=int, default=1024,
+                        help="images for pipelines/segment.py and its bare loop (16 shards of 64 by default)")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -301,10 +360,12 @@ def main() -> None:
     for row in rows:
         row["wall_ratio"] = row["wall_s"] / row["bare_s"]
     if args.serving:
-        served, bare_ms = endpoint_latency(output, args.requests, args.port)
-        rows.append({"stage": "endpoint (ms per image)", "served_ms": served, "bare_ms": bare_ms,
-                     "loop_ratio": served / bare_ms})
-        seg_wall, steady, bare_rate = segment_rate(output, 4 * args.requests)
+        sizes = [None if size == "demo" else int(size) for size in args.endpoint_sizes.split(",")]
+        for size, (served, bare_ms) in endpoint_latency(output, args.requests, args.port, sizes).items():
+            label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
+            rows.append({"stage": f"endpoint (ms per {label} image)", "served_ms": served, "bare_ms": bare_ms,
+                         "loop_ratio": served / bare_ms})
+        seg_wall, steady, bare_rate = segment_rate(output, args.segment_images)
         rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady, "bare_rate": bare_rate,
                      "loop_ratio": bare_rate / steady if steady else float("nan")})
 

@@ -166,18 +166,13 @@ def _faulty_collectives():
             "share-dropped": ShareDropped, "without-sync": LocalCollective}
 
 
-def _generator_worker(loop_config: dict) -> None:
-    import ray.train
-
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+def _generator_worker(problem: dict, variants: list[str], out: Path, rank: int, world: int) -> None:
     results = {}
     for name, make in _faulty_collectives().items():
-        if name in loop_config["variants"]:  # alone (without sync), an empty batch is no step at all
-            results[name] = _fit(loop_config["problem"], make(),
+        if name in variants:  # alone (without sync), an empty batch is no step at all
+            results[name] = _fit(problem, make(),
                                  lambda batches: _halves(batches, rank, world, empty_share=name != "without-sync"))
-    torch.save(results, Path(loop_config["out"]) / f"generator-rank{rank}.pt")
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 def _loss_difference(reference: list[dict], run: list[dict]) -> float:
@@ -189,14 +184,18 @@ def _loss_difference(reference: list[dict], run: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.parametrize("problem", [SMALL, LARGE], ids=["6-classes", "1200-classes"])
-def test_generator_two_workers_match_one(ray_local, tmp_path, problem):
+GENERATOR_PROBLEMS = {"6-classes": (SMALL, ["synchronised", "without-sync"]),
+                      "1200-classes": (LARGE, list(_faulty_collectives()))}
+
+
+@pytest.mark.parametrize("problem_id", list(GENERATOR_PROBLEMS))
+def test_generator_two_workers_match_one(two_worker_runs, problem_id):
     """2 workers, each with half of every global batch, end where one worker on the whole
     batches ends (parameters and every step's losses); each fault breaks that."""
-    variants = list(_faulty_collectives()) if problem is LARGE else ["synchronised", "without-sync"]
+    problem, variants = GENERATOR_PROBLEMS[problem_id]
     reference_parameters, reference_losses = _fit(problem)  # one worker, this process
-    _fit_on_two_workers(_generator_worker, {"problem": problem, "variants": variants, "out": str(tmp_path)})
-    ranks = [torch.load(tmp_path / f"generator-rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(two_worker_runs / f"generator-{problem_id}" / f"rank{r}.pt", weights_only=True)
+             for r in range(2)]
     for name in variants:
         difference = _compare(reference_parameters, ranks[0][name][0])
         across_ranks = _compare(ranks[0][name][0], ranks[1][name][0], skip_degenerate=False)
@@ -246,20 +245,15 @@ def _fit_segmenter(config, table, rows, rank: int = 0, world: int = 1, wrap=None
     return segmenter
 
 
-def _pretrain_worker(loop_config: dict) -> None:
+def _pretrain_worker(data: str, sync: bool, out: Path, rank: int, world: int) -> None:
     """Worker r of 2 takes image r of each global batch; DDP (Ray Train's prepare_model)
     averages the gradients, or nothing does (``sync`` off)."""
-    import ray.train
-
     from pipelines.common import prepare_model
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    config, table, rows = _pretrain_problem(loop_config["data"], grad_accumulation=1)
-    wrap = (lambda model: prepare_model(model, world)) if loop_config["sync"] else None
+    config, table, rows = _pretrain_problem(data, grad_accumulation=1)
+    wrap = (lambda model: prepare_model(model, world)) if sync else None
     segmenter = _fit_segmenter(config, table, rows, rank=rank, world=world, wrap=wrap)
-    torch.save(_segmenter_parameters(segmenter), Path(loop_config["out"]) / f"pretrain-rank{rank}.pt")
+    torch.save(_segmenter_parameters(segmenter), out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +273,38 @@ def pretrain_reference(pretrain_data) -> dict:
     return _segmenter_parameters(_fit_segmenter(config, table, rows))
 
 
-@pytest.mark.parametrize("sync", [True, False], ids=["ddp", "without-ddp"])
-def test_pretraining_two_workers_match_one(ray_local, pretrain_data, pretrain_reference, tmp_path, sync):
-    _fit_on_two_workers(_pretrain_worker, {"sync": sync, "data": pretrain_data, "out": str(tmp_path)})
-    ranks = [torch.load(tmp_path / f"pretrain-rank{r}.pt", weights_only=True) for r in range(2)]
+# ---- one Ray Train run on 2 workers for every case above -----------------------------------
+
+
+def _two_worker_cases(loop_config: dict) -> None:
+    """Every 2-worker case of this module, one after the other in one Ray Train run (a run's
+    start-up, about 10 s here, is paid once): the generator problems with their collectives,
+    then pretraining with and without DDP. Each case writes ``<out>/<case>/rank<r>.pt``."""
+    import ray.train
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    out = Path(loop_config["out"])
+    for problem_id, (problem, variants) in GENERATOR_PROBLEMS.items():
+        (out / f"generator-{problem_id}").mkdir(parents=True, exist_ok=True)
+        _generator_worker(problem, variants, out / f"generator-{problem_id}", rank, world)
+    for sync, case in ((True, "ddp"), (False, "without-ddp")):
+        (out / f"pretrain-{case}").mkdir(parents=True, exist_ok=True)
+        _pretrain_worker(loop_config["data"], sync, out / f"pretrain-{case}", rank, world)
+
+
+@pytest.fixture(scope="module")
+def two_worker_runs(ray_local, pretrain_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-workers")
+    _fit_on_two_workers(_two_worker_cases, {"data": pretrain_data, "out": str(out)})
+    return out
+
+
+@pytest.mark.parametrize("case", ["ddp", "without-ddp"])
+def test_pretraining_two_workers_match_one(two_worker_runs, pretrain_reference, case):
+    sync = case == "ddp"
+    ranks = [torch.load(two_worker_runs / f"pretrain-{case}" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     difference = _compare(pretrain_reference, ranks[0], skip_degenerate=False)
     across_ranks = _compare(ranks[0], ranks[1], skip_degenerate=False)
     if sync:

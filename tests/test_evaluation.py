@@ -425,3 +425,20 @@ def test_semantic_default_categories_are_cocostuff(tmp_path):
     Image.fromarray(labels).save(pred_dir / "a.png")
     report = evaluate_semantic(gt_dir, pred_dir)
     assert report["per_class"] == {1: {"miou": 100.0}, 182: {"miou": 100.0}}
+
+
+@pytest.mark.parametrize("kept", [1, 2, 7, 40])
+def test_the_panoptic_merge_owner_is_the_first_argmax(kept):
+    """The merge's running maximum picks, per pixel, the same query as ``argmax(0)`` of the
+    score-weighted masks, ties included (coarse values make many: the first query wins)."""
+    import torch
+
+    from pading.evaluation.inference import _first_argmax
+
+    generator = torch.Generator().manual_seed(kept)
+    scores = torch.randint(1, 4, (kept,), generator=generator).float() / 4
+    masks = torch.randint(0, 5, (kept, 37, 53), generator=generator).float() / 4  # many exact ties
+    expected = (scores[:, None, None] * masks).argmax(0)
+    assert torch.equal(_first_argmax(scores, masks), expected)
+    masks = torch.rand(kept, 37, 53, generator=generator)
+    assert torch.equal(_first_argmax(scores, masks), (scores[:, None, None] * masks).argmax(0))

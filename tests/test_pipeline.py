@@ -184,35 +184,6 @@ def test_extract_is_idempotent(full_run, dataset):
     assert "extract: already done" in proc.stdout + proc.stderr
 
 
-def test_pretrain_survives_a_worker_failure_and_resumes_its_weight_average(full_run, dataset, tmp_path):
-    """A run whose worker fails at step 31 resumes from the step-30 checkpoint with a gap-free
-    history. With ``pretrain.ema_decay`` (RUN_SETTINGS) the stage saves the average, not the
-    last weights, and the resumed run saves exactly the average of the module's run, which
-    was never interrupted (the average is checkpointed with the weights)."""
-    from pading.model.segmenter import Segmenter
-    from pading.run.checkpoint import read_checkpoint
-
-    output = tmp_path / "resumed"
-    _copy_stages(full_run, output, "manifest")
-    proc = _run(["pipelines/pretrain.py", "--config", str(SMOKE), "--output", str(output),
-                 "--set", f"data.root={dataset['root']}", *RUN_SETTINGS], tmp_path,
-                extra_env={"PADING_TEST_FAIL_AT_STEP": "31"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert "injected failure at step 31" in log
-    assert "resumed from checkpoint at step 30" in log
-    history = [json.loads(line) for line in (output / "pretrain" / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == list(range(1, 61))
-    resumed = Segmenter.load(output / "pretrain" / "segmenter").state_dict()
-    whole = Segmenter.load(full_run["output"] / "pretrain" / "segmenter").state_dict()
-    assert whole.keys() == resumed.keys()
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    info = json.loads((full_run["output"] / "pretrain" / "_SUCCESS.json").read_text())
-    last = read_checkpoint(info["checkpoint"])[0]["model"]  # the last weights, not what was saved
-    assert last.keys() == whole.keys()
-    assert any(not torch.equal(whole[k], v) for k, v in last.items() if v.is_floating_point())
-
-
 @pytest.mark.xdist_group("prepare-refusal")  # no module fixture: free to run beside the module's run
 def test_prepare_refuses_a_split_without_usable_images(tmp_path):
     """Every train image unreadable: prepare exits non-zero with the counts and the most common
@@ -269,10 +240,10 @@ def _mode(path: Path) -> str:
 # ---- faults: real SIGKILL / SIGINT of real processes ----------------------------------
 
 
-def _popen(args: list[str], tmp: Path) -> subprocess.Popen:
+def _popen(args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:
     log = open(tmp / "log.txt", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(tmp), stdout=log, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(tmp) | (extra_env or {}), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -343,41 +314,83 @@ def test_extraction_survives_a_sigkilled_actor(full_run, dataset, tmp_path):
     assert record["shards"] == len(list((output / "features").glob("shard-*.parquet")))
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "generator"])
-def test_training_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path, stage):
-    """The Ray Train worker process is SIGKILLed after a checkpoint: FailureConfig restarts the
-    worker group, it resumes from the last checkpoint and reaches the same final step."""
-    output = tmp_path / "out"
-    if stage == "pretrain":
-        _copy_stages(full_run, output, "manifest")
-        script, steps = "pipelines/pretrain.py", ["--set", "pretrain.iterations=60", "--set", "pretrain.checkpoint_every=20"]
-    else:
-        _copy_stages(full_run, output, "manifest", "pretrain", "features")
-        script = "pipelines/train_generator.py"
-        steps = ["--set", "generator_training.iterations=400", "--set", "generator_training.checkpoint_every=100"]
-    stage_dir = output / stage
-    proc = _popen([script, "--config", str(SMOKE), "--output", str(output), "--set", f"data.root={dataset['root']}",
-                   *steps], tmp_path)
+def _registered_checkpoint(stage_dir: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint (its snapshot file lists
+    it): a checkpoint directory alone may not be registered yet."""
+    snapshots = list((stage_dir / "ray").rglob("checkpoint_manager_snapshot.json"))
+    try:
+        return bool(snapshots) and bool(json.loads(snapshots[0].read_text()).get("checkpoint_results"))
+    except ValueError:  # being written
+        return False
+
+
+def _sigkill_worker_after_a_checkpoint(stage_dir: Path, proc: subprocess.Popen) -> int:
+    """SIGKILL the rank-0 Ray Train worker process once a checkpoint is registered; its pid."""
     worker = stage_dir / "workers" / "rank-0.json"
-    # Kill only once Ray Train's controller has registered a checkpoint (its snapshot file
-    # lists it): a checkpoint directory alone may not be registered yet.
-    def registered() -> bool:
-        snapshots = list((stage_dir / "ray").rglob("checkpoint_manager_snapshot.json"))
-        try:
-            return bool(snapshots) and bool(json.loads(snapshots[0].read_text()).get("checkpoint_results"))
-        except ValueError:  # being written
-            return False
-    _wait_for(lambda: worker.is_file() and registered(), 300, "a registered checkpoint", proc)
+    _wait_for(lambda: worker.is_file() and _registered_checkpoint(stage_dir), 300, "a registered checkpoint", proc)
     victim = json.loads(worker.read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def _gap_free_steps(stage_dir: Path) -> list[int]:
+    history = [json.loads(line) for line in (stage_dir / "history.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in history]
+    assert steps == sorted(set(steps)), steps  # no step twice, none missing below the last
+    return steps
+
+
+def test_pretrain_survives_two_worker_failures_and_resumes_its_weight_average(full_run, dataset, tmp_path):
+    """One run of the module's settings (checkpoints every 20 steps here) and two failures:
+    the Ray Train worker process is SIGKILLed once a checkpoint is registered, and a worker
+    raises at step 41 (``PADING_TEST_FAIL_AT_STEP``). Each time FailureConfig restarts the
+    worker group and it resumes from the last checkpoint; the history is gap-free, a new
+    worker finished the job, and the stage saves exactly the weight average of the module's
+    run, which was never interrupted (``pretrain.ema_decay``, RUN_SETTINGS: the average is
+    checkpointed with the weights, and is not the last weights)."""
+    from pading.model.segmenter import Segmenter
+    from pading.run.checkpoint import read_checkpoint
+
+    output = tmp_path / "resumed"
+    _copy_stages(full_run, output, "manifest")
+    stage_dir = output / "pretrain"
+    proc = _popen(["pipelines/pretrain.py", "--config", str(SMOKE), "--output", str(output), "--set",
+                   f"data.root={dataset['root']}", *RUN_SETTINGS, "--set", "pretrain.checkpoint_every=20"], tmp_path,
+                  extra_env={"PADING_TEST_FAIL_AT_STEP": "41"})
+    victim = _sigkill_worker_after_a_checkpoint(stage_dir, proc)
+    log = _finish(proc, tmp_path)
+    assert proc.returncode == 0, log[-3000:]
+    assert "injected failure at step 41" in log
+    assert "resumed from checkpoint at step 40" in log  # after the raised error
+    assert log.count("resumed from checkpoint at step") >= 2  # and after the SIGKILL
+    assert json.loads((stage_dir / "workers" / "rank-0.json").read_text())["pid"] != victim
+    assert _gap_free_steps(stage_dir) == list(range(1, 61))
+    resumed = Segmenter.load(stage_dir / "segmenter").state_dict()
+    whole = Segmenter.load(full_run["output"] / "pretrain" / "segmenter").state_dict()
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    info = json.loads((full_run["output"] / "pretrain" / "_SUCCESS.json").read_text())
+    last = read_checkpoint(info["checkpoint"])[0]["model"]  # the last weights, not what was saved
+    assert last.keys() == whole.keys()
+    assert any(not torch.equal(whole[k], v) for k, v in last.items() if v.is_floating_point())
+
+
+def test_generator_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path):
+    """The generator stage's Ray Train worker process is SIGKILLed after a checkpoint:
+    FailureConfig restarts the worker group, it resumes from the last checkpoint and reaches
+    the same final step with a gap-free history."""
+    output = tmp_path / "out"
+    _copy_stages(full_run, output, "manifest", "pretrain", "features")
+    stage_dir = output / "generator"
+    proc = _popen(["pipelines/train_generator.py", "--config", str(SMOKE), "--output", str(output),
+                   "--set", f"data.root={dataset['root']}", "--set", "generator_training.iterations=400",
+                   "--set", "generator_training.checkpoint_every=100"], tmp_path)
+    victim = _sigkill_worker_after_a_checkpoint(stage_dir, proc)
     log = _finish(proc, tmp_path)
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from checkpoint at step" in log
-    assert json.loads(worker.read_text())["pid"] != victim  # a new worker finished the job
-    history = [json.loads(line) for line in (stage_dir / "history.jsonl").read_text().splitlines()]
-    final = 60 if stage == "pretrain" else 400
-    steps_done = [h["step"] for h in history]
-    assert steps_done == sorted(set(steps_done)) and steps_done[-1] == final
+    assert json.loads((stage_dir / "workers" / "rank-0.json").read_text())["pid"] != victim  # a new worker finished
+    assert _gap_free_steps(stage_dir)[-1] == 400
     assert (stage_dir / "_SUCCESS.json").is_file()
 
 

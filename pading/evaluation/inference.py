@@ -112,6 +112,23 @@ def semantic_to_label_map(index_map: np.ndarray, table: ClassTable) -> np.ndarra
     return labels
 
 
+def _first_argmax(scores: Tensor, masks: Tensor) -> Tensor:
+    """``(scores[:, None, None] * masks).argmax(0)``: for each pixel the first k of largest
+    score_k · m_k(x), (K, H, W) -> (H, W) int64, computed as a running maximum over k.
+
+    The same indices as ``argmax(0)`` (the first index wins ties; the probabilities are never
+    NaN), about 3x faster on CPU at COCO image sizes: torch's argmax over the leading
+    dimension of a (K, H, W) tensor does not vectorise there, and at 640x480 it was half of
+    the endpoint's whole per-image time (docs/performance.md)."""
+    best = scores[0] * masks[0]  # (H, W)
+    owner = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
+    for k in range(1, masks.shape[0]):
+        weighted = scores[k] * masks[k]
+        owner.masked_fill_(weighted > best, k)  # strict: an earlier k keeps a tie
+        torch.maximum(best, weighted, out=best)
+    return owner
+
+
 @torch.no_grad()
 def panoptic_inference(
     mask_logits: Tensor,
@@ -139,15 +156,16 @@ def panoptic_inference(
     segment_ids = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)  # (H, W)
     segments: list[dict] = []
     if kept_masks.shape[0] > 0:
-        owner = (kept_scores[:, None, None] * kept_masks).argmax(0)  # (H, W)
+        owner = _first_argmax(kept_scores, kept_masks)  # (H, W)
         stuff_segment_of_class: dict[int, dict] = {}
         for k in range(kept_masks.shape[0]):
             class_index = int(kept_labels[k])
             isthing = bool(table[class_index].isthing)
             own = kept_masks[k] >= config.mask_threshold  # (H, W)
-            won_area = int((owner == k).sum())
+            won = owner == k
+            won_area = int(won.sum())
             own_area = int(own.sum())
-            mask = (owner == k) & own
+            mask = won & own
             area = int(mask.sum())
             if won_area == 0 or own_area == 0 or area == 0:
                 continue

@@ -19,19 +19,20 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import (
-    Mask2FormerConfig,
-    Mask2FormerForUniversalSegmentation,
-    ResNetConfig,
-)
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+if TYPE_CHECKING:
+    from transformers import Mask2FormerConfig
+
+# transformers' Mask2Former is imported where a model is built, not with this module: the
+# helpers here (prepare_batch, postprocess_mask_logits, read_safetensors) serve processes that
+# never build one (the pipelines' drivers), and the import costs 2-3 s of CPU per process.
 
 from pading.config import SegmenterConfig, from_dict, to_dict
 from pading.errors import AnnotationError, ConfigError, DataError, MissingWeightsError
@@ -66,6 +67,8 @@ class SegmenterOutput:
 
 def build_mask2former_config(config: SegmenterConfig, num_classes: int) -> Mask2FormerConfig:
     """The transformers config of a Mask2Former with a ResNet backbone, from ``config``."""
+    from transformers import Mask2FormerConfig, ResNetConfig
+
     if config.mask_feature_size % PIXEL_DECODER_NORM_GROUPS:
         raise ConfigError(
             f"segmenter.mask_feature_size must be a multiple of {PIXEL_DECODER_NORM_GROUPS}, "
@@ -219,6 +222,8 @@ class Segmenter(nn.Module):
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         self.config = config
         self.num_classes = int(num_classes)
+        from transformers import Mask2FormerForUniversalSegmentation
+
         self.mask2former = Mask2FormerForUniversalSegmentation(build_mask2former_config(config, self.num_classes))
         if config.weights is not None:
             if config.backbone_weights is not None:
@@ -264,6 +269,8 @@ class Segmenter(nn.Module):
         loss_config = copy.deepcopy(self.mask2former.config)
         loss_config.num_labels = self.num_classes
         device = next(self.parameters()).device
+        from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
         criterion = Mask2FormerLoss(config=loss_config, weight_dict=self.mask2former.weight_dict)
         self.mask2former.criterion = criterion.to(device)
 
