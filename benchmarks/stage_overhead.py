@@ -40,6 +40,7 @@ Prints a Markdown table and writes ``<output>/stage_overhead.json``. Run it on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -183,6 +184,18 @@ def val_image_bytes(output: Path, count: int) -> list[bytes]:
     return [Path(rows[k % len(rows)]["image_path"]).read_bytes() for k in range(count)]
 
 
+@contextlib.contextmanager
+def torch_threads(cpus: float):
+    """Run the block on ``max(1, int(cpus))`` torch threads, as a replica or actor reserving
+    ``cpus`` CPUs does; the previous count is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
     """The images as they are (``size`` None), or resized to ``size`` px on the long side and
     re-encoded as JPEG: a COCO-sized request (640 px) to a model that runs at the demo's 64 px."""
@@ -218,9 +231,7 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     trained = Bundle.load(bundle)
     service = SegmentationService(trained)
     bare = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(trained.config.serve.num_cpus)))  # as many as a replica runs (serve.num_cpus)
-    try:
+    with torch_threads(trained.config.serve.num_cpus):  # as many as a replica runs
         for size, images in payloads.items():
             times = []
             for data in [images[0]] * 3 + images:  # the first three warm up
@@ -228,8 +239,6 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                 service.segment([service.decode(data)], ["panoptic"], ["json"])
                 times.append(time.perf_counter() - started)
             bare[size] = 1000 * float(np.median(times[3:]))
-    finally:
-        torch.set_num_threads(threads)
     server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
                                "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -288,17 +297,13 @@ def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
         wall = time.perf_counter() - started
         summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(SegmentConfig().num_cpus)))  # as many as the command's actor runs
-        try:
+        with torch_threads(SegmentConfig().num_cpus):  # as many as the command's actor runs
             segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
             started = time.perf_counter()
             for index in range(0, len(paths), shard):
                 segmenter({"shard": [index], "paths": [paths[index:index + shard]],
                            "image_ids": [list(range(index, index + len(paths[index:index + shard])))]})
             bare_rate = len(paths) / (time.perf_counter() - started)
-        finally:
-            torch.set_num_threads(threads)
     return wall, float(summary.get("steady_images_per_second", 0.0)), bare_rate
 
 

@@ -50,6 +50,7 @@ def test_the_job_package_holds_the_code_and_no_local_environment(tmp_path, inclu
     leaked = sorted(n for n in names if any(n == local or n.startswith(local + "/") for local in LOCAL_ROOTS))
     assert not leaked, leaked
 
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 @pytest.mark.parametrize("path", [".venv", ".venv/", ".venv/bin/python", "venv/bin/python"])
 def test_git_ignores_the_virtual_environment_whatever_its_kind(path):

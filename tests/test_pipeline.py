@@ -333,10 +333,11 @@ def _sigkill_worker_after_a_checkpoint(stage_dir: Path, proc: subprocess.Popen) 
     return victim
 
 
-def _gap_free_steps(stage_dir: Path) -> list[int]:
+def _increasing_steps(stage_dir: Path) -> list[int]:
+    """The steps of the stage's history, checked to be strictly increasing (no step twice after a resume)."""
     history = [json.loads(line) for line in (stage_dir / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history]
-    assert steps == sorted(set(steps)), steps  # no step twice, none missing below the last
+    assert steps == sorted(set(steps)), steps
     return steps
 
 
@@ -364,7 +365,7 @@ def test_pretrain_survives_two_worker_failures_and_resumes_its_weight_average(fu
     assert "resumed from checkpoint at step 40" in log  # after the raised error
     assert log.count("resumed from checkpoint at step") >= 2  # and after the SIGKILL
     assert json.loads((stage_dir / "workers" / "rank-0.json").read_text())["pid"] != victim
-    assert _gap_free_steps(stage_dir) == list(range(1, 61))
+    assert _increasing_steps(stage_dir) == list(range(1, 61))  # and none missing
     resumed = Segmenter.load(stage_dir / "segmenter").state_dict()
     whole = Segmenter.load(full_run["output"] / "pretrain" / "segmenter").state_dict()
     assert whole.keys() == resumed.keys()
@@ -378,7 +379,7 @@ def test_pretrain_survives_two_worker_failures_and_resumes_its_weight_average(fu
 def test_generator_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path):
     """The generator stage's Ray Train worker process is SIGKILLed after a checkpoint:
     FailureConfig restarts the worker group, it resumes from the last checkpoint and reaches
-    the same final step with a gap-free history."""
+    the same final step with no step recorded twice."""
     output = tmp_path / "out"
     _copy_stages(full_run, output, "manifest", "pretrain", "features")
     stage_dir = output / "generator"
@@ -390,7 +391,7 @@ def test_generator_survives_a_sigkilled_train_worker(full_run, dataset, tmp_path
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from checkpoint at step" in log
     assert json.loads((stage_dir / "workers" / "rank-0.json").read_text())["pid"] != victim  # a new worker finished
-    assert _gap_free_steps(stage_dir)[-1] == 400
+    assert _increasing_steps(stage_dir)[-1] == 400
     assert (stage_dir / "_SUCCESS.json").is_file()
 
 
