@@ -138,3 +138,45 @@ def test_noise_enters_the_cross_attention_residual_before_its_layer_norm():
     assert out == pytest.approx(release, abs=1e-5)
     noise_after_norm = _layer_norm([a + z for a, z in zip(_layer_norm([x + ci for x, ci in zip(after_self, c)]), noise)])
     assert max(abs(a - b) for a, b in zip(out, noise_after_norm)) > 0.1  # the two placements differ here
+
+
+@torch.no_grad()
+def test_the_written_out_attention_gives_what_multihead_attention_gives():
+    """PrimitiveDecoderLayer computes its attention blocks itself (the self-attention over a
+    single token without its query and key projections, the cross-attention with a cheaper
+    dropout mask) from nn.MultiheadAttention's parameters. Without dropout it must give that
+    module's outputs; with dropout, their mean over many draws."""
+    from pading.model.generator import PrimitiveDecoderLayer
+
+    layer = PrimitiveDecoderLayer(embed_dim=32, num_heads=4, feedforward_dim=8, dropout=0.25).eval()
+    for attention in (layer.self_attention, layer.cross_attention):
+        attention.in_proj_bias.normal_()  # non-zero biases, so that a dropped bias would show
+        attention.out_proj.bias.normal_()
+    token, primitives = torch.randn(6, 32), torch.randn(11, 32)
+    reference_self = layer.self_attention(token[:, None], token[:, None], token[:, None], need_weights=False)[0][:, 0]
+    reference_cross = layer.cross_attention(token[None], primitives[None], primitives[None], need_weights=False)[0][0]
+    assert torch.allclose(layer._attend_to_itself(token), reference_self, atol=1e-6)
+    assert torch.allclose(layer._attend_to_primitives(token, primitives), reference_cross, atol=1e-6)
+
+    layer.train()
+    draws = torch.stack([layer._attend_to_primitives(token, primitives) for _ in range(4000)])
+    assert not torch.allclose(draws[0], reference_cross, atol=1e-3)  # dropout is on in training
+    assert torch.allclose(draws.mean(0), reference_cross, atol=0.05 * float(reference_cross.abs().max()))
+    own = torch.stack([layer._attend_to_itself(token) for _ in range(4000)])
+    assert torch.allclose(own.mean(0), reference_self, atol=0.05 * float(reference_self.abs().max()))
+
+
+def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p():
+    from pading.model.dropout import Dropout, dropout_mask
+
+    mask = dropout_mask(torch.empty(200_000), 0.1)
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert (mask == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)  # ~5 std of the estimate
+    torch.manual_seed(3)
+    first = dropout_mask(torch.empty(50), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(first, dropout_mask(torch.empty(50), 0.5))  # drawn from torch's seeded generator
+    layer, x = Dropout(0.3), torch.randn(10)
+    assert torch.equal(layer.eval()(x), x)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        Dropout(1.0)

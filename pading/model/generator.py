@@ -18,10 +18,12 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pading.config import GeneratorConfig
 from pading.errors import ConfigError, DataError
+from pading.model.dropout import Dropout, dropout_mask
 
 NoiseInput = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 
@@ -52,7 +54,9 @@ class PrimitiveDecoderLayer(nn.Module):
     authors' release (docs/method.md, "Primitive generator").
 
     The self-attention runs over the sample's single token (so each sample only sees
-    itself); the cross-attention lets every token attend to the whole primitive bank.
+    itself); the cross-attention lets every token attend to the whole primitive bank. Both
+    keep ``nn.MultiheadAttention``'s parameters (so state dicts are unchanged) and are computed
+    by :meth:`_attend_to_itself` and :meth:`_attend_to_primitives`, which give its outputs.
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, feedforward_dim: int, dropout: float):
@@ -62,12 +66,12 @@ class PrimitiveDecoderLayer(nn.Module):
         self.feedforward = nn.Sequential(
             nn.Linear(embed_dim, feedforward_dim),
             nn.ReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(feedforward_dim, embed_dim),
         )
-        self.self_attention_dropout = nn.Dropout(dropout)
-        self.cross_attention_dropout = nn.Dropout(dropout)
-        self.feedforward_dropout = nn.Dropout(dropout)
+        self.self_attention_dropout = Dropout(dropout)
+        self.cross_attention_dropout = Dropout(dropout)
+        self.feedforward_dropout = Dropout(dropout)
         self.self_attention_norm = nn.LayerNorm(embed_dim)
         self.cross_attention_norm = nn.LayerNorm(embed_dim)
         self.feedforward_norm = nn.LayerNorm(embed_dim)
@@ -81,21 +85,46 @@ class PrimitiveDecoderLayer(nn.Module):
         Returns:
             (N, D) the updated tokens.
         """
-        # Self-attention: a sequence of length 1 per sample.
-        per_sample = token.unsqueeze(1)  # (N, 1, D)
-        attended, _ = self.self_attention(per_sample, per_sample, per_sample, need_weights=False)
-        token = self.self_attention_norm(token + self.self_attention_dropout(attended.squeeze(1)))  # (N, D)
-        # Cross-attention: every token attends independently to the same K primitives, so
-        # the N tokens can share one "batch" with the bank as memory (no (N, K, D) copy).
-        queries = token.unsqueeze(0)  # (1, N, D)
-        memory = primitives.unsqueeze(0)  # (1, K, D)
-        assembled, _ = self.cross_attention(queries, memory, memory, need_weights=False)
-        residual = token + self.cross_attention_dropout(assembled.squeeze(0))  # (N, D)
+        token = self.self_attention_norm(token + self.self_attention_dropout(self._attend_to_itself(token)))  # (N, D)
+        residual = token + self.cross_attention_dropout(self._attend_to_primitives(token, primitives))  # (N, D)
         if noise is not None:
             residual = residual + noise  # (N, D) the stochastic input
         token = self.cross_attention_norm(residual)  # (N, D)
         token = self.feedforward_norm(token + self.feedforward_dropout(self.feedforward(token)))  # (N, D)
         return token
+
+    def _attend_to_itself(self, token: torch.Tensor) -> torch.Tensor:
+        """``self_attention`` over each sample's sequence of one token, written out: the softmax
+        over a single key is exactly 1, so the output is out_proj(V token), with the attention
+        dropout dropping whole heads of a sample. The query and key projections cannot change
+        it (their gradient is exactly zero either way) and are not computed."""
+        attention = self.self_attention
+        num_samples, dim = token.shape
+        value = F.linear(token, attention.in_proj_weight[2 * dim:], attention.in_proj_bias[2 * dim:])  # (N, D)
+        if self.training and attention.dropout > 0:
+            heads = attention.num_heads
+            weights = dropout_mask(token.new_empty(num_samples, heads, 1), attention.dropout)  # (N, H, 1)
+            value = (value.view(num_samples, heads, dim // heads) * weights).view(num_samples, dim)
+        return attention.out_proj(value)
+
+    def _attend_to_primitives(self, token: torch.Tensor, primitives: torch.Tensor) -> torch.Tensor:
+        """``cross_attention`` of every token to the K primitives, written out. Every token attends
+        to the same bank, so the bank's keys and values are projected once per call, not per token.
+        nn.MultiheadAttention computes the same, but its dropout mask of the (H, N, K) attention
+        weights (``bernoulli_``) and its checks for fully masked rows took a third of the
+        generator's step on CPU (docs/performance.md, "The generator step")."""
+        attention = self.cross_attention
+        (num_samples, dim), heads = token.shape, attention.num_heads
+        head_dim = dim // heads
+        weight, bias = attention.in_proj_weight, attention.in_proj_bias
+        query = F.linear(token, weight[:dim], bias[:dim]).view(num_samples, heads, head_dim).transpose(0, 1)
+        key, value = F.linear(primitives, weight[dim:], bias[dim:]).view(-1, 2, heads, head_dim).unbind(1)
+        scores = torch.bmm(query * head_dim ** -0.5, key.permute(1, 2, 0))  # (H, N, K)
+        weights = scores.softmax(dim=-1)
+        if self.training and attention.dropout > 0:
+            weights = weights * dropout_mask(weights, attention.dropout)
+        assembled = torch.bmm(weights, value.transpose(0, 1))  # (H, N, head_dim)
+        return attention.out_proj(assembled.transpose(0, 1).reshape(num_samples, dim))  # (N, D)
 
 
 class PrimitiveGenerator(nn.Module):
@@ -208,7 +237,7 @@ class GMMNGenerator(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(2 * semantic_dim, config.gmmn_hidden_dim),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(config.gmmn_dropout),
+            Dropout(config.gmmn_dropout),
             nn.Linear(config.gmmn_hidden_dim, embed_dim),
         )
         seeded = torch.Generator().manual_seed(projection_seed)

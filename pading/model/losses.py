@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pading.errors import DataError
+from pading.model.dropout import Dropout
 
 #: Seen features the alignment/disentanglement terms use (``LossConfig.alignment_seen_features``).
 ALIGNMENT_SEEN_SOURCES = ("synthetic", "real")
@@ -354,7 +355,7 @@ def _encoder(embed_dim: int, negative_slope: float, dropout: float) -> nn.Sequen
         nn.Linear(embed_dim, embed_dim),
         nn.Linear(embed_dim, embed_dim),
         nn.LeakyReLU(negative_slope),
-        nn.Dropout(dropout),
+        Dropout(dropout),
     )
 
 
@@ -373,10 +374,10 @@ class Disentangler(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(2 * embed_dim, embed_dim),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(embed_dim, embed_dim),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.relation_network = RelationNetwork(embed_dim)
 
