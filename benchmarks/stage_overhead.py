@@ -239,8 +239,9 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                 service.segment([service.decode(data)], ["panoptic"], ["json"])
                 times.append(time.perf_counter() - started)
             bare[size] = 1000 * float(np.median(times[3:]))
+    server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
     server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                               "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               "--port", str(port)], cwd=REPO, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
@@ -265,7 +266,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
-            print("pipelines/serve.py did not stop within 120 s of SIGINT; killing it", flush=True)
+            print(f"pipelines/serve.py did not stop within 120 s of SIGINT; killing it (its log: {server_log})",
+                  flush=True)
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=60)
     return results
