@@ -180,3 +180,23 @@ def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p():
     assert torch.equal(layer.eval()(x), x)
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
         Dropout(1.0)
+
+
+def test_the_cross_attention_in_blocks_of_rows_gives_the_same_output_and_gradients(monkeypatch):
+    """Many samples at once are attended in blocks of rows (bounded memory); the blocks must
+    give what one block gives, forward and backward."""
+    import pading.model.generator as module
+
+    layer = module.PrimitiveDecoderLayer(embed_dim=16, num_heads=4, feedforward_dim=8, dropout=0.1).eval()
+    primitives = torch.randn(7, 16)
+
+    def output_and_gradient(rows_per_block):
+        monkeypatch.setattr(module, "ATTENTION_ROWS_PER_BLOCK", rows_per_block)
+        token = torch.randn(10, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = layer._attend_to_primitives(token, primitives)
+        (out * torch.arange(16.0)).sum().backward()
+        return out.detach(), token.grad
+
+    whole, whole_gradient = output_and_gradient(4096)
+    blocked, blocked_gradient = output_and_gradient(3)  # blocks of 3, 3, 3 and 1 rows
+    assert torch.allclose(blocked, whole, atol=1e-6) and torch.allclose(blocked_gradient, whole_gradient, atol=1e-6)

@@ -27,6 +27,10 @@ from pading.model.dropout import Dropout, dropout_mask
 
 NoiseInput = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 
+# Tokens whose cross-attention weights (heads x tokens x primitives) are held at once: 8 heads x
+# 4096 x 400 primitives are 52 MB of float32, whatever the number of samples synthesised.
+ATTENTION_ROWS_PER_BLOCK = 4096
+
 
 def _check_semantic(semantic: torch.Tensor, semantic_dim: int, source: str) -> None:
     if semantic.dim() != 2 or semantic.shape[1] != semantic_dim:
@@ -112,18 +116,24 @@ class PrimitiveDecoderLayer(nn.Module):
         to the same bank, so the bank's keys and values are projected once per call, not per token.
         nn.MultiheadAttention computes the same, but its dropout mask of the (H, N, K) attention
         weights (``bernoulli_``) and its checks for fully masked rows took a third of the
-        generator's step on CPU (docs/performance.md, "The generator step")."""
+        generator's step on CPU (docs/performance.md, "The generator step"). The tokens attend
+        independently, so they are taken :data:`ATTENTION_ROWS_PER_BLOCK` at a time: the
+        attention weights of one block are held at once, however many samples are drawn."""
         attention = self.cross_attention
         (num_samples, dim), heads = token.shape, attention.num_heads
         head_dim = dim // heads
         weight, bias = attention.in_proj_weight, attention.in_proj_bias
         query = F.linear(token, weight[:dim], bias[:dim]).view(num_samples, heads, head_dim).transpose(0, 1)
         key, value = F.linear(primitives, weight[dim:], bias[dim:]).view(-1, 2, heads, head_dim).unbind(1)
-        scores = torch.bmm(query * head_dim ** -0.5, key.permute(1, 2, 0))  # (H, N, K)
-        weights = scores.softmax(dim=-1)
-        if self.training and attention.dropout > 0:
-            weights = weights * dropout_mask(weights, attention.dropout)
-        assembled = torch.bmm(weights, value.transpose(0, 1))  # (H, N, head_dim)
+        key, value = key.permute(1, 2, 0), value.transpose(0, 1)  # (H, head_dim, K), (H, K, head_dim)
+        blocks = []
+        for start in range(0, num_samples, ATTENTION_ROWS_PER_BLOCK):
+            scores = torch.bmm(query[:, start:start + ATTENTION_ROWS_PER_BLOCK] * head_dim ** -0.5, key)  # (H, n, K)
+            weights = scores.softmax(dim=-1)
+            if self.training and attention.dropout > 0:
+                weights = weights * dropout_mask(weights, attention.dropout)
+            blocks.append(torch.bmm(weights, value))  # (H, n, head_dim)
+        assembled = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # (H, N, head_dim)
         return attention.out_proj(assembled.transpose(0, 1).reshape(num_samples, dim))  # (N, D)
 
 
