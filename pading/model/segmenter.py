@@ -442,7 +442,9 @@ def prepare_batch(
             raise DataError(names[i], "empty image")
         scale = size / max(height, width)
         resized = (max(1, round(height * scale)), max(1, round(width * scale)))
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 255.0  # (1, 3, H, W)
+        # a decoded image may be a read-only view (torch warns on those); copied only then
+        image = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0  # (1, 3, H, W)
         pixels = F.interpolate(pixels, size=resized, mode="bilinear", align_corners=False, antialias=True)[0]
         pixel_values[i, :, : resized[0], : resized[1]] = (pixels - mean) / std
         pixel_mask[i, : resized[0], : resized[1]] = 1
