@@ -176,6 +176,8 @@ def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p():
     first = dropout_mask(torch.empty(50), 0.5)
     torch.manual_seed(3)
     assert torch.equal(first, dropout_mask(torch.empty(50), 0.5))  # drawn from torch's seeded generator
+    half = dropout_mask(torch.empty(200_000, dtype=torch.float16), 0.1)
+    assert half.dtype == torch.float16 and (half == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
     layer, x = Dropout(0.3), torch.randn(10)
     assert torch.equal(layer.eval()(x), x)
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):

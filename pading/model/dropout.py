@@ -15,9 +15,13 @@ from torch import nn
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """Multipliers shaped like ``like``: 0 with probability ``p``, else 1 / (1 - p)."""
+    """Multipliers shaped and typed like ``like``: 0 with probability ``p``, else 1 / (1 - p).
+    Drawn in at least float32: in half precision u + 1 - p would round to 1 for u a little
+    below ``p``."""
     keep = 1.0 - p
-    return torch.rand_like(like).add_(keep).floor_().mul_(1.0 / keep)
+    draw_dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    mask = torch.rand(like.shape, dtype=draw_dtype, device=like.device).add_(keep).floor_().mul_(1.0 / keep)
+    return mask.to(like.dtype)
 
 
 class Dropout(nn.Module):
