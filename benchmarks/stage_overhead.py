@@ -240,9 +240,10 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                 times.append(time.perf_counter() - started)
             bare[size] = 1000 * float(np.median(times[3:]))
     server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
-    server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                               "--port", str(port)], cwd=REPO, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
+                                   "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
     try:

@@ -202,3 +202,14 @@ def test_the_cross_attention_in_blocks_of_rows_gives_the_same_output_and_gradien
     whole, whole_gradient = output_and_gradient(4096)
     blocked, blocked_gradient = output_and_gradient(3)  # blocks of 3, 3, 3 and 1 rows
     assert torch.allclose(blocked, whole, atol=1e-6) and torch.allclose(blocked_gradient, whole_gradient, atol=1e-6)
+
+
+def test_a_worker_with_no_rows_gets_an_empty_batch_through_the_generator():
+    """With several workers one may hold no rows of a step; the generator must pass 0 rows
+    through (forward and backward) like any other count."""
+    generator = PrimitiveGenerator(SEMANTIC_DIM, EMBED_DIM, _config()).train()
+    semantic = torch.zeros(0, SEMANTIC_DIM, requires_grad=True)
+    out = generator(semantic)
+    assert out.shape == (0, EMBED_DIM)
+    out.sum().backward()
+    assert semantic.grad.shape == (0, SEMANTIC_DIM)

@@ -127,7 +127,7 @@ class PrimitiveDecoderLayer(nn.Module):
         key, value = F.linear(primitives, weight[dim:], bias[dim:]).view(-1, 2, heads, head_dim).unbind(1)
         key, value = key.permute(1, 2, 0), value.transpose(0, 1)  # (H, head_dim, K), (H, K, head_dim)
         blocks = []
-        for start in range(0, num_samples, ATTENTION_ROWS_PER_BLOCK):
+        for start in range(0, max(num_samples, 1), ATTENTION_ROWS_PER_BLOCK):  # one (empty) block for no rows
             scores = torch.bmm(query[:, start:start + ATTENTION_ROWS_PER_BLOCK] * head_dim ** -0.5, key)  # (H, n, K)
             weights = scores.softmax(dim=-1)
             if self.training and attention.dropout > 0:
