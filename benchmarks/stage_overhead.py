@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -214,11 +215,12 @@ def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
     return out
 
 
-def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None]) -> dict:
+def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto") -> dict:
     """Median ms per request for each image size in ``sizes`` (None: the val images as they
     are): sequential POSTs to ``pipelines/serve.py`` (one server for all sizes), and
     ``SegmentationService.segment`` on the same bytes in this process with the replica's
-    torch threads (``serve.num_cpus``). {size: (served, bare)}"""
+    torch threads (``serve.num_cpus``), both on the segmenter runtime ``runtime``
+    (``serve.runtime``). {size: (served, bare)}"""
     import httpx
 
     from pading.bundle import Bundle
@@ -229,9 +231,9 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     originals = val_image_bytes(output, requests)
     payloads = {size: resized_bytes(originals, size) for size in sizes}
     trained = Bundle.load(bundle)
-    service = SegmentationService(trained)
     bare = {}
-    with torch_threads(trained.config.serve.num_cpus):  # as many as a replica runs
+    with torch_threads(trained.config.serve.num_cpus):  # as many as a replica runs (ONNX Runtime's too)
+        service = SegmentationService(trained, dataclasses.replace(trained.config.serve, runtime=runtime))
         for size, images in payloads.items():
             times = []
             for data in [images[0]] * 3 + images:  # the first three warm up
@@ -242,7 +244,7 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
     with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                                   "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   "--port", str(port), "--set", f"serve.runtime={runtime}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
@@ -263,24 +265,29 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                     served.append(time.perf_counter() - started)
                 results[size] = (1000 * float(np.median(served[3:])), bare[size])
     finally:
-        os.killpg(server.pid, signal.SIGINT)
+        # SIGTERM to serve.py, which shuts Serve down on it. (SIGINT did not stop it when this
+        # benchmark ran in the background: a background job of a non-interactive shell inherits
+        # SIGINT as ignored; serve.py now installs its own SIGINT handler too.)
+        server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
             print(f"pipelines/serve.py did not stop within 120 s of SIGINT; killing it (its log: {server_log})",
                   flush=True)
-            os.killpg(server.pid, signal.SIGKILL)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group
+                os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=60)
     return results
 
 
-def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
+def segment_rate(output: Path, count: int, runtime: str = "auto") -> tuple[float, float, float]:
     """(wall s, images/s once the actors are up) of ``pipelines/segment.py`` over ``count``
     val images (one actor, the default shard size), and images/s of the library's shard
     segmenter in this process over the same images in the same shards. The command's rate
     runs from its actor's first shard start to its last shard end, so the first shard's
     warm-up (a fresh process's first forward passes) is in it: ``count`` should be many
-    shards."""
+    shards. Both run the segmenter on ``runtime`` (``segment.runtime``)."""
     from pading.config import SegmentConfig
     from pading.run import RunLayout
     from pading.serving.batch import SUMMARY_FILE, ShardSegmenter
@@ -295,13 +302,14 @@ def segment_rate(output: Path, count: int) -> tuple[float, float, float]:
         target = Path(scratch) / "out"
         started = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "pipelines" / "segment.py"), "--bundle", str(bundle), "--input",
-                        str(inputs), "--output", str(target), "--concurrency", "1"], cwd=REPO, check=True,
+                        str(inputs), "--output", str(target), "--concurrency", "1",
+                        "--set", f"segment.runtime={runtime}"], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
         with torch_threads(SegmentConfig().num_cpus):  # as many as the command's actor runs
-            segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic")
+            segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic", runtime=runtime)
             started = time.perf_counter()
             for index in range(0, len(paths), shard):
                 segmenter({"shard": [index], "paths": [paths[index:index + shard]],
@@ -326,11 +334,14 @@ def main() -> None:
     parser.add_argument("--segment-images", type=int, default=1024,
                         help="images for pipelines/segment.py and its bare loop (16 shards of 64 by default)")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
+                        help="the segmenter runtime of the per-image paths, served and bare (serve.runtime, segment.runtime)")
+    parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                        help="the five stages' bare loops (--no-training: the per-image paths only)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from pading.config import load_config
-    from pading.run import read_history
     from pading.run.layout import RunLayout
 
     output = args.output.resolve()
@@ -348,13 +359,24 @@ def main() -> None:
     serving_rows = []
     if args.serving:
         sizes = [None if size == "demo" else int(size) for size in args.endpoint_sizes.split(",")]
-        for size, (served, bare_ms) in endpoint_latency(output, args.requests, args.port, sizes).items():
+        for size, (served, bare_ms) in endpoint_latency(output, args.requests, args.port, sizes, args.runtime).items():
             label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
             serving_rows.append({"stage": f"endpoint (ms per {label} image)", "served_ms": served, "bare_ms": bare_ms,
                                  "loop_ratio": served / bare_ms})
-        seg_wall, steady, bare_rate = segment_rate(output, args.segment_images)
+        seg_wall, steady, bare_rate = segment_rate(output, args.segment_images, args.runtime)
         serving_rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady,
                              "bare_rate": bare_rate, "loop_ratio": bare_rate / steady if steady else float("nan")})
+    rows = [] if not args.training else stage_rows(args, output, wall, config, layout)
+    rows.extend(serving_rows)
+    print_table(rows, wall)
+    (output / "stage_overhead.json").write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(),
+                                                            "runtime": args.runtime, "wall_seconds": wall}, indent=1))
+
+
+def stage_rows(args, output: Path, wall: dict, config, layout) -> list[dict]:
+    """The five stages against their bare loops."""
+    from pading.run import read_history
+
     rows = []
     print(f"bare loops with {torch.get_num_threads()} torch threads", flush=True)
     bare = bare_prepare(config())
@@ -379,8 +401,10 @@ def main() -> None:
     rows.append({"stage": "evaluate", "wall_s": wall["evaluate"], "bare_s": bare_evaluate(config(), output)})
     for row in rows:
         row["wall_ratio"] = row["wall_s"] / row["bare_s"]
-    rows.extend(serving_rows)
+    return rows
 
+
+def print_table(rows: list[dict], wall: dict) -> None:
     def cell(row, key, fmt="{:.1f}"):
         return fmt.format(row[key]) if key in row else ""
 
@@ -400,8 +424,6 @@ def main() -> None:
                   f"{row['wall_ratio']:.2f} |")
     total = sum(wall.values())
     print(f"\nstages {total:.0f} s; bare {sum(r.get('bare_s', 0) for r in rows):.0f} s")
-    (output / "stage_overhead.json").write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(),
-                                                            "wall_seconds": wall}, indent=1))
 
 
 if __name__ == "__main__":

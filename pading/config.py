@@ -467,6 +467,10 @@ class InferenceConfig:
     mask_threshold: float = 0.5
     # Instance: (query, thing class) pairs kept per image, by class probability (the paper's 100).
     instance_top_k: int = 100
+    # Where extraction and evaluation run the segmenter's forward pass: auto (ONNX Runtime on CPU when it is
+    # installed and its export matches torch on a probe batch, else torch), onnxruntime (the same, failing if
+    # it cannot), torch (docs/performance.md "The inference runtime"). Training and GPU inference use torch.
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
 
 
 @config_section
@@ -540,6 +544,8 @@ class ServeConfig:
     # auto: batch on a GPU, run every request alone on CPU (measured faster there,
     # docs/serving.md "Load test"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"
+    # The replicas' segmenter runtime: auto, torch or onnxruntime, as inference.runtime.
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     # Most requests one batched forward pass takes (when batching is on).
     max_batch_size: int = 8
     # Seconds a batch waits for more requests before it runs (when batching is on).
@@ -769,6 +775,8 @@ class SegmentConfig:
     max_image_pixels: int = 40_000_000
     # Files one actor reads and decodes at once.
     read_threads: int = 8
+    # The actors' segmenter runtime: auto, torch or onnxruntime, as inference.runtime.
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1 or self.concurrency < 1 or self.read_threads < 1:

@@ -443,3 +443,27 @@ def test_a_batch_is_grouped_by_vocabulary_and_answered_in_order():
     assert [(r["image"], r["service"]) for r in results[:3]] == [("b1", "base"), ("s1", "street"), ("b2", "base")]
     assert isinstance(results[3], CorruptImageError)
     assert base.batches == [["b1", "b2"]] and street.batches == [["s1", "s2"], ["s1"], ["s2"]]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_the_endpoint_command_stops_on_its_signals_even_started_in_the_background(signal_name):
+    """pipelines/serve.py blocks in ``launch.wait_until_interrupted``. A background job of a
+    non-interactive shell starts with SIGINT ignored; it must still stop on SIGINT (Ctrl-C,
+    ``kill -INT``) and on SIGTERM, and return so that Serve is shut down."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from pading.serving.launch import wait_until_interrupted\n"
+            "print('waiting', flush=True); wait_until_interrupted(); print('returned', flush=True)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "waiting"
+        time.sleep(0.2)  # inside the wait
+        process.send_signal(getattr(signal, signal_name))
+        output, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert output.strip() == "returned" and process.returncode == 0

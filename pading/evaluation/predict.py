@@ -34,6 +34,7 @@ from pading.evaluation.inference import (
     semantic_to_label_map,
 )
 from pading.evaluation.metrics import evaluate_instance, evaluate_lvis, evaluate_panoptic, evaluate_semantic
+from pading.model.runtime import use_runtime
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 
 
@@ -142,6 +143,8 @@ class EvaluationPredictor:
         self.bundle = Bundle.load(bundle_dir, map_location=self.device)
         if inference is not None:  # post-processing settings of this run, not the training run's
             self.bundle.config.inference = inference
+        settings = self.bundle.config
+        self.runtime = use_runtime(self.bundle.segmenter, settings.inference.runtime, settings.data.image_size)
         self.output = Path(output_dir)
         self.data_format = data_format
         self.batch_size = batch_size

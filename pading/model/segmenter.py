@@ -222,6 +222,8 @@ class Segmenter(nn.Module):
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         self.config = config
         self.num_classes = int(num_classes)
+        # set by pading.model.runtime.use_runtime: an exported forward pass that inference calls use
+        self.inference_runtime = None
         from transformers import Mask2FormerForUniversalSegmentation
 
         self.mask2former = Mask2FormerForUniversalSegmentation(build_mask2former_config(config, self.num_classes))
@@ -292,11 +294,18 @@ class Segmenter(nn.Module):
 
     def forward(self, pixel_values: Tensor, pixel_mask: Optional[Tensor] = None) -> SegmenterOutput:
         """pixel_values (B, 3, H, W) (ImageNet-normalised), pixel_mask (B, H, W) 1 = image
-        (accepted for API symmetry; transformers' Mask2Former does not use it)."""
-        queries, masks = self._decode(pixel_values, pixel_mask)
-        query_embeddings = queries[-1]  # (B, Q, D)
+        (accepted for API symmetry; transformers' Mask2Former does not use it).
+
+        Inference calls (eval mode, no autograd) run on the attached ``inference_runtime``
+        when it accepts them (pading.model.runtime), everything else on torch."""
+        runtime = self.inference_runtime
+        if runtime is not None and runtime.accepts(self, pixel_values):
+            mask_logits, query_embeddings = runtime(pixel_values)
+        else:
+            queries, masks = self._decode(pixel_values, pixel_mask)
+            mask_logits, query_embeddings = masks[-1], queries[-1]
         return SegmenterOutput(
-            mask_logits=masks[-1],  # (B, Q, H/4, W/4)
+            mask_logits=mask_logits,  # (B, Q, H/4, W/4)
             query_embeddings=query_embeddings,
             class_logits=self.classify(query_embeddings),  # (B, Q, C+1)
         )

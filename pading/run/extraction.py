@@ -19,6 +19,7 @@ from pading.data.manifest import REJECTS_SCHEMA, load_sample
 from pading.errors import DataError
 from pading.io import write_parquet_atomic
 from pading.model.matching import assign_query_labels
+from pading.model.runtime import use_runtime
 from pading.model.segmenter import Segmenter, prepare_batch
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class FeatureExtractor:
         self.config = config
         self.table = ClassTable.from_records(table_records)
         self.segmenter = Segmenter.load(segmenter_dir, map_location=self.device).to(self.device).eval()
+        self.runtime = use_runtime(self.segmenter, config.inference.runtime, config.data.image_size)
         self.rows = {int(r["image_id"]): r for r in manifest_rows}
         self.output_dir = Path(output_dir)
         self.rejects_dir = self.output_dir.parent / f"{self.output_dir.name}_rejects"

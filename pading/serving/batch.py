@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -393,14 +394,17 @@ class ShardSegmenter:
         output_format: PNGs this format needs are written here too (coco-panoptic, semantic).
         overlays: also write ``overlays/<id>.png`` (the first task's segments over the image).
         only_class_ids: keep only segments of these categories (None: all).
+        runtime: where the segmenter's forward pass runs (``segment.runtime``: auto, torch,
+            onnxruntime; pading.model.runtime).
     """
 
     def __init__(self, bundle_dir: str, output_dir: str, task: str, output_format: str = "parquet",
                  overlays: bool = False, only_class_ids: Sequence[int] | None = None, batch_size: int = 4,
                  min_score: float = 0.0, max_image_bytes: int = 64 << 20, max_image_pixels: int = 40_000_000,
-                 read_threads: int = 8, device: str | None = None):
+                 read_threads: int = 8, device: str | None = None, runtime: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.service = SegmentationService(Bundle.load(bundle_dir, map_location=self.device))
+        bundle = Bundle.load(bundle_dir, map_location=self.device)
+        self.service = SegmentationService(bundle, dataclasses.replace(bundle.config.serve, runtime=runtime))
         self.table = self.service.bundle.table
         self.output = Path(output_dir)
         self.tasks = task_names(task)
@@ -415,7 +419,8 @@ class ShardSegmenter:
         self.max_bytes, self.max_pixels = int(max_image_bytes), int(max_image_pixels)
         self.window = max(int(read_threads), self.batch_size)
         self.pool = ThreadPoolExecutor(max_workers=int(read_threads), thread_name_prefix="pading-read")
-        logger.info("segmenter ready on %s (%d classes, task %s)", self.device, self.table.num_classes, task)
+        logger.info("segmenter ready on %s, %s (%d classes, task %s)", self.device, self.service.runtime,
+                    self.table.num_classes, task)
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.segment_shard(int(s), [str(p) for p in paths], [int(i) for i in ids])

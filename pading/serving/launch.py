@@ -110,6 +110,10 @@ def wait_until_interrupted() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # also SIGINT, explicitly: a process started in the background by a non-interactive shell
+    # (`nohup python pipelines/serve.py ... &`, a script) inherits SIGINT as ignored, and Python
+    # then never raises KeyboardInterrupt, so Ctrl-C or `kill -INT` would not stop it
+    signal.signal(signal.SIGINT, interrupt)
     try:
         while True:
             time.sleep(1)

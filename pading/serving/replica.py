@@ -48,8 +48,9 @@ class Replica:
         self.metrics = metrics
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
         self.publish(self.service)
-        logger.info("model replica %s ready: %s on %s, batching %s (serve.batching=%s), vocabularies in %s",
-                    self.replica, bundle_dir, device, "on" if self.batching else "off", config.batching,
+        logger.info("model replica %s ready: %s on %s (%s), batching %s (serve.batching=%s), vocabularies in %s",
+                    self.replica, bundle_dir, device, self.service.runtime, "on" if self.batching else "off",
+                    config.batching,
                     self.store.root)
 
     async def load_vocabulary(self, name: str) -> SegmentationService:

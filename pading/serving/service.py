@@ -54,6 +54,7 @@ from pading.model.classifier import (
     class_weights,
     expand_classifier,
 )
+from pading.model.runtime import use_runtime
 from pading.model.segmenter import postprocess_mask_logits, prepare_batch
 from pading.model.semantics import encode_with_config
 from pading.serving.vocabularies import (
@@ -255,6 +256,8 @@ class SegmentationService:
         self._trained = bundle
         self._store = store
         self.vocabulary = check_name(vocabulary)
+        # the segmenter's forward pass on ONNX Runtime (CPU) or torch; services over one bundle share it
+        self.runtime = use_runtime(bundle.segmenter, self.config.runtime, bundle.config.data.image_size)
         self._state = ServiceState(bundle=bundle, version=0, next_id=max(bundle.table.ids) + 1)
         self._update_lock = threading.RLock()
         self._checked_at = -math.inf
