@@ -46,8 +46,9 @@ class NodeRecordingExtractor(FeatureExtractor):
         import ray
         import torch
 
+        # before the model loads: its ONNX Runtime session takes the thread count then
+        torch.set_num_threads(max(1, int(kwargs["config"].ray.cpus_per_worker)))
         super().__init__(*args, **kwargs)
-        torch.set_num_threads(max(1, int(self.config.ray.cpus_per_worker)))
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info("extract: actor on node %s", self.node_id)
 
