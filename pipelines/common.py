@@ -55,6 +55,9 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        # Ray Train's preemption watcher (one more actor process per training run) follows node drains
+        # of an autoscaling cluster; a Ray of one machine started here has none
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         num_cpus = config.ray.local_cpus if config is not None else None
         dashboard = None if config is None or config.ray.local_dashboard else False  # None: when installed
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=dashboard)
@@ -121,6 +124,14 @@ def fixed_actor_pool(size: int):
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
+def share_per_actor(images: int, actors: int) -> int:
+    """The most images one of ``actors`` actors gets: what each is told of its workload (its
+    inference runtime, pading.model.runtime, exports only for a large enough share)."""
+    return -(-int(images) // max(1, int(actors)))
+
+
+#: Ray Train's preemption watcher: off on the local Ray a run starts (:func:`init_ray`).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 #: Ray Train's poll interval of its workers (``ray.train_poll_s``).
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 

@@ -64,7 +64,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         EvaluationPredictor,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),
                                "data_format": config.data.format, "batch_size": config.ray.extract_batch_size,
-                               "inference": config.inference},
+                               "inference": config.inference,
+                               "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
         batch_size=16, batch_format="pyarrow", concurrency=config.ray.extract_concurrency,
         num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
     ).take_all()

@@ -39,8 +39,8 @@ def checkpoint_id(segmenter_dir: Path) -> str:
 
 
 class NodeRecordingExtractor(FeatureExtractor):
-    """The library's extractor, with one torch thread per reserved CPU, and the node each
-    actor ran on in its output rows (the stage record lists them)."""
+    """The library's extractor, with one torch thread per reserved CPU, and the node and the
+    inference runtime of each actor in its output rows (the stage record lists them)."""
 
     def __init__(self, *args, **kwargs):
         import ray
@@ -50,12 +50,13 @@ class NodeRecordingExtractor(FeatureExtractor):
         torch.set_num_threads(max(1, int(kwargs["config"].ray.cpus_per_worker)))
         super().__init__(*args, **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
-        logger.info("extract: actor on node %s", self.node_id)
+        logger.info("extract: actor on node %s, segmenter on %s", self.node_id, self.runtime)
 
     def __call__(self, batch: dict) -> dict:
         started = time.time()
         out = super().__call__(batch)
         out["node_id"] = np.array([self.node_id] * len(out["shard"]))
+        out["runtime"] = np.array([self.runtime] * len(out["shard"]))
         out["started_at"] = np.full(len(out["shard"]), started)
         out["finished_at"] = np.full(len(out["shard"]), time.time())
         out["actor_pid"] = np.full(len(out["shard"]), os.getpid())
@@ -79,7 +80,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     shards = shard_rows(rows, shard_size)
     pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
-    total_rows, nodes, steady = 0, [], 0.0
+    total_rows, nodes, runtimes, steady = 0, [], [], 0.0
     if pending:
         free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
                                       "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
@@ -92,18 +93,20 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             fn_constructor_kwargs={
                 "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
                 "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
+                "images": common.share_per_actor(sum(len(shards[i]) for i in pending), config.ray.extract_concurrency),
             },
             batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency),
             num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
         ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
+        runtimes = sorted({str(r["runtime"]) for r in results})
         # images/s once the actors are up (each actor's first shard start to last shard end)
         steady = steady_throughput([{"pid": r["actor_pid"], "images": len(shards[int(r["shard"])]), "skipped": False,
                                      "started_at": r["started_at"], "finished_at": r["finished_at"]} for r in results])
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "actor_nodes": nodes, "steady_images_per_second": steady}
+            "actor_nodes": nodes, "runtimes": runtimes, "steady_images_per_second": steady}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
     return stage.finish(info)

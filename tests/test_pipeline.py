@@ -165,6 +165,16 @@ def test_second_run_skips_finished_stages(full_run, dataset):
         k: v for k, v in json.loads(before).items() if k != "wall_seconds"}
 
 
+def test_a_small_extraction_stays_on_torch(full_run):
+    """``inference.runtime: auto`` with an actor's share far below pading.model.runtime's
+    AUTO_MIN_IMAGES: the stage told its actor the share, and the actor did not export."""
+    from pading.model.runtime import AUTO_MIN_IMAGES
+
+    record = json.loads((full_run["output"] / "features" / "_SUCCESS.json").read_text())
+    assert record["runtimes"] == ["torch"]
+    assert pq.read_table(full_run["output"] / "features").num_rows < AUTO_MIN_IMAGES * 16
+
+
 def test_extract_is_idempotent(full_run, dataset):
     features = full_run["output"] / "features"
     before = pq.read_table(features).select(["image_id", "query"]).to_pylist()
@@ -208,13 +218,15 @@ def test_prepare_refuses_a_split_without_usable_images(tmp_path):
 @pytest.mark.xdist_group("coco-tiny-run")  # no module fixture: free to run beside the module's run
 def test_zsi_path_on_real_coco_tiny(coco_tiny, tmp_path):
     """configs/zsi_coco_tiny.yaml end to end on 100 real COCO images (crowd, polygons, RLE,
-    grayscale): the seen-only filter on instances, every stage, instance Seen/Unseen/HM."""
+    grayscale): the seen-only filter on instances, every stage, instance Seen/Unseen/HM. The
+    segmenter's inference runs on ONNX Runtime in the extraction and evaluation actors
+    (``inference.runtime=onnxruntime``: ``auto`` keeps these small shares on torch)."""
     output = tmp_path / "zsi"
     shorter = ["--set", "pretrain.iterations=10", "--set", "pretrain.checkpoint_every=10", "--set",
                "generator_training.iterations=40", "--set", "generator_training.checkpoint_every=40"]
     proc = _run(["pipelines/full.py", "--config", "configs/zsi_coco_tiny.yaml", "--output", str(output),
                  "--set", f"data.root={coco_tiny}", "--set", "data.max_val_images=20", "--set",
-                 "ray.local_dashboard=false", *shorter], tmp_path)
+                 "ray.local_dashboard=false", "--set", "inference.runtime=onnxruntime", *shorter], tmp_path)
     assert proc.returncode == 0
     results = json.loads((output / "results.json").read_text())
     assert set(results) == {"instance", "wall_seconds"}
@@ -226,6 +238,7 @@ def test_zsi_path_on_real_coco_tiny(coco_tiny, tmp_path):
     grayscale = [p for p in (coco_tiny / "val2017").glob("*.jpg") if _mode(p) == "L"]
     features = pq.read_table(output / "features")
     assert features.num_rows == counts["train"]["images"] * 16  # every usable image, 16 queries each
+    assert json.loads((output / "features" / "_SUCCESS.json").read_text())["runtimes"] == ["onnxruntime"]
     if grayscale:
         assert counts["val"]["rejected"] == 0  # grayscale images are converted, not rejected
 

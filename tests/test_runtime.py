@@ -22,7 +22,7 @@ from pading.data import write_synthetic_dataset
 from pading.data.manifest import read_split_index, to_rows
 from pading.evaluation.predict import EvaluationPredictor
 from pading.model import runtime as runtimes
-from pading.model.runtime import RuntimeUnavailable, use_runtime
+from pading.model.runtime import AUTO_MIN_IMAGES, RuntimeUnavailable, use_runtime
 from pading.model.segmenter import prepare_batch
 from pading.run.extraction import FeatureExtractor
 from pading.serving.service import SegmentationService
@@ -182,6 +182,38 @@ def test_an_export_that_disagrees_with_torch_is_not_used(tiny, monkeypatch):
     assert use_runtime(bundle.segmenter, "auto", size) == "torch"
     with pytest.raises(RuntimeUnavailable, match="export failed .RuntimeError: no GridSample"):
         use_runtime(bundle.segmenter, "onnxruntime", size)
+
+
+def test_auto_keeps_a_process_with_few_images_on_torch(tiny, caplog):
+    """``auto`` exports only for a workload that pays the export back; ``onnxruntime`` always
+    exports; a service without a known workload (the endpoint) exports under ``auto``."""
+    size = Bundle.load(tiny["bundle_dir"]).config.data.image_size
+    few, enough = AUTO_MIN_IMAGES - 1, AUTO_MIN_IMAGES
+    bundle = Bundle.load(tiny["bundle_dir"])
+    with caplog.at_level(logging.INFO, logger="pading.model.runtime"):
+        assert use_runtime(bundle.segmenter, "auto", size, images=few) == "torch"
+    assert bundle.segmenter.inference_runtime is None
+    assert f"{few} image(s) in this process" in caplog.text
+    assert use_runtime(bundle.segmenter, "auto", size, images=enough) == "onnxruntime"
+    assert use_runtime(Bundle.load(tiny["bundle_dir"]).segmenter, "onnxruntime", size, images=1) == "onnxruntime"
+    service = SegmentationService(Bundle.load(tiny["bundle_dir"]), ServeConfig(runtime="auto"))
+    assert service.runtime == "onnxruntime"
+    small_job = SegmentationService(Bundle.load(tiny["bundle_dir"]), ServeConfig(runtime="auto"), images=few)
+    assert small_job.runtime == "torch"
+
+
+def test_the_stage_classes_pass_their_share_of_images_on(synthetic_run, tmp_path):
+    """Extraction's and evaluation's actors are told their share (pipelines/ pass it): a small
+    one stays on torch under ``auto``, an unknown one exports."""
+    bundle, rows = synthetic_run["bundle"], synthetic_run["train"]
+    config = tiny_config(data={"image_size": 64})  # inference.runtime: auto
+    for images, expected in ((len(rows), "torch"), (None, "onnxruntime")):
+        extractor = FeatureExtractor(config, str(synthetic_run["bundle_dir"] / SEGMENTER_DIR), bundle.table.to_records(),
+                                     rows, str(tmp_path / f"x{images}"), "ckpt", "cpu", images=images)
+        assert extractor.runtime == expected
+        predictor = EvaluationPredictor(str(synthetic_run["bundle_dir"]), str(tmp_path / f"e{images}"), "panoptic",
+                                        device="cpu", images=images)
+        assert predictor.runtime == expected
 
 
 def test_the_runtime_settings_accept_only_the_three_runtimes():

@@ -138,13 +138,14 @@ class EvaluationPredictor:
     GT instances, or the error that made it unusable."""
 
     def __init__(self, bundle_dir: str, output_dir: str, data_format: str, device: str | None = None,
-                 batch_size: int = 8, inference: InferenceConfig | None = None):
+                 batch_size: int = 8, inference: InferenceConfig | None = None, images: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.bundle = Bundle.load(bundle_dir, map_location=self.device)
         if inference is not None:  # post-processing settings of this run, not the training run's
             self.bundle.config.inference = inference
         settings = self.bundle.config
-        self.runtime = use_runtime(self.bundle.segmenter, settings.inference.runtime, settings.data.image_size)
+        # images: this actor's share of the split, when known (auto stays on torch for a small one)
+        self.runtime = use_runtime(self.bundle.segmenter, settings.inference.runtime, settings.data.image_size, images)
         self.output = Path(output_dir)
         self.data_format = data_format
         self.batch_size = batch_size

@@ -11,9 +11,9 @@ checks the exported graph against torch on a probe batch and attaches it to the 
 (eval mode, no autograd, CPU float32 input of the exported size, weights unchanged since the
 export) and eager torch for everything else, so training and GPU inference are untouched.
 
-``runtime``: ``auto`` (ONNX Runtime on CPU when it is installed and its export passes the
-probe, else torch, with the reason logged), ``onnxruntime`` (the same, but any failure is an
-error) or ``torch``.
+``runtime``: ``auto`` (ONNX Runtime on CPU when it is installed, its export passes the probe
+and the process has enough images ahead to pay the export back, else torch, with the reason
+logged), ``onnxruntime`` (ONNX Runtime whatever the workload; a failure is an error) or ``torch``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ PROBE_BATCH = 2
 # The exported graph must give torch's outputs within this on the probe batch (float32
 # rounding in another operation order gives ~5e-5 on the demo's model).
 PROBE_TOLERANCE = 1e-3
+# ``auto`` exports only in a process that has at least this many images ahead (a stage's actor
+# is told its share). The imports, the export and the probe take 2-4 s of CPU; ONNX Runtime
+# saves about 2 ms an image at extraction's batch of 8 on the demo's model, so a few hundred
+# images would not pay it back (docs/performance.md, "The inference runtime"). A service
+# (the endpoint) has no end and always exports.
+AUTO_MIN_IMAGES = 1000
 
 
 class RuntimeUnavailable(ConfigError):
@@ -144,11 +150,14 @@ def _largest_difference(segmenter: "Segmenter", runtime: OnnxForward, image_size
     return max(float((a - b).abs().max()) / (1.0 + float(b.abs().max())) for a, b in zip(got, expected))
 
 
-def use_runtime(segmenter: "Segmenter", runtime: str, image_size: int) -> str:
+def use_runtime(segmenter: "Segmenter", runtime: str, image_size: int, images: Optional[int] = None) -> str:
     """Attach the inference runtime ``runtime`` to ``segmenter`` (see the module doc) and
     return the one in use, ``"torch"`` or ``"onnxruntime"``. Call it once the weights are
     final (an inference process: extraction, evaluation, a replica, a segmentation actor);
-    a second call for the same weights and size keeps the export it made."""
+    a second call for the same weights and size keeps the export it made.
+
+    ``images``: how many images this process will run, when known; under ``auto`` fewer than
+    :data:`AUTO_MIN_IMAGES` stay on torch. None (a service, or not known): no limit."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown inference runtime {runtime!r} (expected one of {', '.join(RUNTIMES)})")
     current = segmenter.inference_runtime
@@ -162,6 +171,9 @@ def use_runtime(segmenter: "Segmenter", runtime: str, image_size: int) -> str:
     reason: Optional[str] = None
     if device.type != "cpu":
         reason = f"the segmenter is on {device} (ONNX Runtime is used on CPU only)"
+    elif runtime == "auto" and images is not None and images < AUTO_MIN_IMAGES:
+        reason = (f"{images} image(s) in this process, fewer than the {AUTO_MIN_IMAGES} that pay back the ONNX "
+                  "export (runtime: onnxruntime exports anyway)")
     else:
         try:
             import onnx  # noqa: F401 - the exporter writes through it

@@ -121,13 +121,15 @@ class FeatureExtractor:
         output_dir: str,
         checkpoint_id: str,
         device: str | None = None,
+        images: int | None = None,
     ):
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = config
         self.table = ClassTable.from_records(table_records)
         self.segmenter = Segmenter.load(segmenter_dir, map_location=self.device).to(self.device).eval()
-        self.runtime = use_runtime(self.segmenter, config.inference.runtime, config.data.image_size)
+        # images: this actor's share of the stage, when known (auto stays on torch for a small one)
+        self.runtime = use_runtime(self.segmenter, config.inference.runtime, config.data.image_size, images)
         self.rows = {int(r["image_id"]): r for r in manifest_rows}
         self.output_dir = Path(output_dir)
         self.rejects_dir = self.output_dir.parent / f"{self.output_dir.name}_rejects"

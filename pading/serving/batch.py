@@ -396,15 +396,18 @@ class ShardSegmenter:
         only_class_ids: keep only segments of these categories (None: all).
         runtime: where the segmenter's forward pass runs (``segment.runtime``: auto, torch,
             onnxruntime; pading.model.runtime).
+        images: how many images this actor will segment, when known (``auto`` keeps a
+            small share on torch: pading.model.runtime.AUTO_MIN_IMAGES).
     """
 
     def __init__(self, bundle_dir: str, output_dir: str, task: str, output_format: str = "parquet",
                  overlays: bool = False, only_class_ids: Sequence[int] | None = None, batch_size: int = 4,
                  min_score: float = 0.0, max_image_bytes: int = 64 << 20, max_image_pixels: int = 40_000_000,
-                 read_threads: int = 8, device: str | None = None, runtime: str = "auto"):
+                 read_threads: int = 8, device: str | None = None, runtime: str = "auto", images: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         bundle = Bundle.load(bundle_dir, map_location=self.device)
-        self.service = SegmentationService(bundle, dataclasses.replace(bundle.config.serve, runtime=runtime))
+        self.service = SegmentationService(bundle, dataclasses.replace(bundle.config.serve, runtime=runtime),
+                                           images=images)
         self.table = self.service.bundle.table
         self.output = Path(output_dir)
         self.tasks = task_names(task)

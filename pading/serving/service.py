@@ -250,14 +250,15 @@ class SegmentationService:
     """
 
     def __init__(self, bundle: Bundle, config: ServeConfig | None = None, *, encode_fn: EncodeFn | None = None,
-                 store: VocabularyStore | None = None, vocabulary: str = BASE):
+                 store: VocabularyStore | None = None, vocabulary: str = BASE, images: int | None = None):
         self.config = config or bundle.config.serve
         self._encode_fn = encode_fn
         self._trained = bundle
         self._store = store
         self.vocabulary = check_name(vocabulary)
-        # the segmenter's forward pass on ONNX Runtime (CPU) or torch; services over one bundle share it
-        self.runtime = use_runtime(bundle.segmenter, self.config.runtime, bundle.config.data.image_size)
+        # the segmenter's forward pass on ONNX Runtime (CPU) or torch; services over one bundle share it;
+        # ``images``: how many this service will segment, when known (a batch job's actor), else no end
+        self.runtime = use_runtime(bundle.segmenter, self.config.runtime, bundle.config.data.image_size, images)
         self._state = ServiceState(bundle=bundle, version=0, next_id=max(bundle.table.ids) + 1)
         self._update_lock = threading.RLock()
         self._checked_at = -math.inf
