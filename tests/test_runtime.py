@@ -8,6 +8,7 @@ import json
 import logging
 import pickle
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,6 +40,13 @@ def tiny(tmp_path_factory):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (50, 80), (97, 31), (20, 20))]
     return {"bundle_dir": bundle_dir, "images": images}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """The exported models of this module go to its own cache directory (one per module, so a
+    test may read what an earlier one exported), not to the user's ~/.cache."""
+    monkeypatch.setenv(runtimes.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "onnx-cache"))
 
 
 class Calls:
@@ -214,6 +222,74 @@ def test_the_stage_classes_pass_their_share_of_images_on(synthetic_run, tmp_path
         predictor = EvaluationPredictor(str(synthetic_run["bundle_dir"]), str(tmp_path / f"e{images}"), "panoptic",
                                         device="cpu", images=images)
         assert predictor.runtime == expected
+
+
+def _no_export(*args):
+    raise AssertionError("exported although the cache holds this model")
+
+
+def test_a_second_process_over_the_same_weights_reads_the_cached_export(tiny, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(runtimes.CACHE_ENV, str(tmp_path / "cache"))
+    first = Bundle.load(tiny["bundle_dir"])
+    size = first.config.data.image_size
+    assert use_runtime(first.segmenter, "onnxruntime", size) == "onnxruntime"
+    (cached,) = (tmp_path / "cache").glob("segmenter-*.onnx")
+    assert runtimes.content_key(first.segmenter, size) in cached.name
+    monkeypatch.setattr(runtimes, "_export", _no_export)
+    again = Bundle.load(tiny["bundle_dir"])  # a new segmenter, the same weights (another process)
+    with caplog.at_level(logging.INFO, logger="pading.model.runtime"):
+        assert use_runtime(again.segmenter, "onnxruntime", size) == "onnxruntime"
+    assert f"read from {cached}" in caplog.text
+    pixels = prepare_batch(tiny["images"][:1], size)["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.segmenter(pixels).mask_logits, first.segmenter(pixels).mask_logits)
+    changed = Bundle.load(tiny["bundle_dir"])
+    with torch.no_grad():
+        next(changed.segmenter.mask2former.model.parameters()).add_(1e-3)  # other weights: another key
+    assert runtimes.content_key(changed.segmenter, size) != runtimes.content_key(again.segmenter, size)
+    with pytest.raises(RuntimeUnavailable, match="exported although the cache holds"):
+        use_runtime(changed.segmenter, "onnxruntime", size)
+
+
+def test_a_damaged_cached_model_is_exported_again(tiny, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(runtimes.CACHE_ENV, str(tmp_path / "cache"))
+    bundle = Bundle.load(tiny["bundle_dir"])
+    size = bundle.config.data.image_size
+    use_runtime(bundle.segmenter, "onnxruntime", size)
+    (cached,) = (tmp_path / "cache").glob("segmenter-*.onnx")
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 2])  # cut short
+    with caplog.at_level(logging.WARNING, logger="pading.model.runtime"):
+        assert use_runtime(Bundle.load(tiny["bundle_dir"]).segmenter, "onnxruntime", size) == "onnxruntime"
+    assert "is unusable" in caplog.text and "exporting again" in caplog.text
+    assert cached.read_bytes() == good  # replaced by the new export (the exporter is deterministic)
+
+
+def test_without_a_usable_cache_every_process_exports(tiny, monkeypatch, tmp_path):
+    size = Bundle.load(tiny["bundle_dir"]).config.data.image_size
+    monkeypatch.setenv(runtimes.CACHE_ENV, "")
+    assert runtimes.cache_dir() is None
+    assert use_runtime(Bundle.load(tiny["bundle_dir"]).segmenter, "onnxruntime", size) == "onnxruntime"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(runtimes.CACHE_ENV, str(blocker / "cache"))  # cannot be created
+    assert use_runtime(Bundle.load(tiny["bundle_dir"]).segmenter, "onnxruntime", size) == "onnxruntime"
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_the_cache_keeps_the_most_recently_used_models(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv(runtimes.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(runtimes, "CACHE_KEEP", 2)
+    segmenters = {size: Bundle.load(tiny["bundle_dir"]).segmenter for size in (64, 96, 128)}
+    files = {}
+    for size, segmenter in segmenters.items():  # three input sizes: three models
+        use_runtime(segmenter, "onnxruntime", size)
+        (files[size],) = (tmp_path / "cache").glob(f"segmenter-{size}px-*.onnx")
+        time.sleep(0.05)  # distinct modification times
+        if size == 96:  # 64 used again after 96 was written: 96 is now the least recently used
+            use_runtime(Bundle.load(tiny["bundle_dir"]).segmenter, "onnxruntime", 64)
+            time.sleep(0.05)
+    assert sorted((tmp_path / "cache").glob("segmenter-*.onnx")) == sorted([files[64], files[128]])
 
 
 def test_the_runtime_settings_accept_only_the_three_runtimes():

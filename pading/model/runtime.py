@@ -7,6 +7,8 @@ faster on one thread. :func:`use_runtime` exports the part of the segmenter that
 change at run time (pixels -> last-layer mask logits and query embeddings; the class head
 stays in torch, because classes added by name replace it) once per process, in about 2 s,
 checks the exported graph against torch on a probe batch and attaches it to the segmenter.
+The export is kept in a cache on the machine, keyed by the weights' content, so the next
+process over the same model (a restarted replica, a second actor) reads it instead.
 :meth:`pading.model.segmenter.Segmenter.forward` then uses it for every call it can answer
 (eval mode, no autograd, CPU float32 input of the exported size, weights unchanged since the
 export) and eager torch for everything else, so training and GPU inference are untouched.
@@ -14,14 +16,23 @@ export) and eager torch for everything else, so training and GPU inference are u
 ``runtime``: ``auto`` (ONNX Runtime on CPU when it is installed, its export passes the probe
 and the process has enough images ahead to pay the export back, else torch, with the reason
 logged), ``onnxruntime`` (ONNX Runtime whatever the workload; a failure is an error) or ``torch``.
+
+The cache: ``$PADING_ONNX_CACHE`` (empty: no cache), else ``$XDG_CACHE_HOME/pading/onnx`` or
+``~/.cache/pading/onnx``; the :data:`CACHE_KEEP` most recently used models are kept. A cached
+model is checked against torch like a new export, and exported again when it differs; a
+cache that cannot be written is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import logging
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -47,6 +58,9 @@ PROBE_TOLERANCE = 1e-3
 # images would not pay it back (docs/performance.md, "The inference runtime"). A service
 # (the endpoint) has no end and always exports.
 AUTO_MIN_IMAGES = 1000
+CACHE_ENV = "PADING_ONNX_CACHE"
+# exported models kept in the cache (a demo model's is 1.7 MB, a ResNet-50 Mask2Former's ~180 MB)
+CACHE_KEEP = 8
 
 
 class RuntimeUnavailable(ConfigError):
@@ -139,6 +153,77 @@ def _export(segmenter: "Segmenter", image_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def cache_dir() -> Optional[Path]:
+    """Where exported models are kept (the module doc), or None when caching is off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return Path(value).expanduser() if value.strip() else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pading" / "onnx"
+
+
+def content_key(segmenter: "Segmenter", image_size: int) -> str:
+    """A digest of everything the export depends on: the exported part's tensors (names,
+    shapes, dtypes, bytes), the segmenter's settings, the input size and the exporter's
+    versions. About 10 ms for the demo's model (a few MB of weights)."""
+    import onnx
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{torch.__version__}|{onnx.__version__}|{OPSET}|{image_size}|{segmenter.config!r}".encode())
+    for name, tensor in segmenter.mask2former.model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _store(path: Path, model: bytes) -> None:
+    """Write ``model`` to ``path`` atomically (a reader never sees half a file), then drop the
+    least recently used models beyond :data:`CACHE_KEEP`. Failures are logged, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(model)
+        os.replace(partial, path)
+        kept = sorted(path.parent.glob("segmenter-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError as err:
+        logger.info("the ONNX export is not cached (%s)", err)
+
+
+def _probed(segmenter: "Segmenter", model: bytes, image_size: int) -> tuple[OnnxForward, float]:
+    session = OnnxForward(model, image_size, weights_key(segmenter), torch.get_num_threads())
+    return session, _largest_difference(segmenter, session, image_size)
+
+
+def _agrees(difference: float) -> bool:
+    return bool(np.isfinite(difference)) and difference <= PROBE_TOLERANCE
+
+
+def _session(segmenter: "Segmenter", image_size: int) -> tuple[OnnxForward, float, str]:
+    """(session, its probe difference, where its model came from): the cached model when there
+    is one that agrees with torch, else a new export (cached when it agrees)."""
+    directory = cache_dir()
+    path = None if directory is None else directory / f"segmenter-{image_size}px-{content_key(segmenter, image_size)}.onnx"
+    if path is not None and path.is_file():
+        try:
+            session, difference = _probed(segmenter, path.read_bytes(), image_size)
+        except Exception as err:  # noqa: BLE001 - a damaged file: export again
+            logger.warning("the cached ONNX model %s is unusable (%s: %s); exporting again", path, type(err).__name__,
+                           str(err).splitlines()[0] if str(err) else "")
+        else:
+            if _agrees(difference):
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: kept by the pruning in _store
+                return session, difference, f"read from {path}"
+            logger.warning("the cached ONNX model %s differs from torch by %.2e; exporting again", path, difference)
+    model = _export(segmenter, image_size)
+    session, difference = _probed(segmenter, model, image_size)
+    if path is not None and _agrees(difference):
+        _store(path, model)
+    return session, difference, "exported"
+
+
 def _largest_difference(segmenter: "Segmenter", runtime: OnnxForward, image_size: int) -> float:
     """Largest |ONNX Runtime - torch| over both outputs of a seeded probe batch, relative to
     the outputs' scale."""
@@ -185,13 +270,11 @@ def use_runtime(segmenter: "Segmenter", runtime: str, image_size: int, images: O
         was_training = segmenter.training
         segmenter.eval()
         try:
-            exported = OnnxForward(_export(segmenter, image_size), image_size, weights_key(segmenter),
-                                   torch.get_num_threads())
-            difference = _largest_difference(segmenter, exported, image_size)
+            exported, difference, source = _session(segmenter, image_size)
         except Exception as err:  # noqa: BLE001 - any exporter or session failure means: stay on torch
             reason = f"the ONNX export failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         else:
-            if not np.isfinite(difference) or difference > PROBE_TOLERANCE:
+            if not _agrees(difference):
                 reason = f"the ONNX export differs from torch by {difference:.2e} on a probe batch"
         finally:
             segmenter.train(was_training)
@@ -201,6 +284,6 @@ def use_runtime(segmenter: "Segmenter", runtime: str, image_size: int, images: O
         logger.info("segmenter forward on torch: %s", reason)
         return "torch"
     segmenter.inference_runtime = exported
-    logger.info("segmenter forward on ONNX Runtime, %d thread(s) (exported in %.1f s; probe batch within %.1e of "
-                "torch)", exported.threads, time.perf_counter() - started, difference)
+    logger.info("segmenter forward on ONNX Runtime, %d thread(s) (%s in %.1f s; probe batch within %.1e of torch)",
+                exported.threads, source, time.perf_counter() - started, difference)
     return "onnxruntime"
