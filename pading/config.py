@@ -468,8 +468,9 @@ class InferenceConfig:
     # Instance: (query, thing class) pairs kept per image, by class probability (the paper's 100).
     instance_top_k: int = 100
     # Where extraction and evaluation run the segmenter's forward pass: auto (ONNX Runtime on CPU when it is
-    # installed and its export matches torch on a probe batch, else torch), onnxruntime (the same, failing if
-    # it cannot), torch (docs/performance.md "The inference runtime"). Training and GPU inference use torch.
+    # installed, its export matches torch on a probe batch and the actor has >= 1000 images to do, else torch),
+    # onnxruntime (whatever the share, failing if it cannot), torch (docs/performance.md "The inference
+    # runtime"). Training and GPU inference use torch.
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
 
 
