@@ -126,8 +126,9 @@ def bare_extract(config, output: Path) -> tuple[float, float, int]:
     shards = shard_rows(rows, config.ray.extract_shard_size)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
+        # told its workload as the stage's one actor is, so both pick the same runtime
         extractor = FeatureExtractor(config, str(RunLayout(output).segmenter), table.to_records(), rows, scratch,
-                                     "benchmark")
+                                     "benchmark", images=sum(len(ids) for ids in shards))
         loop_started = time.perf_counter()
         for index, ids in enumerate(shards):
             extractor({"shard": [index], "image_ids": [ids]})
@@ -166,7 +167,8 @@ def bare_evaluate(config, output: Path) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         predictor = EvaluationPredictor(str(RunLayout(output).bundle), scratch, data.format,
-                                        batch_size=config.ray.extract_batch_size, inference=config.inference)
+                                        batch_size=config.ray.extract_batch_size, inference=config.inference,
+                                        images=len(rows))  # as the stage's one actor is told
         result = []
         for start in range(0, len(rows), 16):
             batch = predictor(rows[start:start + 16])
@@ -244,8 +246,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
     with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                                   "--port", str(port), "--set", f"serve.runtime={runtime}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                   "--port", str(port), "--set", f"serve.runtime={runtime}"], cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
     try:
@@ -272,7 +274,7 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
-            print(f"pipelines/serve.py did not stop within 120 s of SIGINT; killing it (its log: {server_log})",
+            print(f"pipelines/serve.py did not stop within 120 s of SIGTERM; killing it (its log: {server_log})",
                   flush=True)
         finally:
             with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group
@@ -309,7 +311,8 @@ def segment_rate(output: Path, count: int, runtime: str = "auto") -> tuple[float
         summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
         with torch_threads(SegmentConfig().num_cpus):  # as many as the command's actor runs
-            segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic", runtime=runtime)
+            segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic", runtime=runtime,
+                                       images=len(paths))  # as the command's one actor is told
             started = time.perf_counter()
             for index in range(0, len(paths), shard):
                 segmenter({"shard": [index], "paths": [paths[index:index + shard]],

@@ -50,8 +50,7 @@ class Replica:
         self.publish(self.service)
         logger.info("model replica %s ready: %s on %s (%s), batching %s (serve.batching=%s), vocabularies in %s",
                     self.replica, bundle_dir, device, self.service.runtime, "on" if self.batching else "off",
-                    config.batching,
-                    self.store.root)
+                    config.batching, self.store.root)
 
     async def load_vocabulary(self, name: str) -> SegmentationService:
         """The service of the named vocabulary ``name`` (loaded from the store)."""
