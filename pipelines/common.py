@@ -114,6 +114,20 @@ def shard_work(items: list, whole_pool: bool):
     return dataset
 
 
+def row_blocks(rows: list[dict], blocks: int):
+    """A dataset of manifest ``rows`` in ``blocks`` blocks cut on the driver. Ray Data's
+    ``repartition`` would cut them in a task, which needs a free CPU: on a machine whose CPUs
+    the stage's actors hold (``ray.cpus_per_worker`` = every CPU) it never ran, and the
+    stage waited forever."""
+    import ray
+
+    from pading.data.manifest import rows_to_table
+
+    table = rows_to_table(rows)
+    size = -(-len(rows) // max(1, blocks))
+    return ray.data.from_arrow([table.slice(start, size) for start in range(0, max(1, len(rows)), size or 1)])
+
+
 def fixed_actor_pool(size: int):
     """A pool of ``size`` actors that each hold one shard at a time: a shard waits for a free
     actor instead of queueing behind a busy one, so when the pool is whole the first

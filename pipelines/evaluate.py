@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from pading.config import ExperimentConfig
-from pading.data.manifest import resolve, rows_to_table
+from pading.data.manifest import resolve
 from pading.evaluation.predict import EvaluationPredictor, summarize
 from pading.run import RunLayout, load_table, read_manifest
 from pading.run.reports import format_results_table
@@ -46,9 +46,6 @@ def write_overlays(bundle_dir: Path, rows: list[dict], out_dir: Path, count: int
 
 def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir: Path | None = None,
         stage_name: str = "evaluate") -> dict:
-    import ray
-
-
     stage_dir = RunLayout(output).stage(stage_name)
     stage = common.Stage(stage_name, stage_dir, force, clean=True)
     if stage.done:
@@ -59,7 +56,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     table = load_table(output)
     rows = read_manifest(output, "val")
     predictions = RunLayout(output).predictions(stage_name)
-    dataset = ray.data.from_arrow(rows_to_table(rows)).repartition(max(1, min(32, len(rows) // 16)))
+    dataset = common.row_blocks(rows, max(1, min(32, len(rows) // 16)))
     result_rows = dataset.map_batches(
         EvaluationPredictor,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),

@@ -22,7 +22,6 @@ from pading.data.manifest import (
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
-    rows_to_table,
     to_rows,
     validate_rows,
 )
@@ -105,7 +104,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     checked_rows: list[dict] = []
     if everything:
         blocks = max(1, min(200, len(everything) // 32))
-        checked = ray.data.from_arrow(rows_to_table(everything)).repartition(blocks).map_batches(
+        checked = common.row_blocks(everything, blocks).map_batches(
             _Validate, fn_constructor_kwargs={"table_records": table.to_records(), "data_format": config.data.format},
             batch_format="pyarrow", batch_size=32, concurrency=(1, max(1, config.ray.extract_concurrency * 2)),
         ).to_arrow_refs()

@@ -95,6 +95,50 @@ def test_images_without_segments(segmenter):
     assert segmenter.class_head.bias.grad[NUM_CLASSES] != 0
 
 
+def _random_targets(counts, sizes, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    masks = [(torch.rand(n, *size, generator=generator) > 0.6).float() for n, size in zip(counts, sizes)]
+    labels = [torch.randint(0, NUM_CLASSES, (n,), generator=generator) for n in counts]
+    return masks, labels
+
+
+@pytest.mark.parametrize("counts, sizes", [
+    ((0, 3, 1), ((SIZE, SIZE),) * 3),  # an image without segments among others
+    ((2, 19), ((SIZE, SIZE),) * 2),  # more segments than the 16 queries
+    ((0, 0), ((SIZE, SIZE),) * 2),  # no segment in the whole batch
+    ((2, 3), ((SIZE, SIZE), (48, 40))),  # targets of different sizes: each image sampled on its own
+], ids=["mixed", "crowded", "empty", "sizes"])
+def test_the_batched_loss_is_transformers_loss(segmenter, counts, sizes):
+    """pading.model.criterion computes transformers' Mask2Former loss (every layer's matching,
+    mask terms on uncertainty-sampled points, weighted cross-entropy) with batched operations:
+    from the same seed it draws the same points, so the terms and their gradients agree."""
+    from pading.model.criterion import mask2former_loss
+
+    segmenter.eval()  # the same decoder outputs for both criteria
+    masks, labels = _random_targets(counts, sizes)
+    queries, mask_logits = segmenter._decode(_pixels(len(counts)), None)
+    class_logits = [segmenter.classify(q) for q in queries]
+    model = segmenter.mask2former
+    torch.manual_seed(7)
+    expected = model.get_loss_dict(
+        masks_queries_logits=mask_logits[-1], class_queries_logits=class_logits[-1], mask_labels=masks,
+        class_labels=labels, auxiliary_predictions=[{"masks_queries_logits": m, "class_queries_logits": c}
+                                                    for m, c in zip(mask_logits[:-1], class_logits[:-1])])
+    torch.manual_seed(7)
+    batched = mask2former_loss(model.criterion, model.weight_dict, mask_logits, class_logits, masks, labels)
+    assert list(batched) == list(expected)  # same terms, same order
+    for key in expected:
+        torch.testing.assert_close(batched[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    outputs = [*mask_logits, *class_logits]
+    wanted = torch.autograd.grad(sum(expected.values()), outputs, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(sum(batched.values()), outputs, allow_unused=True)
+    for want, have in zip(wanted, got):
+        if want is None:
+            assert have is None or not have.any()
+        else:
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-7)
+
+
 def test_bad_class_label_is_rejected(segmenter):
     masks, labels = _targets()
     with pytest.raises(AnnotationError, match="class labels"):

@@ -28,17 +28,17 @@ def _sample_points(maps: Tensor, coordinates: Tensor) -> Tensor:
 
 
 def _pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over points of BCE(sigmoid(logits_q), target_n): (Q, P), (N, P) -> (Q, N)."""
-    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")  # (Q, P)
-    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")  # (Q, P)
-    return (positive @ targets.T + negative @ (1.0 - targets).T) / logits.shape[1]
+    """Mean over points of BCE(sigmoid(logits_q), target_n): (..., Q, P), (..., N, P) -> (..., Q, N)."""
+    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")  # (..., Q, P)
+    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")  # (..., Q, P)
+    return (positive @ targets.transpose(-1, -2) + negative @ (1.0 - targets).transpose(-1, -2)) / logits.shape[-1]
 
 
 def _pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """1 - (2|p∩t| + 1) / (|p| + |t| + 1) for every (query, segment): (Q, P), (N, P) -> (Q, N)."""
+    """1 - (2|p∩t| + 1) / (|p| + |t| + 1) for every (query, segment): (..., Q, P), (..., N, P) -> (..., Q, N)."""
     probs = logits.sigmoid()
-    numerator = 2.0 * probs @ targets.T  # (Q, N)
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]  # (Q, N)
+    numerator = 2.0 * probs @ targets.transpose(-1, -2)  # (..., Q, N)
+    denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]  # (..., Q, N)
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 

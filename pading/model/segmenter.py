@@ -5,7 +5,8 @@ query embeddings that the class head reads (the LayerNorm-ed output of the last
 decoder layer) and the class logits of the *current* class head, which can be swapped
 for a retrained classifier (:meth:`Segmenter.replace_class_head`). It also computes
 Mask2Former's pretraining loss (Hungarian matching, CE + sigmoid-BCE + dice on sampled
-points, auxiliary losses of every decoder layer) through transformers' criterion.
+points, auxiliary losses of every decoder layer): transformers' criterion, computed for all
+layers and images at once (:mod:`pading.model.criterion`).
 
 Preprocessing lives here too: :func:`prepare_batch` (resize the long side, ImageNet
 normalisation, pad bottom/right) and :func:`postprocess_mask_logits` (undo it).
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 from pading.config import SegmenterConfig, from_dict, to_dict
 from pading.errors import AnnotationError, ConfigError, DataError, MissingWeightsError
+from pading.model.criterion import mask2former_loss
 
 logger = logging.getLogger(__name__)
 
@@ -344,17 +346,10 @@ class Segmenter(nn.Module):
             masks_list.append(masks)
             labels_list.append(labels)
         queries, masks = self._decode(pixel_values, pixel_mask)
-        class_logits = [self.classify(q) for q in queries]  # L x (B, Q, C+1)
-        auxiliary = [
-            {"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(masks[:-1], class_logits[:-1])
-        ]
-        losses = self.mask2former.get_loss_dict(
-            masks_queries_logits=masks[-1],
-            class_queries_logits=class_logits[-1],
-            mask_labels=masks_list,
-            class_labels=labels_list,
-            auxiliary_predictions=auxiliary,
-        )
+        class_logits = self.classify(torch.stack(queries)).unbind(0)  # L x (B, Q, C+1), one call of the head
+        # transformers' criterion, batched over layers and images (pading.model.criterion)
+        losses = mask2former_loss(self.mask2former.criterion, self.mask2former.weight_dict, masks, class_logits,
+                                  masks_list, labels_list)
         return {"loss": sum(losses.values()), **losses}
 
     # ---- persistence ------------------------------------------------------------------

@@ -100,8 +100,12 @@ def copy_from_checkpoint(result, name: str, history_file: str, stage_dir: Path) 
 def record_worker_node(stage_dir: Path, stage: str, rank: int, world: int, node: str, log: logging.Logger) -> None:
     """Log that worker ``rank`` runs on ``node`` (a Ray node id) and record it in
     ``<stage_dir>/workers/`` (:func:`worker_nodes` reads it back into the stage's record)."""
-    record = {"rank": rank, "world_size": world, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid()}
-    log.info(f"[{stage}] worker {rank}/{world} on node {node} ({record['hostname']}, pid {record['pid']})")
+    import torch
+
+    record = {"rank": rank, "world_size": world, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
+              "torch_threads": torch.get_num_threads()}  # Ray sets OMP_NUM_THREADS to the worker's CPUs
+    log.info(f"[{stage}] worker {rank}/{world} on node {node} ({record['hostname']}, pid {record['pid']}, "
+             f"{record['torch_threads']} torch threads)")
     directory = Path(stage_dir) / WORKERS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / f"rank-{rank}.json", record)  # read while the stage runs (tests)
