@@ -75,8 +75,10 @@ def full_run(dataset, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("run")
     output = tmp / "out"
     started = time.time()
+    # A one-CPU Ray: every stage must run while its actor or worker holds the only CPU (prepare's
+    # and evaluate's Ray Data repartition task once waited forever for a second one).
     proc = _run(["pipelines/full.py", "--config", str(SMOKE), "--output", str(output), "--set", f"data.root={dataset['root']}",
-                 *RUN_SETTINGS], tmp)
+                 *RUN_SETTINGS, "--set", "ray.local_cpus=1"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"tmp": tmp, "output": output, "stdout": proc.stdout, "stderr": proc.stderr, "seconds": time.time() - started}
 
