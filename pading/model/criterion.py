@@ -38,27 +38,13 @@ from pading.model.matching import _pairwise_dice, _pairwise_sigmoid_bce
 __all__ = ["mask2former_loss"]
 
 
-def _grid(points: Tensor) -> Tensor:
-    """(M, P, 2) points in [0, 1]² -> (M, P, 1, 2) grid_sample coordinates in [-1, 1]²."""
-    return (2.0 * points - 1.0)[:, :, None, :]
-
-
 def _sample(maps: Tensor, points: Tensor) -> Tensor:
-    """Bilinear values of ``maps`` (M, C, H, W) at per-map ``points`` (M, P, 2) -> (M, C, P)
-    (transformers' ``sample_point`` with ``align_corners=False``)."""
-    return F.grid_sample(maps, _grid(points), align_corners=False)[..., 0]
+    """Bilinear values of ``maps`` (M, C, H, W) at per-map ``points`` (M, P, 2) in [0, 1]²
+    -> (M, C, P): transformers' own ``sample_point`` (imported here: the model that calls this
+    has loaded transformers already; this module is imported by processes that never do)."""
+    from transformers.models.mask2former.modeling_mask2former import sample_point
 
-
-def _padded_targets(mask_labels: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """B target stacks (N_i, H_i, W_i) -> (B, max N, max H, max W), zero-padded (bottom/right,
-    as transformers pads them for the mask loss)."""
-    count = max(int(m.shape[0]) for m in mask_labels)
-    height = max(int(m.shape[1]) for m in mask_labels)
-    width = max(int(m.shape[2]) for m in mask_labels)
-    padded = mask_labels[0].new_zeros((len(mask_labels), count, height, width), dtype=dtype)
-    for index, masks in enumerate(mask_labels):
-        padded[index, : masks.shape[0], : masks.shape[1], : masks.shape[2]] = masks
-    return padded
+    return sample_point(maps, points, align_corners=False)
 
 
 def _match_targets(mask_labels: Sequence[Tensor], padded: Tensor, points: Tensor) -> Tensor:
@@ -150,7 +136,8 @@ def mask2former_loss(
     matched = sum(min(queries, count) for count in counts)
     match_points, over_points, uniform_points = _draw_points(criterion, layers, batch, matched, device)
 
-    padded = _padded_targets(mask_labels, masks.dtype)  # (B, T, H, W)
+    # zero-padded to the batch's largest count and size, as transformers pads them for the mask loss
+    padded = criterion._pad_images_to_max_in_batch([m.to(masks.dtype) for m in mask_labels])[0]  # (B, T, H, W)
     labels = torch.zeros((batch, padded.shape[1]), dtype=torch.long, device=device)
     for image, image_labels in enumerate(class_labels):
         labels[image, : image_labels.shape[0]] = image_labels
