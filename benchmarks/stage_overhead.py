@@ -136,12 +136,12 @@ def bare_extract(config, output: Path) -> tuple[float, float, int]:
         return finished - started, finished - loop_started, sum(len(ids) for ids in shards)
 
 
-def bare_generator(config, output: Path, steps: int) -> float:
-    """Seconds per step of the library loop on the run's features."""
+def generator_setup(config, output: Path):
+    """The generator stage's trainer as the run's worker builds it, and its batches (an iterator)."""
     from pading.data.features import feature_batches, feature_files, read_features, with_no_object_index
     from pading.model.segmenter import Segmenter
     from pading.run.inputs import load_generator_inputs
-    from pading.training.generator import GeneratorTrainer, fit_generator
+    from pading.training.generator import GeneratorTrainer
 
     inputs = load_generator_inputs(config, output, extend_vocabulary=True)
     table = inputs.table
@@ -151,9 +151,16 @@ def bare_generator(config, output: Path, steps: int) -> float:
     features = with_no_object_index(read_features(feature_files(inputs.features_dir)), inputs.base_classes,
                                     table.no_object_index)
     rows = config.generator_training.batch_images * config.segmenter.num_queries
+    return trainer, feature_batches(features, rows, seed=config.seed)
+
+
+def bare_generator(config, output: Path, steps: int) -> float:
+    """Seconds per step of the library loop on the run's features."""
+    from pading.training.generator import fit_generator
+
+    trainer, batches = generator_setup(config, output)
     marks = []
-    fit_generator(trainer, feature_batches(features, rows, seed=config.seed), steps + 1,
-                  on_step=lambda trainer, metrics: marks.append(time.perf_counter()))
+    fit_generator(trainer, batches, steps + 1, on_step=lambda trainer, metrics: marks.append(time.perf_counter()))
     return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 

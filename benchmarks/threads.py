@@ -28,29 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # stage_overhead's set-up
 
 
 def generator_stepper(config, output: Path):
     """A function doing one generator step of the demo's loop per call."""
-    from pading.data.features import feature_batches, feature_files, read_features, with_no_object_index
-    from pading.model.segmenter import Segmenter
-    from pading.run.inputs import load_generator_inputs
-    from pading.training.generator import GeneratorTrainer
+    from stage_overhead import generator_setup
 
-    inputs = load_generator_inputs(config, output, extend_vocabulary=True)
-    table = inputs.table
-    segmenter = Segmenter.load(inputs.segmenter_dir, map_location="cpu")
-    semantics = torch.tensor(np.asarray(inputs.semantics(), dtype=np.float32))
-    trainer = GeneratorTrainer(table, semantics, config.segmenter.hidden_dim, config, class_head=segmenter.class_head)
-    features = with_no_object_index(read_features(feature_files(inputs.features_dir)), inputs.base_classes,
-                                    table.no_object_index)
-    batches = feature_batches(features, config.generator_training.batch_images * config.segmenter.num_queries,
-                              seed=config.seed)
+    trainer, batches = generator_setup(config, output)
     return lambda: trainer.step(*next(batches))
 
 
