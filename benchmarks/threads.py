@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,16 +129,16 @@ def main() -> None:
             import ray.train
             from ray.train.torch import TorchTrainer
 
-            result_file = Path(args.output) / "threads_benchmark.json"
+            with tempfile.TemporaryDirectory() as scratch:  # the worker shares this machine's disk (one node)
+                result_file = Path(scratch) / "blocks.json"
 
-            def loop(_):  # the worker's process shares this machine's disk (one node)
-                result_file.write_text(json.dumps(blocks(*job)))
+                def loop(_):
+                    result_file.write_text(json.dumps(blocks(*job)))
 
-            TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                                                      resources_per_worker={"CPU": max(counts)}),
-                         run_config=ray.train.RunConfig(storage_path=str(Path(args.output) / "ray"))).fit()
-            result = [tuple(pair) for pair in json.loads(result_file.read_text())]
-            result_file.unlink()
+                TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                                                          resources_per_worker={"CPU": max(counts)}),
+                             run_config=ray.train.RunConfig(storage_path=str(Path(scratch) / "ray"))).fit()
+                result = [tuple(pair) for pair in json.loads(result_file.read_text())]
     print(f"{args.step} step, {args.where}, median ms per step of each {steps}-step block (threads, ms): {result}")
     for threads in sorted(set(counts)):
         values = [ms for count, ms in result if count == threads]
