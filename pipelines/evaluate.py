@@ -24,22 +24,24 @@ logger = logging.getLogger("pipelines.evaluate")
 NUM_OVERLAYS = 4
 
 
-def write_overlays(bundle_dir: Path, rows: list[dict], out_dir: Path, count: int = NUM_OVERLAYS) -> list[Path]:
-    """A few qualitative overlays of val images, preferring images with unseen classes."""
-    from pading.bundle import Bundle
+def write_overlays(rows: list[dict], result_rows: list[dict], predictions: Path, table, out_dir: Path,
+                   count: int = NUM_OVERLAYS) -> list[Path]:
+    """A few qualitative overlays of val images, preferring images with unseen classes, drawn
+    from the panoptic predictions the evaluation wrote (no second forward pass, no model here)."""
     from pading.data import load_image
-    from pading.evaluation.predict import predict_images
+    from pading.data.targets import read_panoptic_png
     from pading.serving.visualize import overlay_panoptic
 
-    bundle = Bundle.load(bundle_dir)
-    chosen = sorted(rows, key=lambda r: (not r.get("has_unseen"), r["image_id"]))[:count]
+    predicted = {int(r["image_id"]): json.loads(r["panoptic"]) for r in result_rows if r["panoptic"]}
+    chosen = sorted((r for r in rows if int(r["image_id"]) in predicted),
+                    key=lambda r: (not r.get("has_unseen"), r["image_id"]))[:count]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for row in chosen:
-        image = load_image(row["image_path"])
-        prediction = predict_images(bundle, [image], tasks=("panoptic",))[0]
+        panoptic = predicted[int(row["image_id"])]
+        segment_ids = read_panoptic_png(predictions / "panoptic" / panoptic["file_name"])
         path = out_dir / f"{row['image_id']}.png"
-        overlay_panoptic(image, prediction.panoptic_ids, prediction.segments, bundle.table).save(path)
+        overlay_panoptic(load_image(row["image_path"]), segment_ids, panoptic["segments_info"], table).save(path)
         paths.append(path)
     return paths
 
@@ -81,7 +83,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     RunLayout(output).reports(stage_name).write_text(json.dumps(reports, indent=1, default=str))
     overlays = []
     if data.format == "panoptic":
-        overlays = [str(p) for p in write_overlays(bundle_dir, rows, RunLayout(output).overlays(stage_name))]
+        overlays = [str(p) for p in write_overlays(rows, result_rows, predictions, table,
+                                                   RunLayout(output).overlays(stage_name))]
     info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
             "overlays": overlays}
     return stage.finish(info)

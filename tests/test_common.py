@@ -119,3 +119,35 @@ def test_the_manifest_is_written_next_to_its_reader(tmp_path, monkeypatch):
     assert readers.read_manifest(tmp_path, "val") == []
     assert readers.load_table(tmp_path).to_records() == table.to_records()
     assert [r["reason"] for r in readers.read_rejects(tmp_path)] == ["truncated"]
+
+
+def test_the_overlays_show_the_evaluated_predictions(tmp_path):
+    """pipelines/evaluate.py draws its overlays from the panoptic PNGs and segments the
+    evaluation wrote (no second forward pass): a segment's pixels get its class colour, void
+    stays the image, and an image without a prediction is passed over."""
+    import json
+
+    from PIL import Image
+
+    from pading.classes import ClassTable
+    from pading.evaluation.inference import panoptic_to_rgb
+    from pading.serving.visualize import OVERLAY_ALPHA, class_colour
+    from pipelines.evaluate import write_overlays
+
+    table = ClassTable.from_records([{"id": 1, "name": "cat", "unseen": False, "isthing": True},
+                                     {"id": 2, "name": "tree", "unseen": True, "isthing": False}])
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "1.png")
+    segment_ids = np.zeros((8, 8), np.int32)
+    segment_ids[:, :4] = 3  # left half: segment 3 (a tree); right half void
+    (tmp_path / "predictions" / "panoptic").mkdir(parents=True)
+    Image.fromarray(panoptic_to_rgb(segment_ids)).save(tmp_path / "predictions" / "panoptic" / "1.png")
+    panoptic = {"image_id": 1, "file_name": "1.png", "segments_info": [{"id": 3, "category_id": 2, "isthing": 0}]}
+    rows = [{"image_id": 1, "image_path": str(tmp_path / "1.png"), "has_unseen": False},
+            {"image_id": 2, "image_path": str(tmp_path / "missing.png"), "has_unseen": True}]
+    result_rows = [{"image_id": 1, "panoptic": json.dumps(panoptic)}, {"image_id": 2, "panoptic": ""}]
+    paths = write_overlays(rows, result_rows, tmp_path / "predictions", table, tmp_path / "overlays")
+    assert [p.name for p in paths] == ["1.png"]
+    picture = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int32)
+    expected = (1 - OVERLAY_ALPHA) * 100 + OVERLAY_ALPHA * np.array(class_colour(table.index_of_id(2)))
+    assert np.abs(picture[0, 0] - expected).max() <= 1  # the segment (drawn 4x: pixel (0, 0) is image pixel (0, 0))
+    assert picture[0, 31].tolist() == [100, 100, 100]  # void: the image itself
