@@ -163,6 +163,11 @@ class Bundle:
         logger.info("saved bundle to %s", directory)
         return directory
 
+    @staticmethod
+    def read_table(directory: str | Path) -> ClassTable:
+        """The class table of the bundle in ``directory``, without loading its models."""
+        return ClassTable.from_records(json.loads((Path(directory) / CLASSES_FILE).read_text()))
+
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> "Bundle":
         directory = Path(directory)
@@ -171,7 +176,7 @@ class Bundle:
                 raise DataError(str(directory), f"not a model bundle: {required} is missing")
         device = torch.device(map_location) if map_location is not None else torch.device("cpu")
         config = load_config(directory / CONFIG_FILE)
-        table = ClassTable.from_records(json.loads((directory / CLASSES_FILE).read_text()))
+        table = cls.read_table(directory)
         semantics = np.load(directory / SEMANTICS_FILE, allow_pickle=False)
         encoder = json.loads((directory / SEMANTICS_META_FILE).read_text())["encoder"]
         segmenter = Segmenter.load(directory / SEGMENTER_DIR, map_location=device)

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from pading.bundle import Bundle
 from pading.config import ExperimentConfig
 from pading.data.manifest import resolve
 from pading.evaluation.predict import EvaluationPredictor, summarize
@@ -27,7 +28,8 @@ NUM_OVERLAYS = 4
 def write_overlays(rows: list[dict], result_rows: list[dict], predictions: Path, table, out_dir: Path,
                    count: int = NUM_OVERLAYS) -> list[Path]:
     """A few qualitative overlays of val images, preferring images with unseen classes, drawn
-    from the panoptic predictions the evaluation wrote (no second forward pass, no model here)."""
+    from the panoptic predictions the evaluation wrote (no second forward pass, no model here);
+    ``table``: the evaluated bundle's classes, which the predictions' category ids name."""
     from pading.data import load_image
     from pading.data.targets import read_panoptic_png
     from pading.serving.visualize import overlay_panoptic
@@ -83,7 +85,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     RunLayout(output).reports(stage_name).write_text(json.dumps(reports, indent=1, default=str))
     overlays = []
     if data.format == "panoptic":
-        overlays = [str(p) for p in write_overlays(rows, result_rows, predictions, table,
+        overlays = [str(p) for p in write_overlays(rows, result_rows, predictions, Bundle.read_table(bundle_dir),
                                                    RunLayout(output).overlays(stage_name))]
     info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
             "overlays": overlays}

@@ -8,13 +8,12 @@ actor pool between :func:`plan` and :func:`finish`."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pading.bundle import CLASSES_FILE, CONFIG_FILE
+from pading.bundle import CONFIG_FILE, Bundle
 from pading.classes import ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig, load_config
 from pading.errors import ConfigError
@@ -104,7 +103,7 @@ def plan(args: argparse.Namespace) -> Job:
     added = batch.merge_names(batch.parse_class_names(args.add_classes),
                               batch.read_class_file(args.add_classes_file) if args.add_classes_file else [])
     only = batch.parse_class_names(args.only_classes)
-    source_table = ClassTable.from_records(json.loads((source / CLASSES_FILE).read_text()))
+    source_table = Bundle.read_table(source)
     named = visible = vocabulary = None
     if args.vocabulary:
         if added:
