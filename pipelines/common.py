@@ -118,14 +118,17 @@ def row_blocks(rows: list[dict], blocks: int):
     """A dataset of manifest ``rows`` in ``blocks`` blocks cut on the driver. Ray Data's
     ``repartition`` would cut them in a task, which needs a free CPU: on a machine whose CPUs
     the stage's actors hold (``ray.cpus_per_worker`` = every CPU) it never ran, and the
-    stage waited forever."""
+    stage waited forever. ``from_blocks`` also takes the blocks' sizes and schema on the
+    driver, where ``from_arrow`` runs a task per block for them: right after a training
+    stage that task waited for the CPU the training workers were still giving back and for
+    a new worker process, 1.9-2.5 s of the evaluation stage (docs/performance.md)."""
     import ray
 
     from pading.data.manifest import rows_to_table
 
     table = rows_to_table(rows)
     size = -(-len(rows) // max(1, blocks))
-    return ray.data.from_arrow([table.slice(start, size) for start in range(0, max(1, len(rows)), size or 1)])
+    return ray.data.from_blocks([table.slice(start, size) for start in range(0, max(1, len(rows)), size or 1)])
 
 
 def fixed_actor_pool(size: int):

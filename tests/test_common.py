@@ -151,3 +151,34 @@ def test_the_overlays_show_the_evaluated_predictions(tmp_path):
     expected = (1 - OVERLAY_ALPHA) * 100 + OVERLAY_ALPHA * np.array(class_colour(table.index_of_id(2)))
     assert np.abs(picture[0, 0] - expected).max() <= 1  # the segment (drawn 4x: pixel (0, 0) is image pixel (0, 0))
     assert picture[0, 31].tolist() == [100, 100, 100]  # void: the image itself
+
+
+def test_a_metric_history_is_logged_in_batches_with_every_step(tmp_path, monkeypatch):
+    """Each row's finite numbers arrive at their step, across the batch limit (2,500 values in
+    batches of at most 1,000), and no batch is over it."""
+    import mlflow
+
+    from pading.config import TrackingConfig
+    from pading.run import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    batches = []
+    real_log_batch = mlflow.tracking.MlflowClient.log_batch
+
+    def counting_log_batch(self, run_id, metrics=(), **kwargs):
+        batches.append(len(metrics))
+        return real_log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", counting_log_batch)
+    tracking.setup(TrackingConfig(experiment="history"))
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 0.5, "bad": float("nan"), "nested": {"a": s}} for s in range(1, 834)]
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        tracking.log_metric_history(rows)
+    with tracking.run("stage") as active:
+        assert tracking.log_metric_history(rows) == 833
+    assert sum(batches) == 3 * 833 and max(batches) <= tracking.METRICS_PER_BATCH and len(batches) == 3
+    client = mlflow.tracking.MlflowClient()
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(active.info.run_id, "loss"))
+    assert loss == [(s, 1.0 / s) for s in range(1, 834)]
+    assert sorted(m.step for m in client.get_metric_history(active.info.run_id, "nested.a")) == list(range(1, 834))
+    assert client.get_metric_history(active.info.run_id, "bad") == []

@@ -183,6 +183,27 @@ def test_save_load_round_trip(segmenter, tmp_path):
         assert torch.equal(via_config(pixels).mask_logits, a.mask_logits)
 
 
+def test_the_class_head_reads_alone_as_the_loaded_segmenter_has_it(segmenter, config, tmp_path):
+    """``Segmenter.load_class_head`` gives the head ``Segmenter.load`` would, without the model;
+    a segmenter saved without its head, or a file without one, is refused by name."""
+    segmenter.save(tmp_path / "seg")
+    head = Segmenter.load_class_head(tmp_path / "seg")
+    assert isinstance(head, nn.Linear) and head.out_features == NUM_CLASSES + 1
+    assert torch.equal(head.weight, segmenter.class_head.weight) and torch.equal(head.bias, segmenter.class_head.bias)
+    features = torch.randn(5, config.hidden_dim)
+    with torch.no_grad():
+        assert torch.equal(head(features), Segmenter.load(tmp_path / "seg").class_head(features))
+    segmenter.replace_class_head(nn.Sequential(nn.Linear(config.hidden_dim, 8), nn.Tanh()))
+    segmenter.save(tmp_path / "headless")
+    with pytest.raises(DataError, match="class head was not saved"):
+        Segmenter.load_class_head(tmp_path / "headless")
+    (tmp_path / "seg" / "segmenter.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match="no readable class head"):
+        Segmenter.load_class_head(tmp_path / "seg")
+    with pytest.raises(MissingWeightsError, match="not a saved segmenter"):
+        Segmenter.load_class_head(tmp_path / "nothing")
+
+
 def test_save_with_a_replaced_non_linear_head(segmenter, config, tmp_path):
     segmenter.eval()
     head = nn.Sequential(nn.Linear(config.hidden_dim, 8), nn.Tanh())  # 7 classes + no object

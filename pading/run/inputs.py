@@ -49,10 +49,11 @@ class GeneratorInputs:
         return np.asarray(class_embeddings(self.table, self.semantics_config, cache_dir=self.cache_dir), np.float32)
 
     def class_head(self) -> nn.Module:
-        """The pretrained segmenter's ``Linear(D, C+1)`` class head (the classifier's start)."""
+        """The pretrained segmenter's ``Linear(D, C+1)`` class head (the classifier's start),
+        read without building the segmenter."""
         from pading.model.segmenter import Segmenter
 
-        return Segmenter.load(self.segmenter_dir, map_location="cpu").class_head
+        return Segmenter.load_class_head(self.segmenter_dir, map_location="cpu")
 
     def features(self) -> FeatureArrays:
         """Every extracted feature row (all shards)."""
