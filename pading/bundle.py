@@ -139,29 +139,7 @@ class Bundle:
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, directory / CONFIG_FILE)
-        (directory / CLASSES_FILE).write_text(json.dumps(self.table.to_records(), indent=1))
-        np.save(directory / SEMANTICS_FILE, np.asarray(self.class_semantics, np.float32), allow_pickle=False)
-        (directory / SEMANTICS_META_FILE).write_text(json.dumps({"encoder": self.encoder}))
-        self.segmenter.save(directory / SEGMENTER_DIR)
-        save_classifier(self.classifier, directory)
-        if self.generator is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()}
-            save_file(state, str(directory / GENERATOR_WEIGHTS_FILE))
-            meta = {
-                "config": dataclasses.asdict(self.generator_config or self.config.generator),
-                "semantic_dim": int(self.class_semantics.shape[1]),
-                "embed_dim": int(self.config.segmenter.hidden_dim),
-            }
-            (directory / GENERATOR_META_FILE).write_text(json.dumps(meta, indent=1))
-        if self.reference_embeddings is not None and self.reference_labels is not None:
-            save_file({"embeddings": torch.as_tensor(np.asarray(self.reference_embeddings, np.float32)),
-                       "labels": torch.as_tensor(np.asarray(self.reference_labels, np.int64))},
-                      str(directory / REFERENCE_FEATURES_FILE))
-        logger.info("saved bundle to %s", directory)
-        return directory
+        return write_bundle(directory, **{field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
 
     @staticmethod
     def read_table(directory: str | Path) -> ClassTable:
@@ -195,6 +173,55 @@ class Bundle:
             reference_labels = reference["labels"].numpy()
         return cls(config, table, semantics, encoder, segmenter.to(device).eval(), classifier, generator, generator_config,
                    reference_embeddings, reference_labels)
+
+
+def write_bundle(
+    directory: str | Path,
+    *,
+    config: ExperimentConfig,
+    table: ClassTable,
+    class_semantics: np.ndarray,
+    encoder: str,
+    segmenter: Segmenter | Path,
+    classifier: nn.Module,
+    generator: Optional[nn.Module] = None,
+    generator_config: Optional[GeneratorConfig] = None,
+    reference_embeddings: Optional[np.ndarray] = None,
+    reference_labels: Optional[np.ndarray] = None,
+) -> Path:
+    """Write a bundle directory from :class:`Bundle`'s parts (:meth:`Bundle.save` is this).
+    ``segmenter`` may also be the directory of a saved segmenter, written here as a bundle
+    holds it (without its class head, which ``classifier`` replaces) without building it:
+    the generator stage's worker needs only the pretrained class head, which
+    :meth:`Segmenter.load_class_head` reads alone."""
+    if class_semantics.shape[0] != table.num_classes:
+        raise DataError("bundle", f"{class_semantics.shape[0]} semantic rows for {table.num_classes} classes")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(config, directory / CONFIG_FILE)
+    (directory / CLASSES_FILE).write_text(json.dumps(table.to_records(), indent=1))
+    np.save(directory / SEMANTICS_FILE, np.asarray(class_semantics, np.float32), allow_pickle=False)
+    (directory / SEMANTICS_META_FILE).write_text(json.dumps({"encoder": encoder}))
+    if isinstance(segmenter, Segmenter):
+        segmenter.save(directory / SEGMENTER_DIR)
+    else:
+        Segmenter.save_without_class_head(segmenter, directory / SEGMENTER_DIR, table.num_classes)
+    save_classifier(classifier, directory)
+    if generator is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+        save_file(state, str(directory / GENERATOR_WEIGHTS_FILE))
+        meta = {
+            "config": dataclasses.asdict(generator_config or config.generator),
+            "semantic_dim": int(class_semantics.shape[1]),
+            "embed_dim": int(config.segmenter.hidden_dim),
+        }
+        (directory / GENERATOR_META_FILE).write_text(json.dumps(meta, indent=1))
+    if reference_embeddings is not None and reference_labels is not None:
+        save_file({"embeddings": torch.as_tensor(np.asarray(reference_embeddings, np.float32)),
+                   "labels": torch.as_tensor(np.asarray(reference_labels, np.int64))},
+                  str(directory / REFERENCE_FEATURES_FILE))
+    logger.info("saved bundle to %s", directory)
+    return directory
 
 
 def save_classifier(classifier: nn.Module, directory: Path) -> None:

@@ -66,7 +66,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pading.bundle import Bundle
+    from pading.bundle import write_bundle
     from pading.data.features import feature_batches, read_features, with_no_object_index
     from pading.model.segmenter import Segmenter
     from pading.training.generator import GeneratorTrainer, fit_generator
@@ -79,10 +79,10 @@ def train_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     common.log_worker_node(stage_dir, "generator", rank, world, log)
     device = ray.train.torch.get_device()
-    segmenter = Segmenter.load(loop_config["segmenter_dir"], map_location="cpu")
+    segmenter_dir = Path(loop_config["segmenter_dir"])  # only its class head is needed here, not the model
     semantics = torch.tensor(np.asarray(loop_config["semantics"], dtype=np.float32))
     trainer = GeneratorTrainer(table, semantics.to(device), config.segmenter.hidden_dim, config,
-                               class_head=segmenter.class_head.to(device), device=device)
+                               class_head=Segmenter.load_class_head(segmenter_dir, map_location=device), device=device)
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -106,12 +106,12 @@ def train_loop(loop_config: dict) -> None:
                 if final:
                     generator = trainer.generator
                     reference = features.select(np.arange(min(REFERENCE_ROWS, len(features))))
-                    Bundle(config=config, table=table, class_semantics=semantics.numpy(), encoder=loop_config["encoder"],
-                           segmenter=segmenter, classifier=trainer.classifier.cpu(),
-                           generator=generator.cpu() if generator is not None else None,
-                           generator_config=trainer.generator_config(config) if generator is not None else None,
-                           reference_embeddings=reference.embeddings, reference_labels=reference.labels,
-                           ).save(Path(tmp) / "bundle")
+                    write_bundle(Path(tmp) / "bundle", config=config, table=table, class_semantics=semantics.numpy(),
+                                 encoder=loop_config["encoder"], segmenter=segmenter_dir,
+                                 classifier=trainer.classifier.cpu(),
+                                 generator=generator.cpu() if generator is not None else None,
+                                 generator_config=trainer.generator_config(config) if generator is not None else None,
+                                 reference_embeddings=reference.embeddings, reference_labels=reference.labels)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 

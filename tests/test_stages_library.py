@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pading.bundle import SEGMENTER_DIR, Bundle
+from pading.bundle import SEGMENTER_DIR, Bundle, write_bundle
 from pading.config import DataConfig, tiny_config
 from pading.data import write_synthetic_dataset
 from pading.data.manifest import (
@@ -146,6 +146,48 @@ def test_bundle_roundtrip_and_prediction(synthetic, bundle_dir):
     assert bundle.reference_embeddings.shape == (40, bundle.config.segmenter.hidden_dim)
     with pytest.raises(ValueError, match="unknown task"):
         predict_images(bundle, [image], tasks=("depth",))
+
+
+def test_a_bundle_written_from_a_saved_segmenter_is_the_loaded_ones(synthetic, tmp_path):
+    """The generator stage writes its bundle from the pretrained segmenter's directory, without
+    building the model: the same files as the bundle of the loaded segmenter, for a table with
+    a class more than the segmenter's (the stage's added unseen names). A bundle of the
+    earlier format, with the loss's class weights saved, still loads."""
+    from safetensors.torch import load_file, save_file
+
+    config = tiny_config(data={"root": str(synthetic["root"]), "image_size": 48})
+    table = synthetic["table"]
+    torch.manual_seed(0)
+    Segmenter(config.segmenter, table.num_classes - 1).save(tmp_path / "pretrained")
+    semantics = np.random.default_rng(0).standard_normal((table.num_classes, 384)).astype(np.float32)
+    generator = build_generator(config.generator, semantics.shape[1], config.segmenter.hidden_dim)
+    parts = dict(config=config, table=table, class_semantics=semantics, encoder="minilm",
+                 classifier=Classifier(config.segmenter.hidden_dim, table.num_classes), generator=generator,
+                 generator_config=config.generator)
+    Bundle(segmenter=Segmenter.load(tmp_path / "pretrained"), **parts).save(tmp_path / "loaded")
+    write_bundle(tmp_path / "copied", segmenter=tmp_path / "pretrained", **parts)
+    files = sorted(p.relative_to(tmp_path / "loaded") for p in (tmp_path / "loaded").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "copied") for p in (tmp_path / "copied").rglob("*") if p.is_file())
+    for name in files:
+        a, b = tmp_path / "loaded" / name, tmp_path / "copied" / name
+        if name.suffix == ".safetensors":
+            left, right = load_file(str(a)), load_file(str(b))
+            assert sorted(left) == sorted(right) and all(torch.equal(left[k], right[k]) for k in left), name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    weights = tmp_path / "copied" / SEGMENTER_DIR / "segmenter.safetensors"
+    state = load_file(str(weights))
+    assert not any(k.startswith(("mask2former.class_predictor.", "mask2former.criterion.")) for k in state)
+    image = synthetic["train"][0]
+    from pading.data import load_image
+
+    pixels = load_image(image["image_path"])
+    expected = predict_images(Bundle.load(tmp_path / "loaded"), [pixels])[0]
+    weights_loss = torch.ones(table.num_classes + 1)
+    save_file({**state, "mask2former.criterion.empty_weight": weights_loss}, str(weights), metadata={"format": "pt"})
+    got = predict_images(Bundle.load(tmp_path / "copied"), [pixels])[0]
+    np.testing.assert_array_equal(got.panoptic_ids, expected.panoptic_ids)
+    np.testing.assert_array_equal(got.semantic, expected.semantic)
 
 
 def test_evaluation_predictor_and_summary(synthetic, bundle_dir, tmp_path):

@@ -205,6 +205,23 @@ def _load_matching(
     module.load_state_dict(usable, strict=False)
 
 
+def _in_class_head(key: str) -> bool:
+    """Whether a saved segmenter's tensor ``key`` belongs to the class head or the loss's class
+    weights (which follow the head's class count)."""
+    return key.removeprefix("mask2former.").startswith(CLASS_HEAD_PREFIXES)
+
+
+def _write_saved(directory: Path, state: dict[str, Tensor], config: SegmenterConfig, num_classes: int,
+                 head_saved: bool) -> Path:
+    """``segmenter.safetensors`` (``state``) and ``segmenter.json`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"format_version": FORMAT_VERSION, "num_classes": int(num_classes), "class_head_saved": head_saved,
+            "config": to_dict(config)}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return directory
+
+
 def _read_description(directory: Path) -> tuple[int, bool, dict]:
     """(num_classes, class_head_saved, config dict) of a saved segmenter's ``segmenter.json``."""
     meta_path = directory / META_FILE
@@ -370,25 +387,28 @@ class Segmenter(nn.Module):
         """Write ``segmenter.safetensors`` and ``segmenter.json`` (config, num_classes).
 
         A Linear class head is saved with the rest; any other head (a replaced
-        classifier) is left out and must be saved and re-attached by its owner (the bundle).
+        classifier) is left out, with the loss's class weights, and must be saved and
+        re-attached by its owner (the bundle).
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         head_saved = isinstance(self.class_head, nn.Linear)
-        state = {
-            k: v.detach().contiguous().cpu()
-            for k, v in self.state_dict().items()
-            if head_saved or not k.startswith("mask2former.class_predictor.")
-        }
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "num_classes": self.num_classes,
-            "class_head_saved": head_saved,
-            "config": to_dict(self.config),
-        }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return directory
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if head_saved or not _in_class_head(k)}
+        return _write_saved(Path(directory), state, self.config, self.num_classes, head_saved)
+
+    @staticmethod
+    def save_without_class_head(source: str | Path, destination: str | Path, num_classes: int) -> Path:
+        """Write the segmenter :meth:`save`-d in ``source`` to ``destination`` as :meth:`save`
+        writes it once a classifier of ``num_classes`` classes has replaced its class head (a
+        bundle's segmenter), without building the model: the same tensors less the class head
+        and the loss's class weights, which :meth:`load` and :meth:`replace_class_head` rebuild.
+        The generator stage writes its bundle this way, sparing its worker the 2.3-2.9 s of a
+        first Mask2Former build (docs/performance.md, "Why the demo does not run in 4 minutes")."""
+        source = Path(source)
+        _, _, config_data = _read_description(source)
+        config_data.update(weights=None, backbone_weights=None)  # as load() gives it
+        config = from_dict(SegmenterConfig, config_data, prefix="segmenter")
+        state = {k: v for k, v in read_safetensors(source / WEIGHTS_FILE).items() if not _in_class_head(k)}
+        return _write_saved(Path(destination), state, config, num_classes, head_saved=False)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: Optional[str | torch.device] = None) -> "Segmenter":
@@ -399,7 +419,7 @@ class Segmenter(nn.Module):
         config_data.update(weights=None, backbone_weights=None)  # the weights are in this directory
         model = cls(from_dict(SegmenterConfig, config_data, prefix="segmenter"), num_classes)
         state = read_safetensors(directory / WEIGHTS_FILE)
-        optional = () if head_saved else ("class_predictor.",)
+        optional = () if head_saved else CLASS_HEAD_PREFIXES  # a replaced head: its loss weights follow it
         state = {k.removeprefix("mask2former."): v for k, v in state.items()}
         _load_matching(model.mask2former, state, source=str(directory), optional_prefixes=optional, warn_skipped=False)
         if not head_saved:
