@@ -9,7 +9,8 @@ Layout (the names are the module's constants below; nothing else spells them)::
       classes.json           CLASSES_FILE: the class table (id, name, isthing, unseen, added)
       semantics.npy          SEMANTICS_FILE: (C, S) class semantic embeddings, table order
       semantics.json         SEMANTICS_META_FILE: {"encoder": ...}
-      segmenter/             SEGMENTER_DIR: pading.model.segmenter.Segmenter.save()
+      segmenter/             SEGMENTER_DIR: pading.model.segmenter.Segmenter.save(), less the
+                             class head (the classifier replaces it)
       classifier.safetensors + classifier.json   CLASSIFIER_WEIGHTS_FILE, CLASSIFIER_META_FILE:
                                                  {"kind": "linear"|"projection", ...}
       generator.safetensors  + generator.json    GENERATOR_WEIGHTS_FILE, GENERATOR_META_FILE
