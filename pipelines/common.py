@@ -120,8 +120,7 @@ def row_blocks(rows: list[dict], blocks: int):
     the stage's actors hold (``ray.cpus_per_worker`` = every CPU) it never ran, and the
     stage waited forever. ``from_blocks`` also takes the blocks' sizes and schema on the
     driver, where ``from_arrow`` runs a task per block for them: right after a training
-    stage that task waited for the CPU the training workers were still giving back and for
-    a new worker process, 1.9-2.5 s of the evaluation stage (docs/performance.md)."""
+    stage those tasks took 1.9-2.5 s of the evaluation stage (docs/performance.md)."""
     import ray
 
     from pading.data.manifest import rows_to_table
