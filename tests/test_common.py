@@ -154,7 +154,7 @@ def test_the_overlays_show_the_evaluated_predictions(tmp_path):
 
 
 def test_a_metric_history_is_logged_in_batches_with_every_step(tmp_path, monkeypatch):
-    """Each row's finite numbers arrive at their step, across the batch limit (2,500 values in
+    """Each row's finite numbers arrive at their step, across the batch limit (2,499 values in
     batches of at most 1,000), and no batch is over it."""
     import mlflow
 

@@ -402,7 +402,7 @@ class Segmenter(nn.Module):
         bundle's segmenter), without building the model: the same tensors less the class head
         and the loss's class weights, which :meth:`load` and :meth:`replace_class_head` rebuild.
         The generator stage writes its bundle this way, sparing its worker the 2.3-2.9 s of a
-        first Mask2Former build (docs/performance.md, "Why the demo does not run in 4 minutes")."""
+        first Mask2Former build (docs/performance.md, "Fixed costs taken out")."""
         source = Path(source)
         _, _, config_data = _read_description(source)
         config_data.update(weights=None, backbone_weights=None)  # as load() gives it

@@ -119,8 +119,7 @@ def log_metric_history(rows: Iterable[Mapping[str, Any]], step_key: str = "step"
     """Log per-step rows (e.g. a train loop's JSONL losses) to the active run; returns the
     number of rows. The values go in batches of :data:`METRICS_PER_BATCH`, not a call per
     step: the demo's 1,000 pretraining steps took 5.5 s to log one step at a time into the
-    SQLite store, and 0.2 s batched (docs/performance.md, "Why the demo does not run in 4
-    minutes")."""
+    SQLite store, and 0.4-0.7 s batched (docs/performance.md, "Fixed costs taken out")."""
     import mlflow
     from mlflow.entities import Metric
 
