@@ -41,6 +41,19 @@ def ensure_dataset(config: ExperimentConfig) -> None:
     ensure_synthetic_dataset(config.data)
 
 
+# Images per validation actor: prepare adds an actor (up to twice ``ray.extract_concurrency``)
+# only for each this many. Starting one is a new Python process, about 3 s on a 2-core
+# machine, and on a small input it became ready when the first had nearly finished, slowing
+# it meanwhile (docs/performance.md, "Fixed costs taken out").
+VALIDATION_IMAGES_PER_ACTOR = 1000
+
+
+def validation_actors(images: int, extract_concurrency: int) -> int:
+    """The most actors prepare's validation pass may use for ``images`` images: one for each
+    :data:`VALIDATION_IMAGES_PER_ACTOR`, at least one, at most ``2 * extract_concurrency``."""
+    return max(1, min(2 * extract_concurrency, images // VALIDATION_IMAGES_PER_ACTOR))
+
+
 class _Validate:
     """Ray Data UDF: keep rows whose image and targets load; the rest become rejects."""
 
@@ -109,9 +122,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     checked_rows: list[dict] = []
     if everything:
         blocks = max(1, min(200, len(everything) // 32))
+        actors = validation_actors(len(everything), config.ray.extract_concurrency)
         checked = common.row_blocks(everything, blocks).map_batches(
             _Validate, fn_constructor_kwargs={"table_records": table.to_records(), "data_format": config.data.format},
-            batch_format="pyarrow", batch_size=32, concurrency=(1, max(1, config.ray.extract_concurrency * 2)),
+            batch_format="pyarrow", batch_size=32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         ).to_arrow_refs()
         checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
     counts, good_by_split = {}, {}

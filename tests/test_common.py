@@ -182,3 +182,17 @@ def test_a_metric_history_is_logged_in_batches_with_every_step(tmp_path, monkeyp
     assert loss == [(s, 1.0 / s) for s in range(1, 834)]
     assert sorted(m.step for m in client.get_metric_history(active.info.run_id, "nested.a")) == list(range(1, 834))
     assert client.get_metric_history(active.info.run_id, "bad") == []
+
+
+def test_prepare_adds_validation_actors_only_for_large_inputs():
+    """One actor per VALIDATION_IMAGES_PER_ACTOR images, at least one, at most twice
+    ray.extract_concurrency: the demo's 600 images get one (a second started too late to
+    help and slowed the first), a COCO-sized input gets the configured maximum."""
+    from pipelines.prepare import VALIDATION_IMAGES_PER_ACTOR as per_actor
+    from pipelines.prepare import validation_actors
+
+    assert validation_actors(1, 1) == validation_actors(600, 1) == validation_actors(per_actor - 1, 4) == 1
+    assert validation_actors(2 * per_actor, 1) == 2
+    assert validation_actors(3 * per_actor, 1) == 2  # at most twice the extraction actors
+    assert validation_actors(123_000, 8) == 16
+    assert validation_actors(5 * per_actor, 8) == 5
