@@ -55,6 +55,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     if stage.done:
         return stage.done
     stage.start()
+    import ray
+
     common.init_ray(config)
     bundle_dir = Path(bundle_dir or RunLayout(output).bundle)
     table = load_table(output)
@@ -67,7 +69,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
                                "data_format": config.data.format, "batch_size": config.ray.extract_batch_size,
                                "inference": config.inference,
                                "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
-        batch_size=16, batch_format="pyarrow", concurrency=config.ray.extract_concurrency,
+        batch_size=16, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
         num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
     ).take_all()
     for r in result_rows:
