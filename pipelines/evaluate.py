@@ -22,6 +22,8 @@ from pipelines import common
 
 logger = logging.getLogger("pipelines.evaluate")
 
+EVAL_BATCH = 16  # manifest rows per call of the evaluation actor
+
 NUM_OVERLAYS = 4
 
 
@@ -62,14 +64,16 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     table = load_table(output)
     rows = read_manifest(output, "val")
     predictions = RunLayout(output).predictions(stage_name)
-    dataset = common.row_blocks(rows, max(1, min(32, len(rows) // 16)))
+    # blocks of at most EVAL_BATCH rows (up to 32 blocks), so each block is one whole batch: with
+    # 200 rows, 12 blocks of 17 gave a batch of 16 and one of 1 each
+    dataset = common.row_blocks(rows, max(1, min(32, -(-len(rows) // EVAL_BATCH))))
     result_rows = dataset.map_batches(
         EvaluationPredictor,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),
                                "data_format": config.data.format, "batch_size": config.ray.extract_batch_size,
                                "inference": config.inference,
                                "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
-        batch_size=16, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
+        batch_size=EVAL_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
         num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
     ).take_all()
     for r in result_rows:

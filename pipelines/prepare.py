@@ -121,7 +121,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     everything = rows_by_split["train"] + rows_by_split["val"]
     checked_rows: list[dict] = []
     if everything:
-        blocks = max(1, min(200, len(everything) // 32))
+        blocks = max(1, min(200, -(-len(everything) // 32)))  # blocks of at most one 32-row batch, up to 200
         actors = validation_actors(len(everything), config.ray.extract_concurrency)
         checked = common.row_blocks(everything, blocks).map_batches(
             _Validate, fn_constructor_kwargs={"table_records": table.to_records(), "data_format": config.data.format},
