@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from pading import allocator
 from pading.bundle import Bundle
 from pading.config import ExperimentConfig
 from pading.data.manifest import resolve
@@ -75,6 +76,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
                                "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
         batch_size=EVAL_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
         num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+        **allocator.runtime_env(),  # glibc malloc kept from faulting per image
     ).take_all()
     for r in result_rows:
         if r["error"]:

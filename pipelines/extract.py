@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pading import allocator
 from pading.config import ExperimentConfig
 from pading.data.manifest import shard_rows
 from pading.run import RunLayout, load_table, read_manifest
@@ -97,6 +98,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             },
             batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency),
             num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+            **allocator.runtime_env(),  # glibc malloc kept from faulting per image
         ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from pading import allocator
 from pading.config import ExperimentConfig
 from pading.errors import PadingError
 from pading.run import batch_job
@@ -81,7 +82,7 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
             "images": common.share_per_actor(sum(len(shard["paths"]) for shard in pending), settings.concurrency),
         },
         batch_size=1, compute=common.fixed_actor_pool(settings.concurrency), num_cpus=settings.num_cpus,
-        num_gpus=settings.num_gpus or None,
+        num_gpus=settings.num_gpus or None, **allocator.runtime_env(),  # glibc malloc kept from faulting per image
     )
     rows = []
     finished_before = total_shards - len(pending)

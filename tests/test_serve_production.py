@@ -154,6 +154,22 @@ def replica_pid(url: str) -> int | None:
     return response.json()["replica_pid"] if response.status_code == 200 else None
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the replica's environment from /proc")
+def test_the_model_replica_runs_with_the_allocator_settings(app_info):
+    """The replica's process was started with pading.allocator's malloc settings (through its
+    Ray runtime_env), next to the job's own variables, which Ray merges in."""
+    from pading import allocator
+
+    pid = replica_pid(app_info["url"])
+    assert pid is not None
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        environ = dict(item.split("=", 1) for item in handle.read().decode().split("\0") if "=" in item)
+    expected = allocator.allocator_env()
+    assert expected, "this test process opts out of the settings (PADING_MALLOC or MALLOC_* set)"
+    assert {key: environ.get(key) for key in expected} == expected
+    assert environ.get("HF_HUB_OFFLINE") == "1"  # the job's runtime_env, merged with the replica's
+
+
 def test_sigkilled_replica_is_replaced_and_clients_see_no_hang(app_info):
     url = deploy_extra(app_info, "victim", max_image_pixels=1_000_000, retry_after_s=1)
     try:

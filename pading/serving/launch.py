@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pading import allocator
 from pading.config import ExperimentConfig, ServeConfig, to_dict
 from pading.errors import ConfigError
 from pading.serving.vocabularies import default_store, store_key
@@ -28,7 +29,8 @@ def model_options(config: ServeConfig) -> dict:
     return dict(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # glibc's allocator kept from returning each request's buffers to the kernel (pading.allocator)
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **allocator.runtime_env()},
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,  # per caller: the front gets BackPressureError -> 503
         health_check_period_s=config.health_check_period_s,
