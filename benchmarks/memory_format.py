@@ -20,6 +20,7 @@ run output.
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import time
@@ -83,9 +84,7 @@ def main() -> None:
         torch.manual_seed(0)
         reference = Segmenter(config.segmenter, num_classes).eval()
         segmenters = {"contiguous": reference,
-                      "channels_last": Segmenter(config.segmenter, num_classes).eval()}
-        segmenters["channels_last"].load_state_dict(reference.state_dict())
-        segmenters["channels_last"] = segmenters["channels_last"].to(memory_format=torch.channels_last)
+                      "channels_last": copy.deepcopy(reference).to(memory_format=torch.channels_last)}
         times = {name: [] for name in LAYOUTS}
         with torch.inference_mode():
             outputs = {name: segmenters[name](layout(inputs, name)).mask_logits for name in LAYOUTS}
