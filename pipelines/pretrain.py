@@ -98,7 +98,7 @@ def train_loop(loop_config: dict) -> None:
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     stage_dir = RunLayout(output).pretrain
     stage = common.Stage("pretrain", stage_dir, force)
@@ -109,7 +109,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     common.init_ray(config)
     table = load_table(output)
     storage = RunLayout(output).ray_storage("pretrain")
-    trainer = TorchTrainer(
+    trainer = common.torch_trainer(
         train_loop,
         train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir),
                            "output": str(output)},

@@ -134,7 +134,6 @@ def train_loop(loop_config: dict) -> None:
 
 def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name: str = "generator") -> dict:
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pading.data.features import feature_files
     from pading.run.inputs import load_generator_inputs
@@ -158,7 +157,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
     check_chunk_size(config, config.segmenter.hidden_dim, torch.device("cuda" if config.ray.use_gpu else "cpu"))
     stage.start()
     common.init_ray(config)
-    trainer = TorchTrainer(
+    trainer = common.torch_trainer(
         train_loop,
         train_loop_config={
             "config": config, "table": table.to_records(), "semantics": inputs.semantics(), "base_classes": base_classes,

@@ -21,6 +21,7 @@ Adam turns float noise of ~1e-10 in them into steps of the learning rate's size.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,12 +51,27 @@ def ray_local():
 
 
 def _fit_on_two_workers(train_func, loop_config: dict) -> None:
+    """A Ray Train run on 2 workers, built as the stages build theirs (pipelines.common.torch_trainer)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    TorchTrainer(train_func, train_loop_config=loop_config,
-                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(Path(loop_config["out"]) / "ray"))).fit()
+    from pipelines.common import torch_trainer
+
+    torch_trainer(train_func, train_loop_config=loop_config,
+                  scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                  run_config=ray.train.RunConfig(storage_path=str(Path(loop_config["out"]) / "ray"))).fit()
+
+
+def _ray_process_titles() -> list[str]:
+    """The titles (``ray::<class>``) of this machine's Ray worker processes."""
+    titles = []
+    for pid in os.listdir("/proc"):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::"):
+            titles.append(title.split()[0])
+    return sorted(titles)
 
 
 def _compare(reference: dict, run: dict, skip_degenerate: bool = True) -> float:
@@ -286,6 +302,8 @@ def _two_worker_cases(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     out = Path(loop_config["out"])
+    if rank == 0:  # which helper actors the run started (the placement-group cleaner is up by now)
+        (out / "ray-processes.json").write_text(json.dumps(_ray_process_titles()))
     for problem_id, (problem, variants) in GENERATOR_PROBLEMS.items():
         (out / f"generator-{problem_id}").mkdir(parents=True, exist_ok=True)
         _generator_worker(problem, variants, out / f"generator-{problem_id}", rank, world)
@@ -299,6 +317,23 @@ def two_worker_runs(ray_local, pretrain_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two-workers")
     _fit_on_two_workers(_two_worker_cases, {"data": pretrain_data, "out": str(out)})
     return out
+
+
+def test_the_runs_start_no_dataset_manager_and_no_placement_group_cleaner(two_worker_runs):
+    """The stages' trainer (pipelines.common.torch_trainer) leaves out two helper actors of
+    Ray Train that a run without Ray Datasets, on a Ray its driver started, does not need
+    (docs/performance.md, "Ray Train's helper actors"): neither process runs during the run."""
+    import ray.train
+
+    from pipelines.common import torch_trainer
+
+    titles = json.loads((two_worker_runs / "ray-processes.json").read_text())
+    assert sum(title.startswith("ray::RayTrainWorker") for title in titles) >= 2, titles  # the scan sees the workers
+    assert "ray::PlacementGroupCleaner" not in titles and "ray::DatasetManager" not in titles, titles
+    callbacks = {type(callback).__name__ for callback in torch_trainer(
+        _two_worker_cases, scaling_config=ray.train.ScalingConfig(num_workers=1))._create_default_callbacks()}
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"}.isdisjoint(callbacks), callbacks
+    assert "BackendSetupCallback" in callbacks  # the rest are Ray Train's own
 
 
 @pytest.mark.parametrize("case", ["ddp", "without-ddp"])
