@@ -2,6 +2,7 @@
 
     pading data synth --out DIR --train N --val M --size S [--seed K]
     pading evaluate {panoptic,instance,semantic,lvis} ...   (one JSON report on stdout)
+    pading embeddings --write-packaged [--out DIR]          (the built-in vocabularies' MiniLM embeddings)
 """
 
 from __future__ import annotations
@@ -109,12 +110,31 @@ def add_evaluate_cli(subparsers) -> None:
         sub.set_defaults(func=_run_evaluate)
 
 
+def _run_embeddings(args: argparse.Namespace) -> int:
+    from pading.model.semantics import PACKAGED_DIR, write_packaged_embeddings
+
+    if not args.write_packaged:
+        raise SystemExit("pading embeddings: nothing to do (--write-packaged writes the packaged embeddings)")
+    for path in write_packaged_embeddings(args.out or PACKAGED_DIR):
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def add_embeddings_cli(subparsers) -> None:
+    embeddings = subparsers.add_parser("embeddings", help="the class-name embeddings shipped with the package")
+    embeddings.add_argument("--write-packaged", action="store_true",
+                            help="encode the built-in vocabularies with the MiniLM model and write them")
+    embeddings.add_argument("--out", default=None, help="where to write them (default: the package's resources)")
+    embeddings.set_defaults(func=_run_embeddings)
+
+
 def main(argv=None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the chosen command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="pading")
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_cli(sub)
     add_evaluate_cli(sub)
+    add_embeddings_cli(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -54,3 +54,36 @@ def test_clip_without_weights_fails_clearly(tmp_path):
 def test_empty_name_rejected():
     with pytest.raises(ValueError, match="empty"):
         encode_texts(["  "])
+
+
+def test_the_packaged_embeddings_are_the_models_for_each_builtin_vocabulary(tmp_path):
+    """Each built-in vocabulary's shipped vectors are what the MiniLM model gives for that list
+    in one call (on another CPU the model's last bits may differ, hence the tolerance), and
+    `pading embeddings --write-packaged` writes exactly the shipped set."""
+    from pading.cli import main
+    from pading.model.semantics import PACKAGED_DIR, builtin_vocabularies, packaged_embeddings
+
+    config = SemanticsConfig()
+    assert main(["embeddings", "--write-packaged", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in PACKAGED_DIR.glob("semantics-*.npy"))
+    for name, texts in builtin_vocabularies().items():
+        shipped = packaged_embeddings(texts, config)
+        assert shipped is not None and shipped.shape == (len(texts), 384) and shipped.dtype == np.float32, name
+        np.testing.assert_allclose(shipped, encode_texts(texts), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(np.load(next(tmp_path.iterdir())), np.load(PACKAGED_DIR / next(tmp_path.iterdir()).name),
+                               atol=1e-5)
+
+
+def test_a_builtin_vocabulary_is_read_without_the_model_and_any_other_list_is_encoded(tmp_path, monkeypatch):
+    import pading.model.semantics as semantics
+    from pading.data.synthetic import synthetic_table
+
+    calls = []
+    monkeypatch.setattr(semantics, "encode_with_config",
+                        lambda texts, config, device="cpu": calls.append(list(texts)) or np.zeros((len(texts), 384), np.float32))
+    table = synthetic_table()
+    vectors = class_embeddings(table, SemanticsConfig(), cache_dir=tmp_path)
+    assert calls == [] and vectors.shape == (20, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert class_embeddings(table.texts[:5], SemanticsConfig(), cache_dir=tmp_path).shape == (5, 384)
+    assert calls == [table.texts[:5]]  # a sub-list is not a built-in vocabulary: the encoder runs
+    assert semantics.packaged_embeddings(table.texts, SemanticsConfig(encoder="file", file="x.txt")) is None

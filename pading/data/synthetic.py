@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from scipy.special import ndtr
 
-from pading.classes import ClassTable, coco_panoptic_categories
-from pading.config import DataConfig, SyntheticConfig
+from pading.classes import ClassTable, clean_name, coco_panoptic_categories
+from pading.config import DataConfig, SemanticsConfig, SyntheticConfig
 from pading.data.coco import SEMANTIC_CATEGORIES_FILE
 from pading.data.targets import (
     decode_segmentation,
@@ -123,9 +123,10 @@ def reference_embeddings(encoder: str = "minilm") -> tuple[tuple[str, ...], np.n
 
 
 def _rounded_embeddings(names: tuple[str, ...], encoder: str) -> tuple[tuple[str, ...], np.ndarray]:
-    from pading.model.semantics import encode_texts
+    from pading.model.semantics import embed_names
 
-    embeddings = np.round(encode_texts(list(names), encoder=encoder).astype(np.float64), EMBEDDING_DECIMALS)
+    vectors = embed_names([clean_name(n) for n in names], SemanticsConfig(encoder=encoder))  # packaged for minilm
+    embeddings = np.round(vectors.astype(np.float64), EMBEDDING_DECIMALS)
     embeddings.setflags(write=False)
     return names, embeddings
 

@@ -13,6 +13,12 @@ Encoders, by name:
 
 All outputs are float32, L2-normalised, one row per name. Names are cleaned first
 ("tree-merged" -> "tree"). :func:`class_embeddings` caches results on disk.
+
+The MiniLM embeddings of the built-in vocabularies (the 133 COCO panoptic names, which the
+synthetic dataset's appearances come from, and the synthetic vocabulary's 20) ship with the
+package (``pading/resources/semantics``, written by ``pading embeddings --write-packaged``): a
+list of names equal to one of them is read from there instead of loading the model, which
+takes 5-7 s in a fresh process (docs/performance.md, "Packaged class-name embeddings").
 """
 
 from __future__ import annotations
@@ -204,6 +210,57 @@ def encode_texts(
     raise ValueError(f"unknown encoder {encoder!r} (minilm, clip, file)")
 
 
+#: Shipped embeddings of the built-in vocabularies, one ``semantics-<key>.npy`` per list of names.
+PACKAGED_DIR = Path(__file__).resolve().parents[1] / "resources" / "semantics"
+
+
+def _cache_key(texts: Sequence[str], config: SemanticsConfig) -> str:
+    """The key of a list of cleaned names under an encoder (run caches and packaged files alike)."""
+    return hashlib.sha256(json.dumps([encoder_id(config), config.file, list(texts)]).encode()).hexdigest()[:16]
+
+
+def packaged_embeddings(texts: Sequence[str], config: SemanticsConfig) -> np.ndarray | None:
+    """The shipped (N, S) embeddings of exactly these cleaned names, in this order, under
+    the MiniLM encoder; None for any other list or encoder."""
+    if config.encoder != "minilm":
+        return None
+    path = PACKAGED_DIR / f"semantics-{_cache_key(texts, config)}.npy"
+    if not path.is_file():
+        return None
+    vectors = np.load(path, allow_pickle=False)
+    return vectors if vectors.shape[0] == len(texts) else None
+
+
+def builtin_vocabularies() -> dict[str, list[str]]:
+    """The lists of cleaned names whose MiniLM embeddings ship with the package."""
+    from pading.classes import coco_panoptic_categories
+    from pading.data.synthetic import synthetic_table
+
+    return {"coco_panoptic_133": [clean_name(c["name"]) for c in coco_panoptic_categories()],
+            "synthetic_20": synthetic_table().texts}
+
+
+def write_packaged_embeddings(out_dir: str | Path = PACKAGED_DIR) -> list[Path]:
+    """Encode :func:`builtin_vocabularies` with the MiniLM model, one call per list (the call
+    :func:`class_embeddings` makes), and write them where :func:`packaged_embeddings` reads."""
+    config = SemanticsConfig(encoder="minilm")
+    written = []
+    for name, texts in builtin_vocabularies().items():
+        path = Path(out_dir) / f"semantics-{_cache_key(texts, config)}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, encode_with_config(texts, config), allow_pickle=False)
+        logger.info("%s: %d names -> %s", name, len(texts), path)
+        written.append(path)
+    return written
+
+
+def embed_names(texts: Sequence[str], config: SemanticsConfig, device: str = "cpu") -> np.ndarray:
+    """:func:`encode_with_config` of cleaned names, or their packaged embeddings when the list is
+    a built-in vocabulary's."""
+    packaged = packaged_embeddings(texts, config)
+    return packaged if packaged is not None else encode_with_config(texts, config, device=device)
+
+
 def encode_with_config(texts: Sequence[str], config: SemanticsConfig, device: str = "cpu") -> np.ndarray:
     return encode_texts(
         texts,
@@ -237,15 +294,14 @@ def class_embeddings(
     """
     texts = table.texts if isinstance(table, ClassTable) else [clean_name(n) for n in table]
     cache_dir = cache_dir or config.cache_dir
-    key = hashlib.sha256(json.dumps([encoder_id(config), config.file, texts]).encode()).hexdigest()[:16]
     if cache_dir:
-        path = Path(cache_dir) / f"semantics-{key}.npy"
+        path = Path(cache_dir) / f"semantics-{_cache_key(texts, config)}.npy"
         if path.is_file():
             cached = np.load(path, allow_pickle=False)
             if cached.shape[0] == len(texts):
                 return cached
-        vectors = encode_with_config(texts, config, device=device)
+        vectors = embed_names(texts, config, device=device)
         with atomic_path(path) as tmp, open(tmp, "xb") as handle:
             np.save(handle, vectors, allow_pickle=False)
         return vectors
-    return encode_with_config(texts, config, device=device)
+    return embed_names(texts, config, device=device)
