@@ -23,6 +23,7 @@ from pading.data.manifest import (
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
+    rows_to_table,
     to_rows,
     validate_rows,
 )
@@ -42,16 +43,17 @@ def ensure_dataset(config: ExperimentConfig) -> None:
 
 
 # Images per validation actor: prepare adds an actor (up to twice ``ray.extract_concurrency``)
-# only for each this many. Starting one is a new Python process, about 3 s on a 2-core
-# machine, and on a small input it became ready when the first had nearly finished, slowing
-# it meanwhile (docs/performance.md, "Fixed costs taken out").
+# only for each this many, and below that many the driver validates them itself. Starting an
+# actor is a new Python process, about 3 s on a 2-core machine: the demo's 600 images took
+# 3.4-3.7 s through one actor and 0.41 s in the driver (docs/performance.md, "Fixed costs taken out").
 VALIDATION_IMAGES_PER_ACTOR = 1000
 
 
 def validation_actors(images: int, extract_concurrency: int) -> int:
     """The most actors prepare's validation pass may use for ``images`` images: one for each
-    :data:`VALIDATION_IMAGES_PER_ACTOR`, at least one, at most ``2 * extract_concurrency``."""
-    return max(1, min(2 * extract_concurrency, images // VALIDATION_IMAGES_PER_ACTOR))
+    :data:`VALIDATION_IMAGES_PER_ACTOR`, at most ``2 * extract_concurrency``; 0 (the driver
+    validates them) for fewer than one actor's worth."""
+    return min(2 * extract_concurrency, images // VALIDATION_IMAGES_PER_ACTOR)
 
 
 class _Validate:
@@ -117,15 +119,18 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         rows_by_split[split] = to_rows(records, table)
         logger.info("prepare: %s: %d records, %d rejected while indexing", split, len(records), len(rejects))
 
-    # One Ray Data pass decodes every image and its targets, in parallel shards.
+    # One Ray Data pass decodes every image and its targets, in parallel shards (a small input: the driver)
     everything = rows_by_split["train"] + rows_by_split["val"]
     checked_rows: list[dict] = []
-    if everything:
+    actors = validation_actors(len(everything), config.ray.extract_concurrency)
+    validate = dict(table_records=table.to_records(), data_format=config.data.format)
+    if everything and not actors:
+        checked_rows = _Validate(**validate)(rows_to_table(everything)).to_pylist()
+    elif everything:
         blocks = max(1, min(200, -(-len(everything) // 32)))  # blocks of at most one 32-row batch, up to 200
-        actors = validation_actors(len(everything), config.ray.extract_concurrency)
         checked = common.row_blocks(everything, blocks).map_batches(
-            _Validate, fn_constructor_kwargs={"table_records": table.to_records(), "data_format": config.data.format},
-            batch_format="pyarrow", batch_size=32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+            _Validate, fn_constructor_kwargs=validate, batch_format="pyarrow", batch_size=32,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         ).to_arrow_refs()
         checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
     counts, good_by_split = {}, {}

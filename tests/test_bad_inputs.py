@@ -193,13 +193,25 @@ def ray_local():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_prepare_stage_completes_and_accounts_for_every_item(corpora, layout, ray_local, tmp_path):
+def test_prepare_stage_completes_and_accounts_for_every_item(corpora, layout, ray_local, tmp_path, monkeypatch):
+    """The corpus through the real prepare stage: validated in the driver (a small input), and
+    through Ray Data's pool of validation actors (up to two, as for a large input), which must
+    write the same manifest and rejects."""
     from pipelines import prepare
 
     corpus = corpora[layout]
     output = tmp_path / "out"
     info = prepare.run(_config(corpus, f"output_dir={output}"), output)
     manifest = output / "manifest"
+    assert prepare.validation_actors(len(corpus.cases), 1) == 0  # it ran in the driver
+    monkeypatch.setattr(prepare, "VALIDATION_IMAGES_PER_ACTOR", 1)  # a pool of up to two actors for this input
+    on_ray = tmp_path / "on-ray"
+    again = prepare.run(_config(corpus, f"output_dir={on_ray}", "ray.extract_concurrency=1"), on_ray)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in info.items() if k != "seconds"}
+    for split in ("train", "val", "rejects.parquet"):
+        ours, theirs = (sorted(pq.read_table(root / "manifest" / split).to_pylist(),
+                               key=lambda row: json.dumps(row, sort_keys=True, default=str)) for root in (output, on_ray))
+        assert ours == theirs and ours, split
     assert (manifest / "_SUCCESS.json").is_file()
     manifest_ids = {split: {r["image_id"] for r in pq.read_table(manifest / split).to_pylist()}
                     for split in ("train", "val")}

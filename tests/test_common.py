@@ -185,13 +185,14 @@ def test_a_metric_history_is_logged_in_batches_with_every_step(tmp_path, monkeyp
 
 
 def test_prepare_adds_validation_actors_only_for_large_inputs():
-    """One actor per VALIDATION_IMAGES_PER_ACTOR images, at least one, at most twice
-    ray.extract_concurrency: the demo's 600 images get one (a second started too late to
-    help and slowed the first), a COCO-sized input gets the configured maximum."""
+    """One actor per VALIDATION_IMAGES_PER_ACTOR images, at most twice ray.extract_concurrency:
+    the demo's 600 images get none (the driver validates them in less time than an actor takes
+    to start), a COCO-sized input gets the configured maximum."""
     from pipelines.prepare import VALIDATION_IMAGES_PER_ACTOR as per_actor
     from pipelines.prepare import validation_actors
 
-    assert validation_actors(1, 1) == validation_actors(600, 1) == validation_actors(per_actor - 1, 4) == 1
+    assert validation_actors(1, 1) == validation_actors(600, 1) == validation_actors(per_actor - 1, 4) == 0
+    assert validation_actors(per_actor, 1) == 1
     assert validation_actors(2 * per_actor, 1) == 2
     assert validation_actors(3 * per_actor, 1) == 2  # at most twice the extraction actors
     assert validation_actors(123_000, 8) == 16
