@@ -45,7 +45,8 @@ def ensure_dataset(config: ExperimentConfig) -> None:
 # Images per validation actor: prepare adds an actor (up to twice ``ray.extract_concurrency``)
 # only for each this many, and below that many the driver validates them itself. Starting an
 # actor is a new Python process, about 3 s on a 2-core machine: the demo's 600 images took
-# 3.4-3.7 s through one actor and 0.41 s in the driver (docs/performance.md, "Fixed costs taken out").
+# 3.4-3.7 s through one actor and 0.41 s in the driver (docs/performance.md, "Small inputs
+# validated in the driver").
 VALIDATION_IMAGES_PER_ACTOR = 1000
 
 
