@@ -485,6 +485,10 @@ class RayConfig:
     use_gpu: bool = False
     # CPUs per Ray Train worker and per extraction / evaluation actor.
     cpus_per_worker: float = 1.0
+    # CPUs (and torch threads) per pretraining worker; None: cpus_per_worker. The tiny Mask2Former's
+    # step gains from a second thread where the generator's small ops do not (docs/performance.md,
+    # "Two threads"), so the embedded default gives pretraining 2 and the generator stage 1.
+    pretrain_cpus_per_worker: Optional[float] = None
     # Seconds between Ray Train's polls of its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2):
     # a finished or failed worker group is noticed within this time; the variable, when set, wins.
     train_poll_s: float = 0.25
@@ -513,6 +517,8 @@ class RayConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.extract_concurrency < 1:
             raise ConfigError("ray.num_workers and ray.extract_concurrency must be >= 1, ray.cpus_per_worker >= 0")
+        if self.pretrain_cpus_per_worker is not None and self.pretrain_cpus_per_worker <= 0:
+            raise ConfigError(f"ray.pretrain_cpus_per_worker must be > 0 (or unset), got {self.pretrain_cpus_per_worker}")
         if self.train_poll_s <= 0:
             raise ConfigError(f"ray.train_poll_s must be > 0, got {self.train_poll_s}")
 

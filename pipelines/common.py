@@ -152,20 +152,22 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
-def train_scaling(config: ExperimentConfig, num_workers: int | None = None):
+def train_scaling(config: ExperimentConfig, num_workers: int | None = None, cpus_per_worker: float | None = None):
     """The Ray Train ScalingConfig of ``config.ray`` (``num_workers`` workers, default
-    ``ray.num_workers``), after checking that the cluster can place the workers."""
+    ``ray.num_workers``, of ``cpus_per_worker`` CPUs each, default ``ray.cpus_per_worker``),
+    after checking that the cluster can place the workers."""
     import ray.train
 
     settings = config.ray
     workers = num_workers or settings.num_workers
+    cpus = settings.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
     # Ray Train's controller reads this when the trainer starts; its 2 s default adds up to 2 s
     # at the start and the end of every stage (docs/performance.md)
     os.environ.setdefault(TRAIN_POLL_ENV, str(settings.train_poll_s))
-    check_resources(f"{workers} Ray Train worker(s)", "ray.num_workers / ray.cpus_per_worker",
-                    workers, settings.cpus_per_worker, 1.0 if settings.use_gpu else 0.0)
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=settings.use_gpu,
-                                   resources_per_worker={"CPU": settings.cpus_per_worker},
+    setting = "ray.num_workers / ray.cpus_per_worker" if cpus_per_worker is None else \
+        "ray.num_workers / ray.pretrain_cpus_per_worker"
+    check_resources(f"{workers} Ray Train worker(s)", setting, workers, cpus, 1.0 if settings.use_gpu else 0.0)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": cpus},
                                    placement_strategy=settings.placement_strategy)
 
 

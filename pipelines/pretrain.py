@@ -113,7 +113,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         train_loop,
         train_loop_config={"config": config, "table": table.to_records(), "storage": str(stage_dir),
                            "output": str(output)},
-        scaling_config=common.train_scaling(config),
+        scaling_config=common.train_scaling(config, cpus_per_worker=config.ray.pretrain_cpus_per_worker),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name="pretrain", storage_path=str(storage),

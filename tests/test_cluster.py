@@ -196,6 +196,15 @@ for name, count, cpus in (("fits", 2, 2.0), ("too_big", 2, 4.0), ("too_many", 3,
         outcomes[name] = "ok"
     except ClusterTooSmall as error:
         outcomes[name] = str(error)
+from pading.config import load_config
+from pipelines.common import train_scaling
+for cpus in (2, 4):  # pretraining's own CPU count; the generator stage keeps ray.cpus_per_worker (1)
+    config = load_config("configs/smoke.yaml", [f"ray.pretrain_cpus_per_worker={cpus}", "ray.num_workers=2"])
+    try:
+        pretrain = train_scaling(config, cpus_per_worker=config.ray.pretrain_cpus_per_worker)
+        outcomes[f"pretrain_{cpus}"] = [pretrain.resources_per_worker, train_scaling(config).resources_per_worker]
+    except ClusterTooSmall as error:
+        outcomes[f"pretrain_{cpus}"] = str(error)
 print(json.dumps(outcomes))
 """
 
@@ -211,3 +220,5 @@ def test_a_request_the_cluster_cannot_place_is_refused(cluster):
     assert "ray.cpus_per_worker" in outcomes["too_big"] and "only 0 fit" in outcomes["too_big"]
     assert "0 CPU" in outcomes["too_big"] and "3 CPU" in outcomes["too_big"]  # it lists the nodes
     assert "only 2 fit" in outcomes["too_many"]
+    assert outcomes["pretrain_2"] == [{"CPU": 2.0}, {"CPU": 1.0}]  # ray.pretrain_cpus_per_worker, pretraining only
+    assert "ray.pretrain_cpus_per_worker" in outcomes["pretrain_4"] and "only 0 fit" in outcomes["pretrain_4"]
