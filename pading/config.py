@@ -496,6 +496,11 @@ class RayConfig:
     extract_concurrency: int = 1
     # GPUs per extraction / evaluation actor (0: CPU only).
     extract_gpus: float = 0.0
+    # Extraction and evaluation with fewer images than this to segment run in the driver instead of an
+    # actor when the run started its own Ray (no cluster) and asks for no GPU: an actor's start (a new
+    # process importing torch and transformers, then the model) took longer than the demo's images
+    # (docs/performance.md, "Small inputs in the driver"). 0: always actors.
+    driver_max_images: int = 500
     # Images per segmenter forward pass when extracting or predicting (extract, evaluate, tune, tables).
     extract_batch_size: int = 8
     # Images per features Parquet file (the unit of idempotent work).
@@ -519,6 +524,8 @@ class RayConfig:
             raise ConfigError("ray.num_workers and ray.extract_concurrency must be >= 1, ray.cpus_per_worker >= 0")
         if self.pretrain_cpus_per_worker is not None and self.pretrain_cpus_per_worker <= 0:
             raise ConfigError(f"ray.pretrain_cpus_per_worker must be > 0 (or unset), got {self.pretrain_cpus_per_worker}")
+        if self.driver_max_images < 0:
+            raise ConfigError(f"ray.driver_max_images must be >= 0, got {self.driver_max_images}")
         if self.train_poll_s <= 0:
             raise ConfigError(f"ray.train_poll_s must be > 0, got {self.train_poll_s}")
 

@@ -4,6 +4,7 @@ stage lifecycle) is ``pading.run.cli`` and ``pading.run.stage``, re-exported her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,6 +139,36 @@ def fixed_actor_pool(size: int):
     import ray
 
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+
+
+def segment_in_driver(config: ExperimentConfig, images: int) -> bool:
+    """Whether extraction or evaluation segments its ``images`` images in the driver instead of
+    an actor pool: fewer than ``ray.driver_max_images``, no GPU asked for, and a Ray the run
+    started itself. On a cluster (under ``ray job submit`` or ``RAY_ADDRESS``) the driver's node
+    may offer no CPU, so the work always goes to actors there."""
+    settings = config.ray
+    return (images < settings.driver_max_images and not settings.extract_gpus
+            and not (os.environ.get("RAY_ADDRESS") or in_ray_job()))
+
+
+@contextlib.contextmanager
+def actor_threads(cpus: float):
+    """Run the block on the torch threads an actor of ``cpus`` CPUs runs (Ray gives it
+    ``max(1, int(cpus))``), so the driver computes what the actor would, bit for bit; the
+    driver's count is restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def output_rows(batches: list[dict]) -> list[dict]:
+    """The rows of UDF outputs (dicts of equal-length columns), as Ray Data's ``take_all`` gives them."""
+    return [dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())]
 
 
 def share_per_actor(images: int, actors: int) -> int:

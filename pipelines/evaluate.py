@@ -1,7 +1,8 @@
 """Stage 5, evaluate: Ray Data runs the bundle (segmenter + retrained classifier) over
 the val manifest, writes predictions in COCO formats (panoptic PNG+JSON, instance results
 JSON, semantic label PNGs) and computes ZSP / ZSI / ZSS Seen, Unseen and HM from the one
-model (the paper's universal setting).
+model (the paper's universal setting). Fewer images than ``ray.driver_max_images``, on a Ray the
+run started itself, are predicted in the driver by the same class (pipelines.common.segment_in_driver).
 
     python pipelines/evaluate.py [--config ...] [--bundle DIR] [--force]
 """
@@ -65,19 +66,29 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     table = load_table(output)
     rows = read_manifest(output, "val")
     predictions = RunLayout(output).predictions(stage_name)
-    # blocks of at most EVAL_BATCH rows (up to 32 blocks), so each block is one whole batch: with
-    # 200 rows, 12 blocks of 17 gave a batch of 16 and one of 1 each
-    dataset = common.row_blocks(rows, max(1, min(32, -(-len(rows) // EVAL_BATCH))))
-    result_rows = dataset.map_batches(
-        EvaluationPredictor,
-        fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "output_dir": str(predictions),
-                               "data_format": config.data.format, "batch_size": config.ray.extract_batch_size,
-                               "inference": config.inference,
-                               "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
-        batch_size=EVAL_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
-        num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
-        **allocator.runtime_env(),  # glibc malloc kept from faulting per image
-    ).take_all()
+    predictor = {"bundle_dir": str(bundle_dir), "output_dir": str(predictions), "data_format": config.data.format,
+                 "batch_size": config.ray.extract_batch_size, "inference": config.inference}
+    if common.segment_in_driver(config, len(rows)):  # a few images: no actor start (ray.driver_max_images)
+        logger.info("evaluate: %d images in the driver (fewer than ray.driver_max_images=%d)", len(rows),
+                    config.ray.driver_max_images)
+        with common.actor_threads(config.ray.cpus_per_worker):
+            predict = EvaluationPredictor(**predictor, images=len(rows))
+            result_rows = common.output_rows([predict(rows[start:start + EVAL_BATCH])
+                                              for start in range(0, len(rows), EVAL_BATCH)])
+        del predict
+    else:
+        # blocks of at most EVAL_BATCH rows (up to 32 blocks), so each block is one whole batch: with
+        # 200 rows, 12 blocks of 17 gave a batch of 16 and one of 1 each
+        dataset = common.row_blocks(rows, max(1, min(32, -(-len(rows) // EVAL_BATCH))))
+        result_rows = dataset.map_batches(
+            EvaluationPredictor,
+            fn_constructor_kwargs={**predictor,
+                                   "images": common.share_per_actor(len(rows), config.ray.extract_concurrency)},
+            batch_size=EVAL_BATCH, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=config.ray.extract_concurrency),
+            num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+            **allocator.runtime_env(),  # glibc malloc kept from faulting per image
+        ).take_all()
     for r in result_rows:
         if r["error"]:
             logger.warning("evaluate: image %s skipped: %s", r["image_id"], r["error"])

@@ -1,6 +1,7 @@
 """Stage 3, extract: Ray Data ``map_batches`` with an actor class holding the frozen
 segmenter writes the features Parquet (query embeddings + matched labels) of the train
-manifest, one file per shard of images.
+manifest, one file per shard of images. Fewer images than ``ray.driver_max_images``, on a Ray
+the run started itself, are extracted in the driver by the same class (pipelines.common.segment_in_driver).
 
 Idempotent: a shard file appears only once complete (atomic rename), finished shards are
 skipped, so re-running over complete output does nothing and re-running after an
@@ -51,7 +52,7 @@ class NodeRecordingExtractor(FeatureExtractor):
         torch.set_num_threads(max(1, int(kwargs["config"].ray.cpus_per_worker)))
         super().__init__(*args, **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
-        logger.info("extract: actor on node %s, segmenter on %s", self.node_id, self.runtime)
+        logger.info("extract: process %d on node %s, segmenter on %s", os.getpid(), self.node_id, self.runtime)
 
     def __call__(self, batch: dict) -> dict:
         started = time.time()
@@ -81,25 +82,33 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     shards = shard_rows(rows, shard_size)
     pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
-    total_rows, nodes, runtimes, steady = 0, [], [], 0.0
+    total_rows, nodes, runtimes, steady, where = 0, [], [], 0.0, None
     if pending:
-        free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
-                                      "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
-                                      config.ray.extract_concurrency, config.ray.cpus_per_worker,
-                                      config.ray.extract_gpus, wait_s=common.RELEASE_GRACE_S)
+        images = sum(len(shards[i]) for i in pending)
+        where = "driver" if common.segment_in_driver(config, images) else "actors"
+        kwargs = {"config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
+                  "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
+                  "images": images if where == "driver" else common.share_per_actor(images, config.ray.extract_concurrency)}
         stage_dir.mkdir(parents=True, exist_ok=True)
-        work = common.shard_work([{"shard": i, "image_ids": shards[i]} for i in pending], whole_pool=free)
-        results = work.map_batches(
-            NodeRecordingExtractor,
-            fn_constructor_kwargs={
-                "config": config, "segmenter_dir": str(segmenter_dir), "table_records": table.to_records(),
-                "manifest_rows": rows, "output_dir": str(stage_dir), "checkpoint_id": ckpt,
-                "images": common.share_per_actor(sum(len(shards[i]) for i in pending), config.ray.extract_concurrency),
-            },
-            batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency),
-            num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
-            **allocator.runtime_env(),  # glibc malloc kept from faulting per image
-        ).take_all()
+        if where == "driver":  # a few images: no actor start (ray.driver_max_images)
+            logger.info("extract: %d images in the driver (fewer than ray.driver_max_images=%d)", images,
+                        config.ray.driver_max_images)
+            with common.actor_threads(config.ray.cpus_per_worker):
+                extractor = NodeRecordingExtractor(**kwargs)
+                results = common.output_rows([extractor({"shard": [i], "image_ids": [shards[i]]}) for i in pending])
+            del extractor
+        else:
+            free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
+                                          "ray.extract_concurrency / ray.cpus_per_worker / ray.extract_gpus",
+                                          config.ray.extract_concurrency, config.ray.cpus_per_worker,
+                                          config.ray.extract_gpus, wait_s=common.RELEASE_GRACE_S)
+            work = common.shard_work([{"shard": i, "image_ids": shards[i]} for i in pending], whole_pool=free)
+            results = work.map_batches(
+                NodeRecordingExtractor, fn_constructor_kwargs=kwargs,
+                batch_size=1, compute=common.fixed_actor_pool(config.ray.extract_concurrency),
+                num_gpus=config.ray.extract_gpus or None, num_cpus=config.ray.cpus_per_worker,
+                **allocator.runtime_env(),  # glibc malloc kept from faulting per image
+            ).take_all()
         total_rows = sum(int(r["rows"]) for r in results)
         nodes = sorted({str(r["node_id"]) for r in results})
         runtimes = sorted({str(r["runtime"]) for r in results})
@@ -108,7 +117,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                                      "started_at": r["started_at"], "finished_at": r["finished_at"]} for r in results])
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "actor_nodes": nodes, "runtimes": runtimes, "steady_images_per_second": steady}
+            "actor_nodes": nodes, "runtimes": runtimes, "steady_images_per_second": steady, "where": where}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
     return stage.finish(info)

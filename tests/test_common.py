@@ -184,6 +184,38 @@ def test_a_metric_history_is_logged_in_batches_with_every_step(tmp_path, monkeyp
     assert client.get_metric_history(active.info.run_id, "bad") == []
 
 
+def test_only_few_images_on_a_ray_of_our_own_are_segmented_in_the_driver(monkeypatch):
+    """Extraction and evaluation segment in the driver only below ray.driver_max_images, without
+    GPUs, and never on a cluster (ray job submit or RAY_ADDRESS), whose head may offer no CPU."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.setattr(common, "in_ray_job", lambda: False)
+    config = load_config("configs/demo.yaml")
+    limit = config.ray.driver_max_images
+    assert common.segment_in_driver(config, 249) and common.segment_in_driver(config, limit - 1)
+    assert not common.segment_in_driver(config, limit)
+    assert not common.segment_in_driver(load_config("configs/demo.yaml", ["ray.driver_max_images=0"]), 1)
+    assert not common.segment_in_driver(load_config("configs/demo.yaml", ["ray.extract_gpus=1"]), 1)
+    monkeypatch.setattr(common, "in_ray_job", lambda: True)
+    assert not common.segment_in_driver(config, 1)
+    monkeypatch.setattr(common, "in_ray_job", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not common.segment_in_driver(config, 1)
+    with pytest.raises(ConfigError, match="driver_max_images"):
+        load_config("configs/demo.yaml", ["ray.driver_max_images=-1"])
+
+
+def test_the_driver_runs_a_block_on_an_actors_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    with common.actor_threads(0.5):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert common.output_rows([{"a": [1, 2], "b": ["x", "y"]}, {"a": [3], "b": ["z"]}]) == [
+        {"a": 1, "b": "x"}, {"a": 2, "b": "y"}, {"a": 3, "b": "z"}]
+
+
 def test_prepare_adds_validation_actors_only_for_large_inputs():
     """One actor per VALIDATION_IMAGES_PER_ACTOR images, at most twice ray.extract_concurrency:
     the demo's 600 images get none (the driver validates them in less time than an actor takes

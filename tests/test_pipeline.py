@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,7 @@ def test_a_small_extraction_stays_on_torch(full_run):
 
     record = json.loads((full_run["output"] / "features" / "_SUCCESS.json").read_text())
     assert record["runtimes"] == ["torch"]
+    assert record["where"] == "driver"  # 40 images, under ray.driver_max_images
     assert pq.read_table(full_run["output"] / "features").num_rows < AUTO_MIN_IMAGES * 16
 
 
@@ -314,7 +316,8 @@ def test_extraction_survives_a_sigkilled_actor(full_run, dataset, tmp_path):
     output = tmp_path / "out"
     _copy_stages(full_run, output, "manifest", "pretrain")
     proc = _popen(["pipelines/extract.py", "--config", str(SMOKE), "--output", str(output),
-                   "--set", f"data.root={dataset['root']}", "--set", "ray.extract_shard_size=1"], tmp_path)
+                   "--set", f"data.root={dataset['root']}", "--set", "ray.extract_shard_size=1",
+                   "--set", "ray.driver_max_images=0"], tmp_path)  # actors, however few the images
     _wait_for(lambda: len(list((output / "features").glob("shard-*.parquet"))) >= 2, 300, "two shards", proc)
     (victim,) = _descendants_with("NodeRecordingExtractor", proc.pid)
     os.kill(victim, signal.SIGKILL)
@@ -327,6 +330,26 @@ def test_extraction_survives_a_sigkilled_actor(full_run, dataset, tmp_path):
     assert sorted(tuple(r.values()) for r in after) == sorted(tuple(r.values()) for r in before)
     record = json.loads((output / "features" / "_SUCCESS.json").read_text())
     assert record["shards"] == len(list((output / "features").glob("shard-*.parquet")))
+
+
+def test_evaluation_through_an_actor_gives_what_the_driver_gave(full_run, dataset, tmp_path):
+    """The module's run evaluated its val images in the driver (under ray.driver_max_images);
+    the same stage forced onto an actor pool writes the same predictions and results. (Its
+    extraction is compared the same way by the SIGKILL test above, which forces actors.)"""
+    output = tmp_path / "out"
+    _copy_stages(full_run, output, "manifest", "pretrain", "features", "generator")
+    proc = _run(["pipelines/evaluate.py", "--config", str(SMOKE), "--output", str(output), "--set",
+                 f"data.root={dataset['root']}", *RUN_SETTINGS, "--set", "ray.driver_max_images=0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in the driver" not in proc.stdout + proc.stderr
+    assert re.search(r"evaluate: \d+ images in the driver", full_run["stdout"] + full_run["stderr"])
+    ours = json.loads((output / "evaluate" / "_SUCCESS.json").read_text())
+    theirs = json.loads((full_run["output"] / "evaluate" / "_SUCCESS.json").read_text())
+    assert ours["results"] == theirs["results"] and ours["skipped"] == theirs["skipped"]
+    theirs_dir, ours_dir = full_run["output"] / "evaluate" / "predictions", output / "evaluate" / "predictions"
+    files = sorted(p.relative_to(theirs_dir) for p in theirs_dir.rglob("*.png"))
+    assert files and files == sorted(p.relative_to(ours_dir) for p in ours_dir.rglob("*.png"))
+    assert all((theirs_dir / f).read_bytes() == (ours_dir / f).read_bytes() for f in files)
 
 
 def _registered_checkpoint(stage_dir: Path) -> bool:
