@@ -145,7 +145,8 @@ def segment_in_driver(config: ExperimentConfig, images: int) -> bool:
     """Whether extraction or evaluation segments its ``images`` images in the driver instead of
     an actor pool: fewer than ``ray.driver_max_images``, no GPU asked for, and a Ray the run
     started itself. On a cluster (under ``ray job submit`` or ``RAY_ADDRESS``) the driver's node
-    may offer no CPU, so the work always goes to actors there."""
+    may offer no CPU, so the work always goes to actors there. The driver then runs on the CPU,
+    as such an actor would (Ray hides the GPUs from a process that reserved none)."""
     settings = config.ray
     return (images < settings.driver_max_images and not settings.extract_gpus
             and not (os.environ.get("RAY_ADDRESS") or in_ray_job()))

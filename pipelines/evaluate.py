@@ -72,7 +72,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         logger.info("evaluate: %d images in the driver (fewer than ray.driver_max_images=%d)", len(rows),
                     config.ray.driver_max_images)
         with common.actor_threads(config.ray.cpus_per_worker):
-            predict = EvaluationPredictor(**predictor, images=len(rows))
+            predict = EvaluationPredictor(**predictor, images=len(rows), device="cpu")  # as an actor without GPUs
             result_rows = common.output_rows([predict(rows[start:start + EVAL_BATCH])
                                               for start in range(0, len(rows), EVAL_BATCH)])
         del predict

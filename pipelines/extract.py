@@ -94,7 +94,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             logger.info("extract: %d images in the driver (fewer than ray.driver_max_images=%d)", images,
                         config.ray.driver_max_images)
             with common.actor_threads(config.ray.cpus_per_worker):
-                extractor = NodeRecordingExtractor(**kwargs)
+                extractor = NodeRecordingExtractor(**kwargs, device="cpu")  # as an actor without GPUs
                 results = common.output_rows([extractor({"shard": [i], "image_ids": [shards[i]]}) for i in pending])
             del extractor
         else:
