@@ -194,16 +194,12 @@ def val_image_bytes(output: Path, count: int) -> list[bytes]:
     return [Path(rows[k % len(rows)]["image_path"]).read_bytes() for k in range(count)]
 
 
-@contextlib.contextmanager
 def torch_threads(cpus: float):
     """Run the block on ``max(1, int(cpus))`` torch threads, as a replica or actor reserving
     ``cpus`` CPUs does; the previous count is restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cpus)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    from pipelines.common import actor_threads
+
+    return actor_threads(cpus)
 
 
 def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
