@@ -141,6 +141,12 @@ def fixed_actor_pool(size: int):
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
+def on_cluster() -> bool:
+    """Whether this driver joined a cluster (under ``ray job submit`` or with ``RAY_ADDRESS``)
+    rather than starting a Ray of its own."""
+    return bool(os.environ.get("RAY_ADDRESS")) or in_ray_job()
+
+
 def segment_in_driver(config: ExperimentConfig, images: int) -> bool:
     """Whether extraction or evaluation segments its ``images`` images in the driver instead of
     an actor pool: fewer than ``ray.driver_max_images``, no GPU asked for, and a Ray the run
@@ -149,7 +155,7 @@ def segment_in_driver(config: ExperimentConfig, images: int) -> bool:
     as such an actor would (Ray hides the GPUs from a process that reserved none)."""
     settings = config.ray
     return (images < settings.driver_max_images and not settings.extract_gpus
-            and not (os.environ.get("RAY_ADDRESS") or in_ray_job()))
+            and not on_cluster())
 
 
 @contextlib.contextmanager
@@ -223,7 +229,7 @@ def torch_trainer(train_loop, **kwargs):
     if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
         return TorchTrainer(train_loop, **kwargs)
     unused: tuple = (DatasetsCallback,) if not kwargs.get("datasets") else ()
-    if not (os.environ.get("RAY_ADDRESS") or in_ray_job()):
+    if not on_cluster():
         unused += (PlacementGroupCleanerCallback,)
 
     class LeanTorchTrainer(TorchTrainer):
