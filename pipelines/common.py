@@ -98,7 +98,8 @@ def check_resources(what: str, setting: str, count: int, cpus: float, gpus: floa
 def shard_work(items: list, whole_pool: bool):
     """A dataset of one block per item (a shard of images), so each shard is its own task
     and goes to whichever actor is free (Ray Data's own block count may pack several shards
-    into one task, and so onto one actor).
+    into one task, and so onto one actor). Ray Data's helper actors start now
+    (:func:`start_data_helpers`).
 
     ``whole_pool``: Ray Data starts every actor of the pool that maps this dataset before
     handing out work, so the work spreads over all of them (and their nodes) instead of
@@ -109,10 +110,31 @@ def shard_work(items: list, whole_pool: bool):
     nothing to it."""
     import ray
 
+    start_data_helpers()
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if whole_pool:
         dataset.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return dataset
+
+
+def start_data_helpers() -> None:
+    """Start Ray Data's two per-cluster helper actors (its statistics actor and its autoscaling
+    coordinator) now, without waiting for them. Ray Data creates them only when its first shard
+    is handed out, and a new Python process each takes about 0.5 s of CPU to start: on a small
+    machine they then share the cores with the first shards' work (docs/performance.md, "The
+    per-image paths"). Asked for before an actor pool starts, they start while the pool's actors
+    load their models. Both are private to Ray Data; where a Ray version lacks them, nothing
+    happens and Ray Data starts them itself, as before."""
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    try:
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except Exception as error:  # noqa: BLE001 - an optimisation only: Ray Data makes them when it needs them
+        logger.debug("Ray Data's helper actors not started early: %s", error)
 
 
 def row_blocks(rows: list[dict], blocks: int):
@@ -126,6 +148,7 @@ def row_blocks(rows: list[dict], blocks: int):
 
     from pading.data.manifest import rows_to_table
 
+    start_data_helpers()
     table = rows_to_table(rows)
     size = -(-len(rows) // max(1, blocks))
     return ray.data.from_blocks([table.slice(start, size) for start in range(0, max(1, len(rows)), size or 1)])

@@ -329,6 +329,37 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
+HELPERS_PROBE = """
+import json, time
+import ray
+from pipelines import common
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+def names():
+    return sorted(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True))
+before = names()
+common.shard_work([{"shard": 0}], whole_pool=False)  # a dataset built, nothing executed
+deadline = time.time() + 60
+while time.time() < deadline and not {"AutoscalingCoordinator", "datasets_stats_actor"} <= set(names()):
+    time.sleep(0.2)
+print(json.dumps({"before": before, "after": names()}))
+"""
+
+
+def test_ray_datas_helper_actors_start_before_the_first_shard():
+    """Building the shards' dataset starts Ray Data's statistics actor and autoscaling
+    coordinator, so that they start while the actor pool loads its models rather than
+    during the first shards (docs/performance.md, "The per-image paths"). A fresh Ray of its
+    own: on a Ray where Ray Data has run before they exist already."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", HELPERS_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert names["before"] == []
+    assert {"AutoscalingCoordinator", "datasets_stats_actor"} <= set(names["after"])
+
+
 @pytest.fixture(scope="module")
 def parquet_run(corpus, bundle_dir, ray_address, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("parquet") / "out"
