@@ -194,14 +194,6 @@ def val_image_bytes(output: Path, count: int) -> list[bytes]:
     return [Path(rows[k % len(rows)]["image_path"]).read_bytes() for k in range(count)]
 
 
-def torch_threads(cpus: float):
-    """Run the block on ``max(1, int(cpus))`` torch threads, as a replica or actor reserving
-    ``cpus`` CPUs does; the previous count is restored after."""
-    from pipelines.common import actor_threads
-
-    return actor_threads(cpus)
-
-
 def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
     """The images as they are (``size`` None), or resized to ``size`` px on the long side and
     re-encoded as JPEG: a COCO-sized request (640 px) to a model that runs at the demo's 64 px."""
@@ -231,13 +223,14 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     from pading.bundle import Bundle
     from pading.run import RunLayout
     from pading.serving.service import SegmentationService
+    from pipelines.common import actor_threads
 
     bundle = RunLayout(output).bundle
     originals = val_image_bytes(output, requests)
     payloads = {size: resized_bytes(originals, size) for size in sizes}
     trained = Bundle.load(bundle)
     bare = {}
-    with torch_threads(trained.config.serve.num_cpus):  # as many as a replica runs (ONNX Runtime's too)
+    with actor_threads(trained.config.serve.num_cpus):  # as many as a replica runs (ONNX Runtime's too)
         service = SegmentationService(trained, dataclasses.replace(trained.config.serve, runtime=runtime))
         for size, images in payloads.items():
             times = []
@@ -296,6 +289,7 @@ def segment_rate(output: Path, count: int, runtime: str = "auto") -> tuple[float
     from pading.config import SegmentConfig
     from pading.run import RunLayout
     from pading.serving.batch import SUMMARY_FILE, ShardSegmenter
+    from pipelines.common import actor_threads
 
     bundle = RunLayout(output).bundle
     shard = SegmentConfig().shard_size
@@ -313,7 +307,7 @@ def segment_rate(output: Path, count: int, runtime: str = "auto") -> tuple[float
         wall = time.perf_counter() - started
         summary = json.loads((target / SUMMARY_FILE).read_text())
         paths = sorted(str(p) for p in inputs.iterdir())
-        with torch_threads(SegmentConfig().num_cpus):  # as many as the command's actor runs
+        with actor_threads(SegmentConfig().num_cpus):  # as many as the command's actor runs
             segmenter = ShardSegmenter(str(bundle), str(Path(scratch) / "bare"), "panoptic", runtime=runtime,
                                        images=len(paths))  # as the command's one actor is told
             started = time.perf_counter()
