@@ -66,10 +66,11 @@ def test_the_packaged_embeddings_are_the_models_for_each_builtin_vocabulary(tmp_
     config = SemanticsConfig()
     assert main(["embeddings", "--write-packaged", "--out", str(tmp_path)]) == 0  # the model, one call a list
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in PACKAGED_DIR.glob("semantics-*.npy"))
+    arrays = [np.load(p) for p in tmp_path.iterdir()]
     for name, texts in builtin_vocabularies().items():
         shipped = packaged_embeddings(texts, config)
         assert shipped is not None and shipped.shape == (len(texts), 384) and shipped.dtype == np.float32, name
-        (written,) = [np.load(p) for p in tmp_path.iterdir() if np.load(p).shape[0] == len(texts)]
+        (written,) = [array for array in arrays if array.shape[0] == len(texts)]
         np.testing.assert_allclose(shipped, written, atol=1e-5, err_msg=name)
 
 
