@@ -65,6 +65,23 @@ class NodeRecordingExtractor(FeatureExtractor):
         return out
 
 
+def warm_up(config: ExperimentConfig, output: Path, force: bool = False) -> None:
+    """Called by pipelines/full.py when the stage before this one starts: when this stage will
+    segment in the driver, the driver imports the segmenter's transformers modules while the
+    pretraining stage trains (about 2.5 s of this stage's 4 s on the demo; docs/performance.md,
+    "The demo's wall time")."""
+    if common.stage_done(RunLayout(output).features) is not None and not force:
+        return
+    try:
+        images = len(read_manifest(output, "train"))
+    except Exception:  # noqa: BLE001 - no manifest yet: run() reports it
+        return
+    if common.segment_in_driver(config, images):
+        from pading.model.segmenter import import_backend
+
+        common.during_next_fit(import_backend)
+
+
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     stage_dir = RunLayout(output).features
     stage = common.Stage("extract", stage_dir, force)

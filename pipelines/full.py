@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pading.config import ExperimentConfig, save_config
@@ -47,20 +48,55 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
         track(info, output)
 
 
+def _warm_up(following: tuple, config: ExperimentConfig, output: Path, force: bool) -> None:
+    """Let the following stage prepare while this one runs (its module's ``warm_up``, if any:
+    extraction queues its imports for the pretraining stage's wait, pipelines.common.during_next_fit)."""
+    for name in following:
+        warm_up = getattr(STAGE_MODULES[name], "warm_up", None)
+        if warm_up is not None:
+            warm_up(config, output, force=force)
+
+
+def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> object:
+    """The MLflow store (and the synthetic dataset, when prepare will run) is set up on a thread
+    while Ray starts on the main thread, as Ray must. On the demo that took 3 s of MLflow and 5 s
+    of prepare down to about 5 s (docs/performance.md, "The demo's wall time"). Ray starts
+    here only when some stage will run. A dataset that fails to write is written again, and its
+    error reported, by the prepare stage. Returns the ``mlflow`` module."""
+    pending = [name for name in stages if force or common.stage_done(RunLayout(output).stage(name)) is None]
+    if not pending:
+        return tracking.setup(config.tracking)
+
+    def store_and_dataset():
+        mlflow = tracking.setup(config.tracking)
+        if "prepare" in pending:
+            try:
+                prepare.ensure_dataset(config)
+            except Exception:  # the prepare stage tries again and reports it
+                logger.debug("writing the dataset before prepare failed", exc_info=True)
+        return mlflow
+
+    with ThreadPoolExecutor(1, thread_name_prefix="full-start") as pool:
+        store = pool.submit(store_and_dataset)
+        common.init_ray(config)
+        return store.result()
+
+
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
-    mlflow = tracking.setup(config.tracking)
+    mlflow = _start(config, output, force, stages)
     save_config(config, RunLayout(output).config)
     wall: dict[str, float] = {}
     infos: dict[str, dict] = {}
     with tracking.run(config.name, tags={"pipeline": "full", "output": str(output)}) as parent:
         tracking.log_params(config.flat())
         mlflow.log_artifact(str(RunLayout(output).config))
-        for name in stages:
+        for position, name in enumerate(stages):
             stage_dir = RunLayout(output).stage(name)
             skipped = common.stage_done(stage_dir) is not None and not force
             started = time.time()
             with tracking.run(name, nested=True):
                 logger.info("=== stage %s%s ===", name, " (done before, skipping)" if skipped else "")
+                _warm_up(stages[position + 1:position + 2], config, output, force)
                 info = STAGE_MODULES[name].run(config, output, force=force)
                 _log_stage(name, info, output, skipped)
             wall[name] = round(time.time() - started, 2)
@@ -106,6 +142,7 @@ def main() -> None:
         url = serving.deploy(RunLayout(output).bundle, config)
         print(f"PADing segmentation endpoint: {url}  (API docs: {url}docs; Ctrl-C to stop)", flush=True)
         serving.block_until_interrupted()
+    common.freeze_for_exit()
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    result = common.fit(trainer)
     common.copy_from_checkpoint(result, "segmenter", HISTORY_FILE, stage_dir)
     info = {"segmenter": str(RunLayout(output).segmenter), "final_metrics": result.metrics,
             "checkpoint": result.checkpoint.path, "workers": common.worker_nodes(stage_dir)}

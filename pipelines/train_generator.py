@@ -171,7 +171,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    result = common.fit(trainer)
     common.copy_from_checkpoint(result, "bundle", HISTORY_FILE, stage_dir)
     info = {"bundle": str(RunLayout(output).bundle), "variant": config.losses.variant,
             "workers": common.worker_nodes(stage_dir)}

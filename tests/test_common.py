@@ -236,3 +236,67 @@ def test_prepare_adds_validation_actors_only_for_large_inputs():
     assert validation_actors(3 * per_actor, 1) == 2  # at most twice the extraction actors
     assert validation_actors(123_000, 8) == 16
     assert validation_actors(5 * per_actor, 8) == 5
+
+
+def test_queued_work_runs_while_the_next_fit_trains():
+    """pipelines.common.fit starts what during_next_fit queued before it waits for the trainer,
+    so the work overlaps the training; a failing piece of work does not fail the stage, and the
+    queue is empty after (the next fit runs nothing again)."""
+    import threading
+
+    started = threading.Event()
+    ran: list[str] = []
+
+    def work():
+        ran.append(threading.current_thread().name)
+        started.set()
+
+    def broken():
+        raise ImportError("no such module")
+
+    class Trainer:
+        def __init__(self, wait: float):
+            self.wait = wait
+
+        def fit(self):  # True once the queued work has run: it must run while fit waits
+            return started.wait(timeout=self.wait)
+
+    common.during_next_fit(broken)
+    common.during_next_fit(work)
+    assert common.fit(Trainer(30)) is True
+    assert len(ran) == 1 and ran[0] != threading.main_thread().name
+    started.clear()
+    assert common.fit(Trainer(0.5)) is False  # nothing queued any more
+    assert len(ran) == 1
+
+
+def test_extraction_warms_up_only_when_the_driver_will_segment(tmp_path, monkeypatch):
+    """pipelines/full.py asks the extract stage to warm up while pretraining runs: it queues the
+    segmenter's import when the driver will extract (few images, a Ray of its own), and nothing
+    when actors will, when the stage is done, or before there is a manifest."""
+    from pading.classes import ClassTable
+    from pading.data.manifest import MANIFEST_SCHEMA
+    from pading.model.segmenter import import_backend
+    from pading.run import RunLayout, readers
+    from pipelines import extract
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(common, "in_ray_job", lambda: False)
+    queued = []
+    monkeypatch.setattr(common, "during_next_fit", queued.append)
+    config = load_config(str(SMOKE))
+    extract.warm_up(config, tmp_path)
+    assert queued == []  # no manifest yet
+    table = ClassTable.from_records([{"id": 1, "name": "cat", "unseen": False, "isthing": True}])
+    row = {name: None for name in MANIFEST_SCHEMA.names}
+    readers.write_manifest(tmp_path, table, {"train": [{**row, "image_id": i, "split": "train",
+                                                        "image_path": f"{i}.jpg"} for i in range(3)], "val": []}, [])
+    extract.warm_up(config, tmp_path)
+    assert queued == [import_backend]
+    extract.warm_up(load_config(str(SMOKE), ["ray.driver_max_images=0"]), tmp_path)
+    assert queued == [import_backend]  # actors extract: the driver needs no model
+    common.mark_done(RunLayout(tmp_path).features, {"rows": 1})
+    extract.warm_up(config, tmp_path)
+    assert queued == [import_backend]
+    extract.warm_up(config, tmp_path, force=True)
+    assert queued == [import_backend, import_backend]

@@ -237,6 +237,15 @@ def _read_description(directory: Path) -> tuple[int, bool, dict]:
 # ---- the model ----------------------------------------------------------------------
 
 
+def import_backend() -> None:
+    """Import the transformers modules a :class:`Segmenter` is built from. Their first import in
+    a process takes 2-2.5 s on the project's 2-core machine (transformers pulls in
+    ``torch._dynamo`` and ``torch.distributed.tensor``); a driver that will build a segmenter
+    later can pay it while it only waits (pipelines/full.py; docs/performance.md, "The demo's
+    wall time")."""
+    from transformers import Mask2FormerForUniversalSegmentation  # noqa: F401
+
+
 class Segmenter(nn.Module):
     """Mask2Former (transformers) with a ResNet backbone and a swappable class head.
 
