@@ -27,7 +27,8 @@ from pipelines import common, evaluate, extract, prepare, pretrain, train_genera
 logger = logging.getLogger("pipelines.full")
 
 #: The stages in order, each a module with ``run(config, output, force=False) -> dict`` and optionally
-#: ``track(info, output)`` (what it adds to its MLflow run).
+#: ``track(info, output)`` (what it adds to its MLflow run) and ``warm_up(config, output, force=False)``
+#: (called when the stage before it starts: work the driver can do ahead, see :func:`_warm_up`).
 STAGE_MODULES = {"prepare": prepare, "pretrain": pretrain, "extract": extract, "generator": train_generator,
                  "evaluate": evaluate}
 STAGES = tuple(STAGE_MODULES)
