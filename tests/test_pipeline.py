@@ -164,6 +164,7 @@ def test_second_run_skips_finished_stages(full_run, dataset):
     for stage in ("prepare", "pretrain", "extract", "generator", "evaluate"):
         assert f"{stage}: already done" in log, stage
     assert "Started a local Ray instance" not in log  # nothing to run: full.py starts no Ray
+    assert "stage wall seconds: start-up " in proc.stdout  # the start-up is reported apart from the stages
     after = json.loads((full_run["output"] / "results.json").read_text())
     assert {k: v for k, v in after.items() if k != "wall_seconds"} == {
         k: v for k, v in json.loads(before).items() if k != "wall_seconds"}
