@@ -282,15 +282,36 @@ def _quietly(work) -> None:
     try:
         work()
     except Exception:  # see during_next_fit
-        logger.debug("background work %r failed", work, exc_info=True)
+        logger.warning("work run during training failed (the stage that needs it tries again): %r", work,
+                       exc_info=True)
+
+
+#: How long :func:`fit` waits, after the training, for work that is still running.
+DURING_FIT_JOIN_S = 120.0
 
 
 def fit(trainer):
-    """``trainer.fit()``, with the work queued by :func:`during_next_fit` running meanwhile."""
+    """``trainer.fit()``, with the work queued by :func:`during_next_fit` running meanwhile. The
+    work is waited for after the training (up to :data:`DURING_FIT_JOIN_S`), so nothing the
+    stage after imports is still being imported by the thread when a short training ends."""
+    threads = []
     while _DURING_NEXT_FIT:
-        threading.Thread(target=_quietly, args=(_DURING_NEXT_FIT.pop(0),), name="pading-during-fit",
-                         daemon=True).start()
-    return trainer.fit()
+        work = _DURING_NEXT_FIT.pop(0)
+        logger.info("while it trains, the driver runs %s", getattr(work, "__qualname__", work))
+        threads.append(threading.Thread(target=_quietly, args=(work,), name="pading-during-fit", daemon=True))
+        threads[-1].start()
+    try:
+        return trainer.fit()
+    finally:
+        deadline = time.time() + DURING_FIT_JOIN_S
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.time()))
+
+
+def drop_queued_work() -> None:
+    """Forget work queued by :func:`during_next_fit` that no training has run (its stage was
+    skipped), so it does not run in a later, unrelated one."""
+    _DURING_NEXT_FIT.clear()
 
 
 def freeze_for_exit() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from pading import allocator
 from pading.config import ExperimentConfig
 from pading.data.manifest import shard_rows
-from pading.run import RunLayout, load_table, read_manifest
+from pading.run import RunLayout, count_manifest, load_table, read_manifest
 from pading.run.extraction import FeatureExtractor
 from pading.serving.batch import steady_throughput
 from pipelines import common
@@ -72,8 +72,10 @@ def warm_up(config: ExperimentConfig, output: Path, force: bool = False) -> None
     "The demo's wall time")."""
     if common.stage_done(RunLayout(output).features) is not None and not force:
         return
+    if not common.segment_in_driver(config, 0):  # a GPU asked for, a cluster: actors extract, whatever the count
+        return
     try:
-        images = len(read_manifest(output, "train"))
+        images = count_manifest(output, "train")
     except Exception:  # noqa: BLE001 - no manifest yet: run() reports it
         return
     if common.segment_in_driver(config, images):

@@ -58,24 +58,26 @@ def _warm_up(following: tuple, config: ExperimentConfig, output: Path, force: bo
             warm_up(config, output, force=force)
 
 
-def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> object:
+def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> tuple:
     """The MLflow store (and the synthetic dataset, when prepare will run) is set up on a thread
     while Ray starts on the main thread, as Ray must. On the demo that took 3 s of MLflow and 5 s
-    of prepare down to about 5 s (docs/performance.md, "The demo's wall time"). Ray starts
-    here only when some stage will run. A dataset that fails to write is written again, and its
-    error reported, by the prepare stage. Returns the ``mlflow`` module."""
+    of prepare down to about 5 s (docs/performance.md, "The driver's waits put to use"). Ray
+    starts here only when some stage will run. Returns the ``mlflow`` module and the error the
+    dataset's writing raised, if any, which :func:`run_all` raises inside the prepare stage."""
     pending = [name for name in stages if force or common.stage_done(RunLayout(output).stage(name)) is None]
     if not pending:
-        return tracking.setup(config.tracking)
+        return tracking.setup(config.tracking), None
 
     def store_and_dataset():
         mlflow = tracking.setup(config.tracking)
         if "prepare" in pending:
             try:
                 prepare.ensure_dataset(config)
-            except Exception:  # the prepare stage tries again and reports it
-                logger.debug("writing the dataset before prepare failed", exc_info=True)
-        return mlflow
+            except Exception as error:  # noqa: BLE001 - raised in the prepare stage, see run_all
+                return mlflow, error
+        return mlflow, None
+
+    import ray  # noqa: F401 - imported before the thread starts importing MLflow: no first imports at once
 
     with ThreadPoolExecutor(1, thread_name_prefix="full-start") as pool:
         store = pool.submit(store_and_dataset)
@@ -85,7 +87,7 @@ def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> objec
 
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
     starting = time.time()
-    mlflow = _start(config, output, force, stages)
+    mlflow, dataset_error = _start(config, output, force, stages)
     start_seconds = round(time.time() - starting, 2)
     save_config(config, RunLayout(output).config)
     wall: dict[str, float] = {}
@@ -99,8 +101,12 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
             started = time.time()
             with tracking.run(name, nested=True):
                 logger.info("=== stage %s%s ===", name, " (done before, skipping)" if skipped else "")
-                _warm_up(stages[position + 1:position + 2], config, output, force)
+                if name == "prepare" and dataset_error is not None:
+                    raise dataset_error  # the synthetic dataset's writing in _start failed
+                if not skipped:
+                    _warm_up(stages[position + 1:position + 2], config, output, force)
                 info = STAGE_MODULES[name].run(config, output, force=force)
+                common.drop_queued_work()
                 _log_stage(name, info, output, skipped)
             wall[name] = round(time.time() - started, 2)
             infos[name] = info

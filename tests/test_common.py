@@ -238,18 +238,26 @@ def test_prepare_adds_validation_actors_only_for_large_inputs():
     assert validation_actors(5 * per_actor, 8) == 5
 
 
-def test_queued_work_runs_while_the_next_fit_trains():
+def test_queued_work_runs_while_the_next_fit_trains(monkeypatch, caplog):
     """pipelines.common.fit starts what during_next_fit queued before it waits for the trainer,
-    so the work overlaps the training; a failing piece of work does not fail the stage, and the
-    queue is empty after (the next fit runs nothing again)."""
+    so the work overlaps the training, and waits for it after: a training shorter than the work
+    does not leave it running. A failing piece of work is logged, not raised in its thread nor
+    in the stage. The queue is empty after (the next fit runs nothing again)."""
     import threading
+    import time
 
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
     started = threading.Event()
     ran: list[str] = []
 
     def work():
         ran.append(threading.current_thread().name)
         started.set()
+
+    def slow():
+        time.sleep(0.5)
+        ran.append("slow")
 
     def broken():
         raise ImportError("no such module")
@@ -263,11 +271,20 @@ def test_queued_work_runs_while_the_next_fit_trains():
 
     common.during_next_fit(broken)
     common.during_next_fit(work)
-    assert common.fit(Trainer(30)) is True
+    with caplog.at_level("WARNING", logger="pipelines"):
+        assert common.fit(Trainer(30)) is True
     assert len(ran) == 1 and ran[0] != threading.main_thread().name
+    assert "work run during training failed" in caplog.text and "no such module" in caplog.text
+    assert uncaught == []
     started.clear()
-    assert common.fit(Trainer(0.5)) is False  # nothing queued any more
+    assert common.fit(Trainer(0.2)) is False  # nothing queued any more
     assert len(ran) == 1
+    common.during_next_fit(slow)
+    common.fit(Trainer(0))  # returns at once; the work takes 0.5 s
+    assert ran[-1] == "slow"
+    common.during_next_fit(work)
+    common.drop_queued_work()
+    assert common.fit(Trainer(0.2)) is False
 
 
 def test_extraction_warms_up_only_when_the_driver_will_segment(tmp_path, monkeypatch):
@@ -294,9 +311,30 @@ def test_extraction_warms_up_only_when_the_driver_will_segment(tmp_path, monkeyp
     extract.warm_up(config, tmp_path)
     assert queued == [import_backend]
     extract.warm_up(load_config(str(SMOKE), ["ray.driver_max_images=0"]), tmp_path)
+    extract.warm_up(load_config(str(SMOKE), ["ray.extract_gpus=1"]), tmp_path)
     assert queued == [import_backend]  # actors extract: the driver needs no model
     common.mark_done(RunLayout(tmp_path).features, {"rows": 1})
     extract.warm_up(config, tmp_path)
     assert queued == [import_backend]
     extract.warm_up(config, tmp_path, force=True)
     assert queued == [import_backend, import_backend]
+
+
+def test_a_dataset_that_fails_to_write_at_start_fails_the_prepare_stage(tmp_path, monkeypatch):
+    """pipelines/full.py writes the synthetic dataset while Ray starts, before any stage; when
+    that fails, the run stops in the prepare stage with the writer's own error, and prepare does
+    not run on a dataset half written."""
+    from pipelines import full
+
+    def no_space(config):
+        raise OSError("No space left on device")
+
+    ran = []
+    monkeypatch.setattr(full.prepare, "ensure_dataset", no_space)
+    monkeypatch.setattr(full.prepare, "run", lambda *a, **k: ran.append("prepare"))
+    monkeypatch.setattr(common, "init_ray", lambda config=None: ran.append("ray"))
+    config = load_config(str(SMOKE), [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        full.run_all(config, tmp_path / "out")
+    assert ran == ["ray"]

@@ -155,6 +155,17 @@ def test_the_pretraining_stage_computes_what_the_library_loop_computes(full_run,
         assert torch.allclose(value.float(), saved[key].float(), rtol=1e-5, atol=1e-7), key
 
 
+def test_the_driver_imports_extractions_model_code_while_pretraining_trains(full_run):
+    """pipelines/full.py hands the extract stage's warm-up to the pretraining stage's fit: the
+    driver imports the segmenter's modules while the pretraining trains (it extracts the smoke
+    run's few images itself), and starts Ray before the first stage."""
+    log = full_run["stderr"]
+    line = log.index("while it trains, the driver runs import_backend")
+    assert log.index("=== stage pretrain ===") < line < log.index("=== stage extract ===")
+    assert log.count("while it trains, the driver runs") == 1
+    assert log.index("Started a local Ray instance") < log.index("=== stage prepare ===")
+
+
 def test_second_run_skips_finished_stages(full_run, dataset):
     before = (full_run["output"] / "results.json").read_text()
     proc = _run(["pipelines/full.py", "--config", str(SMOKE), "--output", str(full_run["output"]),

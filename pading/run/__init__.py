@@ -5,6 +5,6 @@ do without Ray (``cli``, ``stage``, ``tune_support``, ``batch_job``). Ray-free; 
 builds on it (docs/architecture.md)."""
 
 from pading.run.layout import RunLayout
-from pading.run.readers import load_table, read_history, read_manifest, read_rejects
+from pading.run.readers import count_manifest, load_table, read_history, read_manifest, read_rejects
 
-__all__ = ["RunLayout", "load_table", "read_history", "read_manifest", "read_rejects"]
+__all__ = ["RunLayout", "count_manifest", "load_table", "read_history", "read_manifest", "read_rejects"]
