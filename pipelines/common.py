@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pading.config import ExperimentConfig
@@ -68,6 +69,20 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # noqa: BLE001 - informational only
         pass
+
+
+def init_ray_while(config: ExperimentConfig, work):
+    """:func:`init_ray` on this (the main) thread, as Ray must start, while ``work()`` runs on
+    another: Ray's start is mostly waiting for its own processes. Returns what ``work`` returns
+    and raises what it raises. Ray is imported first, so no module's first import happens on
+    the two threads at once (pipelines/prepare.py: the synthetic dataset; pipelines/full.py: the
+    MLflow store too)."""
+    import ray  # noqa: F401 - see above
+
+    with ThreadPoolExecutor(1, thread_name_prefix="while-ray-starts") as pool:
+        result = pool.submit(work)
+        init_ray(config)
+        return result.result()
 
 
 def check_resources(what: str, setting: str, count: int, cpus: float, gpus: float = 0.0,

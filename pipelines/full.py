@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pading.config import ExperimentConfig, save_config
@@ -49,13 +48,13 @@ def _log_stage(name: str, info: dict, output: Path, skipped: bool) -> None:
         track(info, output)
 
 
-def _warm_up(following: tuple, config: ExperimentConfig, output: Path, force: bool) -> None:
-    """Let the following stage prepare while this one runs (its module's ``warm_up``, if any:
-    extraction queues its imports for the pretraining stage's wait, pipelines.common.during_next_fit)."""
-    for name in following:
-        warm_up = getattr(STAGE_MODULES[name], "warm_up", None)
-        if warm_up is not None:
-            warm_up(config, output, force=force)
+def _warm_up(name: str | None, config: ExperimentConfig, output: Path, force: bool) -> None:
+    """Let stage ``name`` (the next one; None: none) prepare while the current one runs: its
+    module's ``warm_up``, if any (extraction queues its imports for the pretraining stage's wait,
+    pipelines.common.during_next_fit)."""
+    warm_up = getattr(STAGE_MODULES[name], "warm_up", None) if name else None
+    if warm_up is not None:
+        warm_up(config, output, force=force)
 
 
 def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> tuple:
@@ -77,12 +76,7 @@ def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> tuple
                 return mlflow, error
         return mlflow, None
 
-    import ray  # noqa: F401 - imported before the thread starts importing MLflow: no first imports at once
-
-    with ThreadPoolExecutor(1, thread_name_prefix="full-start") as pool:
-        store = pool.submit(store_and_dataset)
-        common.init_ray(config)
-        return store.result()
+    return common.init_ray_while(config, store_and_dataset)
 
 
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
@@ -104,7 +98,7 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
                 if name == "prepare" and dataset_error is not None:
                     raise dataset_error  # the synthetic dataset's writing in _start failed
                 if not skipped:
-                    _warm_up(stages[position + 1:position + 2], config, output, force)
+                    _warm_up(stages[position + 1] if position + 1 < len(stages) else None, config, output, force)
                 info = STAGE_MODULES[name].run(config, output, force=force)
                 common.drop_queued_work()
                 _log_stage(name, info, output, skipped)

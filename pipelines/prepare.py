@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -102,12 +101,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     if stage.done:
         return stage.done
     stage.start()
-    # Ray's start (its own processes, ~5 s) overlaps the synthetic dataset's writing (~6 s the first
-    # time): the writing runs on a thread, since Ray must start from the main thread
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare-dataset") as pool:
-        writing = pool.submit(ensure_dataset, config)
-        common.init_ray(config)
-        writing.result()
+    # Ray's start (its own processes, ~5 s) overlaps the synthetic dataset's writing
+    common.init_ray_while(config, lambda: ensure_dataset(config))
     stage_dir.mkdir(parents=True)
 
     table = None
