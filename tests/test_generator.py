@@ -1,5 +1,7 @@
 """pading.model.generator: shapes, stochasticity, gradients (tiny dims, CPU)."""
 
+import math
+
 import pytest
 import torch
 
@@ -182,6 +184,34 @@ def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p():
     assert torch.equal(layer.eval()(x), x)
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("ahead", [0, 50, 5000])
+def test_masks_from_a_tape_are_those_of_the_default_generator_seeded_alike(ahead):
+    """A tape's uniforms, drawn ahead in one block or not, and past its end, are the default
+    generator's: the same masks in the same order (float64 masks keep the default generator)."""
+    from pading.model.dropout import UniformTape, drawing_from, dropout_mask
+
+    shapes = [(3, 5), (7,), (2, 4, 6), (1000,), (4, 1)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        expected = [dropout_mask(torch.empty(shape), 0.3) for shape in shapes]
+    with drawing_from(UniformTape(11, ahead=ahead)) as tape:
+        masks = [dropout_mask(torch.empty(shape), 0.3) for shape in shapes]
+        state = torch.random.get_rng_state()
+        double = dropout_mask(torch.empty(6, dtype=torch.float64), 0.3)
+        assert not torch.equal(torch.random.get_rng_state(), state)  # drawn from the default generator
+        half = dropout_mask(torch.empty(9, dtype=torch.bfloat16), 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(masks, expected))
+    assert tape.used == sum(math.prod(shape) for shape in shapes) + 9
+    assert double.dtype == torch.float64 and half.dtype == torch.bfloat16
+    # the masks are not views that later masks write over: autograd's saved masks stay valid
+    x = torch.randn(7, requires_grad=True)
+    with drawing_from(UniformTape(5, ahead=100)):
+        y = x * dropout_mask(x, 0.5)
+        z = y * dropout_mask(y, 0.5)
+    z.sum().backward()
+    assert x.grad is not None
 
 
 def test_the_cross_attention_in_blocks_of_rows_gives_the_same_output_and_gradients(monkeypatch):

@@ -173,6 +173,28 @@ def test_trainer_is_repeatable_and_resumes_identically(table):
     assert torch.equal(again.generator.primitives, primitives_after_three)
 
 
+def test_dropout_drawn_ahead_leaves_every_step_as_the_default_generator_gives_it(table, monkeypatch):
+    """On the CPU each step draws the next step's dropout uniforms on a helper thread; the steps
+    must be bitwise those of drawing each mask from the default generator when it is needed."""
+    import contextlib
+
+    import pading.training.generator as module
+
+    problem = ToyProblem()
+    batches = [problem.batch() for _ in range(4)]
+
+    def run() -> tuple[list[dict], list[torch.Tensor]]:
+        trainer = GeneratorTrainer(table, problem.semantics, EMBED_DIM, _config("full"))
+        metrics = [trainer.step(*batch) for batch in batches]
+        return metrics, [p.detach().clone() for p in trainer.generator.parameters()]
+
+    ahead_metrics, ahead_weights = run()
+    monkeypatch.setattr(module, "drawing_from", lambda tape: contextlib.nullcontext())  # the default generator
+    plain_metrics, plain_weights = run()
+    assert ahead_metrics == plain_metrics
+    assert all(torch.equal(a, b) for a, b in zip(ahead_weights, plain_weights))
+
+
 def test_trainer_uses_class_head_and_skips_generator_without_seen_queries(table):
     problem = ToyProblem()
     head = torch.nn.Linear(EMBED_DIM, NUM_CLASSES + 1)

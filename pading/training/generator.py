@@ -11,7 +11,10 @@ loadable with ``weights_only=True``) is the checkpoint. Randomness comes from on
 ``torch.Generator`` seeded from ``config.seed``: it draws a seed per step, from which the
 step's noise and class choices are drawn (dedicated generators, so they do not depend on how
 many rows a worker holds) and under which dropout runs with the global RNG forked and
-restored, so a run repeats exactly and resumes identically from a checkpoint.
+restored, so a run repeats exactly and resumes identically from a checkpoint. On the CPU the
+dropout masks' uniforms come from a :class:`~pading.model.dropout.UniformTape` seeded alike,
+which the step before drew ahead on a helper thread: the same masks, drawn while the step before
+computed (docs/performance.md, "Dropout drawn ahead").
 
 :func:`fit_generator` is *the* training loop: the Ray Train stage, Tune trials and the
 tables rows all call it. With W > 1 workers (a ``torch.distributed`` process group, e.g.
@@ -41,6 +44,7 @@ from pading.model.classifier import (
     expand_classifier,
     make_classifier_optimizer,
 )
+from pading.model.dropout import UniformTape, drawing_from
 from pading.model.generator import GMMNGenerator, build_generator
 from pading.training.distributed import LocalCollective, PendingSum, default_collective
 from pading.training.objective import LossInputs, PadingLoss
@@ -52,6 +56,9 @@ _SEED_BOUND = 2**62
 #: With W > 1 workers, a step that needs at least this many class embeddings has each worker project
 #: its slice and gathers them (fewer classes: every worker projects all, cheaper than the gather).
 SHARDED_PROJECTION_CLASSES = 1024
+#: On the CPU each step draws the next step's dropout uniforms ahead, this many times as many as it
+#: took itself (steps vary in rows; a step that needs more draws the rest when it needs it).
+AHEAD_MARGIN = 1.25
 
 
 
@@ -166,6 +173,8 @@ class GeneratorTrainer:
         self.class_weights = class_weights(table, training).to(self.device)  # (C+1,)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
+        self._next_tape: Optional[UniformTape] = None  # the next step's dropout uniforms, being drawn
+        self._last_tape_use = 0
 
         semantic_dim = int(class_semantics.shape[1])
         with torch.random.fork_rng(devices=[]):
@@ -259,13 +268,14 @@ class GeneratorTrainer:
         embeddings = embeddings.detach().to(self.device, torch.float32)
         labels = labels.to(self.device, torch.long)
         step_seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng))
+        tape = self._dropout_tape(step_seed + self.collective.rank)
         rows_per_worker = self.collective.row_counts(labels.numel())
         if sum(rows_per_worker) == 0:  # decided on every worker alike (a worker may hold no rows)
             raise DataError(f"GeneratorTrainer.step batch (step {self.step_count})", "the batch is empty")
         all_labels = self.collective.gather(labels, sizes=rows_per_worker)  # (N_global,) rank order
         batch = _GlobalBatch(all_labels, rows_per_worker, self._seen_rows(all_labels))
         metrics: dict[str, float] = {}
-        with _seeded_global_rng(step_seed + self.collective.rank, self.device):  # each worker its own dropout
+        with _seeded_global_rng(step_seed + self.collective.rank, self.device), drawing_from(tape):
             pending = None
             if self.generator is not None:
                 generator_metrics, pending = self._generator_step(embeddings, labels, batch, step_seed)
@@ -278,9 +288,25 @@ class GeneratorTrainer:
                 self.generator_optimizer.step()
                 self.generator_scheduler.step()
             metrics.update(self._classifier_step(real, batch, step_seed))
+        self._last_tape_use = tape.used
         self.step_count += 1
         metrics["step"] = float(self.step_count)
         return metrics
+
+    def _dropout_tape(self, seed: int) -> UniformTape:
+        """The step's dropout uniforms, a stream seeded with ``seed`` (this worker's: the step's seed
+        plus its rank). On the CPU the step before drew them ahead, and this step starts drawing the
+        next step's (``AHEAD_MARGIN`` times what this one took), which the trainer's generator
+        already fixes: peeked here, drawn again by the next step."""
+        tape, self._next_tape = self._next_tape, None
+        if tape is None or tape.seed != seed:  # the first step, or one after load_state_dict
+            tape = UniformTape(seed)
+        if self.device.type == "cpu":
+            state = self.rng.get_state()
+            upcoming = int(torch.randint(0, _SEED_BOUND, (1,), generator=self.rng)) + self.collective.rank
+            self.rng.set_state(state)
+            self._next_tape = UniformTape(upcoming, ahead=int(self._last_tape_use * AHEAD_MARGIN))
+        return tape
 
     def _seen_rows(self, labels: torch.Tensor) -> torch.Tensor:
         """(N,) bool: matched queries of seen classes."""
