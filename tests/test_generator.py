@@ -1,6 +1,9 @@
 """pading.model.generator: shapes, stochasticity, gradients (tiny dims, CPU)."""
 
 import math
+import os
+import signal
+import threading
 
 import pytest
 import torch
@@ -196,6 +199,7 @@ def test_masks_from_a_tape_are_those_of_the_default_generator_seeded_alike(ahead
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         expected = [dropout_mask(torch.empty(shape), 0.3) for shape in shapes]
+        expected_half = dropout_mask(torch.empty(9, dtype=torch.bfloat16), 0.3)
     with drawing_from(UniformTape(11, ahead=ahead)) as tape:
         masks = [dropout_mask(torch.empty(shape), 0.3) for shape in shapes]
         state = torch.random.get_rng_state()
@@ -203,8 +207,41 @@ def test_masks_from_a_tape_are_those_of_the_default_generator_seeded_alike(ahead
         assert not torch.equal(torch.random.get_rng_state(), state)  # drawn from the default generator
         half = dropout_mask(torch.empty(9, dtype=torch.bfloat16), 0.3)
     assert all(torch.equal(a, b) for a, b in zip(masks, expected))
+    assert torch.equal(half, expected_half) and half.dtype == torch.bfloat16
     assert tape.used == sum(math.prod(shape) for shape in shapes) + 9
-    assert double.dtype == torch.float64 and half.dtype == torch.bfloat16
+    assert double.dtype == torch.float64
+    # torch's default dtype does not change the draws (float32 masks, one 32-bit word each)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with drawing_from(UniformTape(11, ahead=ahead)):
+            again = [dropout_mask(torch.empty(shape, dtype=torch.float32), 0.3) for shape in shapes]
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(torch.equal(a, b) for a, b in zip(again, expected))
+    # a forked child draws its stream itself: the helper thread, and its pending draw, stay in the parent
+    from pading.model.dropout import _draw_helper
+
+    release = threading.Event()
+    _draw_helper().submit(release.wait, 60)  # holds the helper, so the tape's draw is pending at the fork
+    try:
+        tape = UniformTape(11, ahead=5000)
+        reader, writer = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child process
+            try:
+                signal.alarm(30)  # a child that waits on the parent's draw dies instead of hanging the test
+                os.write(writer, tape.take((3, 5)).numpy().tobytes() + tape.take((7,)).numpy().tobytes())
+            finally:
+                os._exit(0)
+    finally:
+        release.set()
+    os.close(writer)
+    with os.fdopen(reader, "rb") as stream:
+        from_child = torch.frombuffer(bytearray(stream.read()), dtype=torch.float32)
+    os.waitpid(child, 0)
+    assert torch.equal(from_child.add(0.7).floor_().mul_(1 / 0.7), torch.cat([expected[0].flatten(), expected[1]]))
+    assert torch.equal(tape.take((3, 5)).add(0.7).floor_().mul_(1 / 0.7), expected[0])  # the parent's own draw
     # the masks are not views that later masks write over: autograd's saved masks stay valid
     x = torch.randn(7, requires_grad=True)
     with drawing_from(UniformTape(5, ahead=100)):

@@ -65,17 +65,23 @@ class UniformTape:
     def __init__(self, seed: int, ahead: int = 0):
         self.seed = seed
         self.used = 0
+        self._pid = os.getpid()
         self._generator = torch.Generator().manual_seed(seed)
         self._block = torch.empty(0)
         self._position = 0
         self._pending: Optional[Future] = None
         ahead = min(int(ahead), MAX_AHEAD)
         if ahead > 0:
-            self._pending = _draw_helper().submit(torch.rand, ahead, generator=self._generator)
+            try:
+                self._pending = _draw_helper().submit(_uniforms, ahead, self._generator)
+            except RuntimeError:  # the interpreter is shutting its executors down: draw when taken
+                self._pending = None
 
     def take(self, shape: torch.Size) -> torch.Tensor:
         """The stream's next ``prod(shape)`` uniforms, shaped ``shape``. They may be a view of the
         drawn-ahead block, which later takes view too: do not write to them."""
+        if self._pid != os.getpid():
+            self._restart()
         if self._pending is not None:
             self._block, self._pending = self._pending.result(), None
         count = math.prod(shape)
@@ -84,19 +90,34 @@ class UniformTape:
             values = self._block[self._position:self._position + count]
             self._position += count
         else:  # past the block: the generator goes on where the block ended
-            values = torch.rand(count - available, generator=self._generator)
+            values = _uniforms(count - available, self._generator)
             if available:
                 values = torch.cat([self._block[self._position:], values])
             self._block, self._position = torch.empty(0), 0
         self.used += count
         return values.view(shape)
 
+    def _restart(self) -> None:
+        """In a forked child: the parent's helper thread (and its draw) did not come along, so the
+        stream is drawn again from the seed up to where the parent's takes had left it."""
+        self._pid, self._pending, self._block, self._position = os.getpid(), None, torch.empty(0), 0
+        self._generator = torch.Generator().manual_seed(self.seed)
+        if self.used:
+            _uniforms(self.used, self._generator)
+
+
+def _uniforms(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` float32 uniforms from ``generator``, whatever torch's default dtype."""
+    return torch.rand(count, generator=generator, dtype=torch.float32, device="cpu")
+
 
 @contextlib.contextmanager
 def drawing_from(tape: UniformTape) -> Iterator[UniformTape]:
     """In the body, :func:`dropout_mask` takes the uniforms of float32 and lower-precision CPU
     tensors drawn in this thread from ``tape`` (float64 and accelerator tensors still use the
-    default generators)."""
+    default generators). The masks are those the default generator, seeded with the tape's seed at
+    the start of the body, would give as long as nothing else in the body draws from it. Not for
+    code that activation checkpointing recomputes: it restores the default generator, not the tape."""
     previous = getattr(_active, "tape", None)
     _active.tape = tape
     try:

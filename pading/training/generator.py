@@ -13,8 +13,8 @@ step's noise and class choices are drawn (dedicated generators, so they do not d
 many rows a worker holds) and under which dropout runs with the global RNG forked and
 restored, so a run repeats exactly and resumes identically from a checkpoint. On the CPU the
 dropout masks' uniforms come from a :class:`~pading.model.dropout.UniformTape` seeded alike,
-which the step before drew ahead on a helper thread: the same masks, drawn while the step before
-computed (docs/performance.md, "Dropout drawn ahead").
+which (from a run's third step on) the step before drew ahead on a helper thread: the same masks,
+drawn while the step before computed (docs/performance.md, "Dropout drawn ahead").
 
 :func:`fit_generator` is *the* training loop: the Ray Train stage, Tune trials and the
 tables rows all call it. With W > 1 workers (a ``torch.distributed`` process group, e.g.
@@ -56,8 +56,8 @@ _SEED_BOUND = 2**62
 #: With W > 1 workers, a step that needs at least this many class embeddings has each worker project
 #: its slice and gathers them (fewer classes: every worker projects all, cheaper than the gather).
 SHARDED_PROJECTION_CLASSES = 1024
-#: On the CPU each step draws the next step's dropout uniforms ahead, this many times as many as it
-#: took itself (steps vary in rows; a step that needs more draws the rest when it needs it).
+#: On the CPU each step draws the next step's dropout uniforms ahead, this many times as many as the
+#: step before it took (steps vary in rows; a step that needs more draws the rest when it needs it).
 AHEAD_MARGIN = 1.25
 
 
@@ -295,9 +295,10 @@ class GeneratorTrainer:
 
     def _dropout_tape(self, seed: int) -> UniformTape:
         """The step's dropout uniforms, a stream seeded with ``seed`` (this worker's: the step's seed
-        plus its rank). On the CPU the step before drew them ahead, and this step starts drawing the
-        next step's (``AHEAD_MARGIN`` times what this one took), which the trainer's generator
-        already fixes: peeked here, drawn again by the next step."""
+        plus its rank). On the CPU the step before drew them ahead (from the third step of a run or
+        resumed run on: before, no step's use is known yet), and this step starts drawing the next
+        step's (``AHEAD_MARGIN`` times what the step before took), whose seed the trainer's
+        generator already fixes: peeked here, drawn again by the next step."""
         tape, self._next_tape = self._next_tape, None
         if tape is None or tape.seed != seed:  # the first step, or one after load_state_dict
             tape = UniformTape(seed)
