@@ -21,6 +21,7 @@ from pathlib import Path
 from pading.config import ExperimentConfig, save_config
 from pading.run import RunLayout, tracking
 from pading.run.reports import format_results_table
+from pading.training.heap import frozen_heap
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
 logger = logging.getLogger("pipelines.full")
@@ -86,7 +87,8 @@ def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=
     save_config(config, RunLayout(output).config)
     wall: dict[str, float] = {}
     infos: dict[str, dict] = {}
-    with tracking.run(config.name, tags={"pipeline": "full", "output": str(output)}) as parent:
+    # the driver's full collections skip Ray's, MLflow's and torch's modules (pading.training.heap)
+    with frozen_heap(), tracking.run(config.name, tags={"pipeline": "full", "output": str(output)}) as parent:
         tracking.log_params(config.flat())
         mlflow.log_artifact(str(RunLayout(output).config))
         for position, name in enumerate(stages):

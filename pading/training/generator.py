@@ -47,6 +47,7 @@ from pading.model.classifier import (
 from pading.model.dropout import UniformTape, drawing_from
 from pading.model.generator import GMMNGenerator, build_generator
 from pading.training.distributed import LocalCollective, PendingSum, default_collective
+from pading.training.heap import frozen_heap
 from pading.training.objective import LossInputs, PadingLoss
 
 logger = logging.getLogger(__name__)
@@ -581,10 +582,11 @@ def fit_generator(
     metrics: dict[str, float] = {}
     if trainer.step_count >= iterations:
         return metrics
-    for embeddings, labels in batches:
-        metrics = trainer.step(embeddings.to(trainer.device), labels.to(trainer.device))
-        if on_step is not None:
-            on_step(trainer, metrics)
-        if trainer.step_count >= iterations:
-            return metrics
+    with frozen_heap():  # full collections skip the process's modules (pading.training.heap)
+        for embeddings, labels in batches:
+            metrics = trainer.step(embeddings.to(trainer.device), labels.to(trainer.device))
+            if on_step is not None:
+                on_step(trainer, metrics)
+            if trainer.step_count >= iterations:
+                return metrics
     raise DataError("generator training", f"the batches ran out at step {trainer.step_count} of {iterations}")

@@ -22,6 +22,7 @@ from pading.data.manifest import load_sample
 from pading.errors import ConfigError, DataError
 from pading.model.segmenter import prepare_batch
 from pading.training.distributed import LocalCollective, default_collective
+from pading.training.heap import frozen_heap
 
 logger = logging.getLogger(__name__)
 
@@ -339,37 +340,38 @@ def fit_segmenter(
         return last
     empty_in_a_row = 0
     samples = DecodedSamples(table, config.data.format, budget_mb=config.pretrain.decoded_cache_mb)
-    for global_batch in epoch_indices(len(rows), config.pretrain.batch_size, seed=config.seed,
-                                      start_step=trainer.batches_drawn, drop_last=True):
-        trainer.batches_drawn += 1
-        mine = global_batch[rank * accumulation * per_micro:][: accumulation * per_micro]
-        micro = [load_training_batch([rows[i] for i in mine[m * per_micro:][:per_micro]], table,
-                                     config.data.format, config.data.image_size, samples=samples)[0]
-                 for m in range(accumulation)]
-        usable = torch.tensor([float(all(b is not None for b in micro))])
-        if float(collective.all_reduce_sum(usable).item()) < collective.world_size:  # some worker has none
-            empty_in_a_row += 1
-            if empty_in_a_row > MAX_EMPTY_BATCHES:
-                raise DataError("pretrain", f"no usable image in the last {MAX_EMPTY_BATCHES} batches "
-                                            "(see the log for the reasons)")
-            continue
-        empty_in_a_row = 0
-        if before_step is not None:
-            before_step(trainer)
-        step = trainer.step_count
-        seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
-        set_learning_rate(trainer.optimizer, learning_rate(config.pretrain, step))
-        losses = pretrain_step(trainer.model, trainer.optimizer, micro, grad_clip=config.pretrain.grad_clip,
-                               seeds=seeds)
-        trainer.step_count = step + 1
-        if trainer.average is not None:
-            trainer.average.update(trainer.segmenter, trainer.step_count)
-        last = {"step": trainer.step_count, **losses, "lr": learning_rate(config.pretrain, step),
-                "elapsed_s": round(time.time() - started, 3)}
-        trainer.history.append(last)
-        if on_step is not None:
-            on_step(trainer, last)
-        if trainer.step_count >= iterations:
-            break
+    with frozen_heap():  # full collections skip the process's modules (pading.training.heap)
+        for global_batch in epoch_indices(len(rows), config.pretrain.batch_size, seed=config.seed,
+                                          start_step=trainer.batches_drawn, drop_last=True):
+            trainer.batches_drawn += 1
+            mine = global_batch[rank * accumulation * per_micro:][: accumulation * per_micro]
+            micro = [load_training_batch([rows[i] for i in mine[m * per_micro:][:per_micro]], table,
+                                         config.data.format, config.data.image_size, samples=samples)[0]
+                     for m in range(accumulation)]
+            usable = torch.tensor([float(all(b is not None for b in micro))])
+            if float(collective.all_reduce_sum(usable).item()) < collective.world_size:  # some worker has none
+                empty_in_a_row += 1
+                if empty_in_a_row > MAX_EMPTY_BATCHES:
+                    raise DataError("pretrain", f"no usable image in the last {MAX_EMPTY_BATCHES} batches "
+                                                "(see the log for the reasons)")
+                continue
+            empty_in_a_row = 0
+            if before_step is not None:
+                before_step(trainer)
+            step = trainer.step_count
+            seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
+            set_learning_rate(trainer.optimizer, learning_rate(config.pretrain, step))
+            losses = pretrain_step(trainer.model, trainer.optimizer, micro, grad_clip=config.pretrain.grad_clip,
+                                   seeds=seeds)
+            trainer.step_count = step + 1
+            if trainer.average is not None:
+                trainer.average.update(trainer.segmenter, trainer.step_count)
+            last = {"step": trainer.step_count, **losses, "lr": learning_rate(config.pretrain, step),
+                    "elapsed_s": round(time.time() - started, 3)}
+            trainer.history.append(last)
+            if on_step is not None:
+                on_step(trainer, last)
+            if trainer.step_count >= iterations:
+                break
     logger.debug("pretrain: %d steps in %.1f s", trainer.step_count - first_step, time.time() - started)
     return last
