@@ -3,7 +3,9 @@
 A process that has imported torch, Ray and MLflow tracks about 300,000-500,000 container
 objects, almost all of them modules, functions and classes that live as long as the process.
 Python's full (generation 2) collection walks every one of them: about 0.2 s on this project's
-2-core machine, a few times per 400 generator steps. :func:`frozen_heap` moves what is alive
+2-core machine. A process meets a few of them early in its life, while what its imports made
+still counts as new, wherever it happens to be: once in the middle of the prepare stage, twice
+in a generator loop's first 400 steps. :func:`frozen_heap` moves what is alive
 when a loop starts into the collector's permanent generation for the loop's duration, so those
 collections walk only what the loop itself made, and puts it back afterwards, so nothing that
 dies later stays uncollected. It changes when memory of reference cycles is freed, never what
