@@ -17,23 +17,23 @@ class _Node:
     pass
 
 
+_HELD: list = []  # keeps the cycles alive until a test drops them
+
+
 def _cycle() -> weakref.ref:
-    """A two-object reference cycle, alive through the returned holder's list; the weak
-    reference tells whether the collector has freed it."""
+    """A two-object reference cycle, kept alive in ``_HELD``; the weak reference tells whether
+    the collector has freed it."""
     a, b = _Node(), _Node()
     a.other, b.other = b, a
-    _cycle.holder.append(a)
+    _HELD.append(a)
     return weakref.ref(a)
-
-
-_cycle.holder = []
 
 
 @pytest.fixture(autouse=True)
 def no_freeze():
     assert gc.get_freeze_count() == 0
     yield
-    _cycle.holder.clear()
+    _HELD.clear()
     gc.unfreeze()
 
 
@@ -41,11 +41,11 @@ def test_what_was_alive_before_is_frozen_during_the_block_and_collectable_after(
     ref = _cycle()
     with frozen_heap():
         assert gc.get_freeze_count() > 0
-        _cycle.holder.clear()  # the cycle is garbage now, but frozen
+        _HELD.clear()  # the cycle is garbage now, but frozen
         gc.collect()
         assert ref() is not None
         made_inside = _cycle()
-        _cycle.holder.clear()
+        _HELD.clear()
         gc.collect()
         assert made_inside() is None  # what the loop makes is collected as usual
     assert gc.get_freeze_count() == 0
