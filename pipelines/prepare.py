@@ -22,7 +22,6 @@ from pading.data.manifest import (
     apply_seen_only_filter,
     class_table_for,
     read_split_index,
-    rows_to_table,
     to_rows,
     validate_rows,
 )
@@ -93,9 +92,28 @@ def empty_split_message(empty: list[str], counts: dict, rejects: list[dict], rej
     return "\n".join(lines)
 
 
-def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
+def _validated_by_actors(rows: list[dict], table: ClassTable, data_format: str,
+                         actors: int) -> dict[str, tuple[list[dict], list[dict]]]:
+    """:func:`validate_rows`' (good rows, rejects) of each split, computed by a Ray Data pool of
+    up to ``actors`` :class:`_Validate` actors."""
     import ray
 
+    blocks = max(1, min(200, -(-len(rows) // 32)))  # blocks of at most one 32-row batch, up to 200
+    checked = common.row_blocks(rows, blocks).map_batches(
+        _Validate, fn_constructor_kwargs=dict(table_records=table.to_records(), data_format=data_format),
+        batch_format="pyarrow", batch_size=32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+    ).to_arrow_refs()
+    checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
+    out = {}
+    for split in ("train", "val"):
+        mine = [r for r in checked_rows if r["split"] == split]
+        out[split] = ([{k: v for k, v in r.items() if not k.startswith("reject_")} for r in mine if not r["reject_reason"]],
+                      [{"source": r["reject_source"], "key": f"image_id={r['image_id']}", "reason": r["reject_reason"]}
+                       for r in mine if r["reject_reason"]])
+    return out
+
+
+def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     stage_dir = RunLayout(output).manifest
     stage = common.Stage("prepare", stage_dir, force, clean=True)
     if stage.done:
@@ -117,25 +135,15 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
 
     # One Ray Data pass decodes every image and its targets, in parallel shards (a small input: the driver)
     everything = rows_by_split["train"] + rows_by_split["val"]
-    checked_rows: list[dict] = []
     actors = validation_actors(len(everything), config.ray.extract_concurrency)
-    validate = dict(table_records=table.to_records(), data_format=config.data.format)
-    if everything and not actors:
-        checked_rows = _Validate(**validate)(rows_to_table(everything)).to_pylist()
-    elif everything:
-        blocks = max(1, min(200, -(-len(everything) // 32)))  # blocks of at most one 32-row batch, up to 200
-        checked = common.row_blocks(everything, blocks).map_batches(
-            _Validate, fn_constructor_kwargs=validate, batch_format="pyarrow", batch_size=32,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        ).to_arrow_refs()
-        checked_rows = pa.concat_tables(ray.get(checked)).to_pylist()
+    if actors:
+        checked = _validated_by_actors(everything, table, config.data.format, actors)
+    else:  # straight through validate_rows, split by split: no Arrow round trip (docs/performance.md)
+        checked = {split: validate_rows(rows, table, config.data.format) for split, rows in rows_by_split.items()}
     counts, good_by_split = {}, {}
     for split in ("train", "val"):
-        mine = [r for r in checked_rows if r["split"] == split]
-        bad = [r for r in mine if r["reject_reason"]]
-        all_rejects.extend({"source": r["reject_source"], "key": f"image_id={r['image_id']}", "reason": r["reject_reason"]}
-                           for r in bad)
-        good = [{k: v for k, v in r.items() if not k.startswith("reject_")} for r in mine if not r["reject_reason"]]
+        good, bad = checked[split]
+        all_rejects.extend(bad)
         filtered = 0
         if split == "train":
             good, dropped = apply_seen_only_filter(good, table, config.data.unseen_in_train)
