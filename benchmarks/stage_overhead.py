@@ -17,7 +17,10 @@ own data and model:
 - the per-image paths (``--serving``): the endpoint's latency (sequential requests to
   ``python pipelines/serve.py``, at the demo's image size and at a COCO-sized 640 px,
   ``--endpoint-sizes``) against :class:`pading.serving.service.SegmentationService` on the
-  same bytes in this process; ``pipelines/segment.py``'s images/s once its actor is up
+  same bytes in this process, and Ray Serve's own floor for the same requests
+  (``benchmarks/serve_floor.py``: no-op applications of the endpoint's shape, so the table
+  also says how much of a request is Serve's and how much is the project's);
+  ``pipelines/segment.py``'s images/s once its actor is up
   (``--segment-images``, 16 shards by default) against the library's shard segmenter called
   in this process on the same images and shards. Both bare loops run with as many torch
   threads as the replica or actor they stand for (``serve.num_cpus``, ``segment.num_cpus``:
@@ -281,6 +284,25 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     return results
 
 
+def serve_floor(output: Path, requests: int, port: int, sizes: list[int | None], num_cpus: float) -> dict:
+    """``benchmarks/serve_floor.py`` in a child process (its own Ray): {size: {application: ms}}
+    for the same requests to no-op applications of the endpoint's shape; {} when it fails."""
+    labels = ",".join("demo" if size is None else str(size) for size in sizes)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_floor.py"), "--output", str(output),
+                               "--sizes", labels, "--requests", str(requests), "--port", str(port),
+                               "--num-cpus", str(num_cpus)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        print("benchmarks/serve_floor.py did not finish within 600 s; no floor measured", flush=True)
+        return {}
+    if done.returncode != 0:
+        print(f"benchmarks/serve_floor.py failed ({done.returncode}); no floor measured:\n{done.stderr[-2000:]}",
+              flush=True)
+        return {}
+    floors = json.loads(done.stdout.strip().splitlines()[-1])
+    return {None if label == "demo" else int(label): value for label, value in floors.items()}
+
+
 def segment_rate(output: Path, count: int, runtime: str = "auto") -> tuple[float, float, float]:
     """(wall s, images/s once the actors are up) of ``pipelines/segment.py`` over ``count``
     val images (one actor, the default shard size), and images/s of the library's shard
@@ -361,10 +383,16 @@ def main() -> None:
     serving_rows = []
     if args.serving:
         sizes = [None if size == "demo" else int(size) for size in args.endpoint_sizes.split(",")]
-        for size, (served, bare_ms) in endpoint_latency(output, args.requests, args.port, sizes, args.runtime).items():
+        latencies = endpoint_latency(output, args.requests, args.port, sizes, args.runtime)
+        floors = serve_floor(output, args.requests, args.port + 1, sizes, config().serve.num_cpus)
+        for size, (served, bare_ms) in latencies.items():
             label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
-            serving_rows.append({"stage": f"endpoint (ms per {label} image)", "served_ms": served, "bare_ms": bare_ms,
-                                 "loop_ratio": served / bare_ms})
+            row = {"stage": f"endpoint (ms per {label} image)", "served_ms": served, "bare_ms": bare_ms,
+                   "loop_ratio": served / bare_ms}
+            if size in floors:
+                row.update(floor_ms=floors[size]["two deployments"], floor_one_ms=floors[size]["one deployment"],
+                           over_floor_ratio=(served - floors[size]["two deployments"]) / bare_ms)
+            serving_rows.append(row)
         seg_wall, steady, bare_rate = segment_rate(output, args.segment_images, args.runtime)
         serving_rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady,
                              "bare_rate": bare_rate, "loop_ratio": bare_rate / steady if steady else float("nan")})
@@ -433,6 +461,14 @@ def print_table(rows: list[dict], wall: dict) -> None:
                   f"{row['wall_ratio']:.2f} |")
     total = sum(wall.values())
     print(f"\nstages {total:.0f} s; bare {sum(r.get('bare_s', 0) for r in rows):.0f} s")
+    floors = [row for row in rows if "floor_ms" in row]
+    if floors:
+        print("\nRay Serve's own floor (benchmarks/serve_floor.py: the same requests to no-op applications):")
+    for row in floors:
+        print(f"- {row['stage']}: {row['floor_ms']:.1f} ms for the endpoint's shape (front + model deployment), "
+              f"{row['floor_one_ms']:.1f} ms for one FastAPI deployment; 1.2x of the bare call leaves "
+              f"{0.2 * row['bare_ms']:.1f} ms. Served minus the floor: {row['served_ms'] - row['floor_ms']:.1f} ms, "
+              f"{row['over_floor_ratio']:.2f}x the bare call.")
 
 
 if __name__ == "__main__":
