@@ -198,6 +198,25 @@ def segment_in_driver(config: ExperimentConfig, images: int) -> bool:
             and not on_cluster())
 
 
+def driver_workers(config: ExperimentConfig, shards: int) -> int:
+    """How many shards the driver segments at once when it stands in for an actor pool
+    (:func:`segment_in_driver`): as many actors of ``ray.cpus_per_worker`` CPUs as the local
+    Ray's CPUs hold (``ray.local_cpus``, else every core), at most one per shard. Each runs on
+    a thread of its own with an actor's torch threads (:func:`actor_threads`), so each shard's
+    numbers are an actor's, bit for bit (docs/performance.md, "Extraction on every core")."""
+    cpus = config.ray.local_cpus or os.cpu_count() or 1
+    return max(1, min(shards, int(cpus // max(1, int(config.ray.cpus_per_worker)))))
+
+
+def in_threads(work, items: list, threads: int) -> list:
+    """``[work(item) for item in items]``, up to ``threads`` items at a time on helper threads;
+    the results in the items' order, the first error raised."""
+    if threads <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="driver-shard") as pool:
+        return list(pool.map(work, items))
+
+
 @contextlib.contextmanager
 def actor_threads(cpus: float):
     """Run the block on the torch threads an actor of ``cpus`` CPUs runs (Ray gives it

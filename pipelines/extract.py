@@ -101,7 +101,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     shards = shard_rows(rows, shard_size)
     pending = [i for i in range(len(shards)) if not (stage_dir / f"shard-{i:05d}.parquet").is_file()]
     logger.info("extract: %d shards of %d images, %d to do (segmenter %s)", len(shards), shard_size, len(pending), ckpt)
-    total_rows, nodes, runtimes, steady, where = 0, [], [], 0.0, None
+    total_rows, nodes, runtimes, steady, where, workers = 0, [], [], 0.0, None, 0
     if pending:
         images = sum(len(shards[i]) for i in pending)
         where = "driver" if common.segment_in_driver(config, images) else "actors"
@@ -110,11 +110,13 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                   "images": images if where == "driver" else common.share_per_actor(images, config.ray.extract_concurrency)}
         stage_dir.mkdir(parents=True, exist_ok=True)
         if where == "driver":  # a few images: no actor start (ray.driver_max_images)
-            logger.info("extract: %d images in the driver (fewer than ray.driver_max_images=%d)", images,
-                        config.ray.driver_max_images)
+            workers = common.driver_workers(config, len(pending))
+            logger.info("extract: %d images in the driver (fewer than ray.driver_max_images=%d), %d shard(s) at a "
+                        "time", images, config.ray.driver_max_images, workers)
             with common.actor_threads(config.ray.cpus_per_worker):
                 extractor = NodeRecordingExtractor(**kwargs, device="cpu")  # as an actor without GPUs
-                results = common.output_rows([extractor({"shard": [i], "image_ids": [shards[i]]}) for i in pending])
+                results = common.output_rows(common.in_threads(
+                    lambda i: extractor({"shard": [i], "image_ids": [shards[i]]}), pending, workers))
             del extractor
         else:
             free = common.check_resources(f"{config.ray.extract_concurrency} extraction actor(s)",
@@ -136,7 +138,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
                                      "started_at": r["started_at"], "finished_at": r["finished_at"]} for r in results])
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,
-            "actor_nodes": nodes, "runtimes": runtimes, "steady_images_per_second": steady, "where": where}
+            "actor_nodes": nodes, "runtimes": runtimes, "steady_images_per_second": steady, "where": where,
+            "driver_workers": workers}
     if len(files) != len(shards):
         raise RuntimeError(f"extract: {len(files)} of {len(shards)} shards written")
     return stage.finish(info)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -338,3 +340,42 @@ def test_a_dataset_that_fails_to_write_at_start_fails_the_prepare_stage(tmp_path
     with pytest.raises(OSError, match="No space left"):
         full.run_all(config, tmp_path / "out")
     assert ran == ["ray"]
+
+
+def test_the_driver_segments_as_many_shards_at_once_as_its_cpus_hold_actors():
+    """ray.local_cpus (else every core) over ray.cpus_per_worker, at least one, at most one per shard."""
+    from pipelines.common import driver_workers
+
+    def workers(shards, *settings):
+        return driver_workers(load_config("configs/demo.yaml", list(settings)), shards)
+
+    assert workers(8, "ray.local_cpus=2", "ray.cpus_per_worker=1") == 2
+    assert workers(8, "ray.local_cpus=8", "ray.cpus_per_worker=2") == 4
+    assert workers(3, "ray.local_cpus=8", "ray.cpus_per_worker=1") == 3
+    assert workers(8, "ray.local_cpus=1", "ray.cpus_per_worker=2") == 1
+    assert workers(8, "ray.cpus_per_worker=1") == min(8, os.cpu_count() or 1)
+
+
+def test_in_threads_keeps_the_order_and_raises_the_first_error():
+    import threading
+
+    from pipelines.common import in_threads
+
+    seen = set()
+
+    def work(item):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.01 * (5 - item))  # the first items finish last
+        return item * item
+
+    assert in_threads(work, list(range(5)), 3) == [0, 1, 4, 9, 16]
+    assert len(seen) > 1 and all(name.startswith("driver-shard") for name in seen)
+    assert in_threads(work, [2], 3) == [4]
+
+    def fails(item):
+        if item == 1:
+            raise ValueError("shard 1")
+        return item
+
+    with pytest.raises(ValueError, match="shard 1"):
+        in_threads(fails, [0, 1, 2], 2)

@@ -216,6 +216,23 @@ def test_a_small_extraction_stays_on_torch(full_run):
     assert pq.read_table(full_run["output"] / "features").num_rows < AUTO_MIN_IMAGES * 16
 
 
+def test_two_driver_workers_extract_what_one_extracts(full_run, dataset, tmp_path):
+    """A small extraction in the driver segments its shards on as many threads as the local
+    Ray's CPUs hold, each with an actor's one torch thread: two (``ray.local_cpus=2``) write
+    the module's run's features (one worker) bit for bit, embeddings included."""
+    output = tmp_path / "out"
+    _copy_stages(full_run, output, "manifest", "pretrain")
+    proc = _run(["pipelines/extract.py", "--config", str(SMOKE), "--output", str(output),
+                 "--set", f"data.root={dataset['root']}", "--set", "ray.local_cpus=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads((root / "features" / "_SUCCESS.json").read_text()) for root in (full_run["output"], output)]
+    assert [(r["where"], r["driver_workers"]) for r in records] == [("driver", 1), ("driver", 2)]
+    assert records[1]["shards"] >= 2
+    ours, theirs = (pq.read_table(root / "features").sort_by([("image_id", "ascending"), ("query", "ascending")])
+                    for root in (output, full_run["output"]))
+    assert ours.num_rows > 0 and ours.equals(theirs)
+
+
 def test_extract_is_idempotent(full_run, dataset):
     features = full_run["output"] / "features"
     before = pq.read_table(features).select(["image_id", "query"]).to_pylist()
