@@ -68,13 +68,15 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
     predictions = RunLayout(output).predictions(stage_name)
     predictor = {"bundle_dir": str(bundle_dir), "output_dir": str(predictions), "data_format": config.data.format,
                  "batch_size": config.ray.extract_batch_size, "inference": config.inference}
+    workers = 0
     if common.segment_in_driver(config, len(rows)):  # a few images: no actor start (ray.driver_max_images)
-        logger.info("evaluate: %d images in the driver (fewer than ray.driver_max_images=%d)", len(rows),
-                    config.ray.driver_max_images)
+        batches = [rows[start:start + EVAL_BATCH] for start in range(0, len(rows), EVAL_BATCH)]
+        workers = common.driver_workers(config, len(batches))
+        logger.info("evaluate: %d images in the driver (fewer than ray.driver_max_images=%d), %d batch(es) at a time",
+                    len(rows), config.ray.driver_max_images, workers)
         with common.actor_threads(config.ray.cpus_per_worker):
             predict = EvaluationPredictor(**predictor, images=len(rows), device="cpu")  # as an actor without GPUs
-            result_rows = common.output_rows([predict(rows[start:start + EVAL_BATCH])
-                                              for start in range(0, len(rows), EVAL_BATCH)])
+            result_rows = common.output_rows(common.in_threads(predict, batches, workers))
         del predict
     else:
         # blocks of at most EVAL_BATCH rows (up to 32 blocks), so each block is one whole batch: with
@@ -107,7 +109,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir:
         overlays = [str(p) for p in write_overlays(rows, result_rows, predictions, Bundle.read_table(bundle_dir),
                                                    RunLayout(output).overlays(stage_name))]
     info = {"results": results, "images": len(rows), "skipped": sum(1 for r in result_rows if r["error"]),
-            "overlays": overlays}
+            "overlays": overlays, "driver_workers": workers}
     return stage.finish(info)
 
 

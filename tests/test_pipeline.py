@@ -387,9 +387,10 @@ def test_extraction_survives_a_sigkilled_actor(full_run, dataset, tmp_path):
 
 
 def test_evaluation_through_an_actor_gives_what_the_driver_gave(full_run, dataset, tmp_path):
-    """The module's run evaluated its val images in the driver (under ray.driver_max_images);
-    the same stage forced onto an actor pool writes the same predictions and results. (Its
-    extraction is compared the same way by the SIGKILL test above, which forces actors.)"""
+    """The module's run evaluated its val images in the driver (under ray.driver_max_images),
+    one batch at a time (a one-CPU Ray); the same stage forced onto an actor pool writes the same
+    predictions and results. (Its extraction is compared the same way by the SIGKILL test
+    above, which forces actors; two driver workers by the two tests below.)"""
     output = tmp_path / "out"
     _copy_stages(full_run, output, "manifest", "pretrain", "features", "generator")
     proc = _run(["pipelines/evaluate.py", "--config", str(SMOKE), "--output", str(output), "--set",
@@ -399,11 +400,38 @@ def test_evaluation_through_an_actor_gives_what_the_driver_gave(full_run, datase
     assert re.search(r"evaluate: \d+ images in the driver", full_run["stdout"] + full_run["stderr"])
     ours = json.loads((output / "evaluate" / "_SUCCESS.json").read_text())
     theirs = json.loads((full_run["output"] / "evaluate" / "_SUCCESS.json").read_text())
+    assert (theirs["driver_workers"], ours["driver_workers"]) == (1, 0)
     assert ours["results"] == theirs["results"] and ours["skipped"] == theirs["skipped"]
     theirs_dir, ours_dir = full_run["output"] / "evaluate" / "predictions", output / "evaluate" / "predictions"
     files = sorted(p.relative_to(theirs_dir) for p in theirs_dir.rglob("*.png"))
     assert files and files == sorted(p.relative_to(ours_dir) for p in ours_dir.rglob("*.png"))
     assert all((theirs_dir / f).read_bytes() == (ours_dir / f).read_bytes() for f in files)
+
+
+def test_two_driver_workers_predict_what_one_predicts(full_run, tmp_path):
+    """The evaluation's predictor, as the driver runs it on a small input: the val batches on
+    two threads (pipelines.common.in_threads, one torch thread) give the rows and prediction
+    PNGs that one thread gives, byte for byte."""
+    from pading.config import load_config
+    from pading.evaluation.predict import EvaluationPredictor
+    from pading.run import read_manifest
+    from pipelines.common import actor_threads, in_threads, output_rows
+
+    config = load_config(str(SMOKE))
+    rows = read_manifest(full_run["output"], "val")
+    batches = [rows[start:start + 4] for start in range(0, len(rows), 4)]
+    assert len(batches) >= 2
+    written = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers-{workers}"
+        with actor_threads(1):
+            predict = EvaluationPredictor(str(full_run["output"] / "generator" / "bundle"), str(out), "panoptic",
+                                          device="cpu", batch_size=config.ray.extract_batch_size,
+                                          inference=config.inference, images=len(rows))
+            result = output_rows(in_threads(predict, batches, workers))
+        files = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+        written[workers] = (result, files)
+    assert written[1][1] and written[1] == written[2]
 
 
 def _registered_checkpoint(stage_dir: Path) -> bool:
