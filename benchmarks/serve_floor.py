@@ -24,8 +24,6 @@ Prints a line per application and size, and a last line of JSON:
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -63,20 +61,11 @@ class NoOpIngress:
         return {**ANSWER, "bytes": len(await request.body())}
 
 
-def median_ms(client, url: str, images: list[bytes], warm_up: int = 3) -> float:
-    """Median ms of sequential POSTs of ``images`` to ``url`` (the first image ``warm_up`` times before)."""
-    times = []
-    for data in [images[0]] * warm_up + images:
-        started = time.perf_counter()
-        client.post(url, content=data).raise_for_status()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times[warm_up:])
-
-
 def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float) -> dict[str, dict[str, float]]:
     """{size label: {application: median ms}} for the request bodies of each size label."""
     import httpx
     import ray
+    from stage_overhead import median_call_ms  # this script's folder is on sys.path
 
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
@@ -89,7 +78,9 @@ def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float) -> dict[
             for label, images in payloads.items():
                 results[label] = {}
                 for name, prefix in (("two deployments", "two"), ("one deployment", "one")):
-                    results[label][name] = median_ms(client, f"http://127.0.0.1:{port}/{prefix}/v1/segment", images)
+                    url = f"http://127.0.0.1:{port}/{prefix}/v1/segment"
+                    results[label][name] = median_call_ms(
+                        lambda data, url=url: client.post(url, content=data).raise_for_status(), images)
                     print(f"serve floor, {label}: {name} {results[label][name]:.2f} ms", flush=True)
         serve.shutdown()
     finally:

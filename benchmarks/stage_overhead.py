@@ -217,6 +217,17 @@ def resized_bytes(images: list[bytes], size: int | None) -> list[bytes]:
     return out
 
 
+def median_call_ms(call, images: list[bytes], warm_up: int = 3) -> float:
+    """Median ms of ``call(image)`` over ``images``, one at a time, after ``warm_up`` calls on
+    the first image (the bare and served per-image paths, and benchmarks/serve_floor.py)."""
+    times = []
+    for data in [images[0]] * warm_up + images:
+        started = time.perf_counter()
+        call(data)
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times[warm_up:]))
+
+
 def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto") -> dict:
     """Median ms per request for each image size in ``sizes`` (None: the val images as they
     are): sequential POSTs to ``pipelines/serve.py`` (one server for all sizes), and
@@ -238,12 +249,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     with actor_threads(trained.config.serve.num_cpus):  # as many as a replica runs (ONNX Runtime's too)
         service = SegmentationService(trained, dataclasses.replace(trained.config.serve, runtime=runtime))
         for size, images in payloads.items():
-            times = []
-            for data in [images[0]] * 3 + images:  # the first three warm up
-                started = time.perf_counter()
-                service.segment([service.decode(data)], ["panoptic"], ["json"])
-                times.append(time.perf_counter() - started)
-            bare[size] = 1000 * float(np.median(times[3:]))
+            bare[size] = median_call_ms(lambda data: service.segment([service.decode(data)], ["panoptic"], ["json"]),
+                                        images)
     server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
     with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
@@ -261,12 +268,9 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                 time.sleep(1)
         with httpx.Client(timeout=60) as client:
             for size, images in payloads.items():
-                served = []
-                for data in [images[0]] * 3 + images:
-                    started = time.perf_counter()
-                    client.post(url + "v1/segment", params={"task": "panoptic"}, content=data).raise_for_status()
-                    served.append(time.perf_counter() - started)
-                results[size] = (1000 * float(np.median(served[3:])), bare[size])
+                served = median_call_ms(lambda data: client.post(url + "v1/segment", params={"task": "panoptic"},
+                                                                 content=data).raise_for_status(), images)
+                results[size] = (served, bare[size])
     finally:
         # SIGTERM to serve.py, which shuts Serve down on it. (SIGINT did not stop it when this
         # benchmark ran in the background: a background job of a non-interactive shell inherits
