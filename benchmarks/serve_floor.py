@@ -15,7 +15,7 @@ Whatever the endpoint takes above the first is the project's own per-request cos
 routes, the model replica's handling, the forward pass); the second bounds what merging the
 front into the model replica could save (docs/performance.md, "Serve's own floor").
 
-    python benchmarks/serve_floor.py --output outputs/demo [--sizes demo,640] [--requests 30]
+    python benchmarks/serve_floor.py --output outputs/demo [--sizes demo,640] [--requests 30] [--proxy haproxy]
 
 Prints a line per application and size, and a last line of JSON:
 ``{"<size>": {"two deployments": ms, "one deployment": ms}}`` (median ms per request).
@@ -61,12 +61,19 @@ class NoOpIngress:
         return {**ANSWER, "bytes": len(await request.body())}
 
 
-def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float) -> dict[str, dict[str, float]]:
-    """{size label: {application: median ms}} for the request bodies of each size label."""
+def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float,
+          proxy: str = "ray") -> dict[str, dict[str, float]]:
+    """{size label: {application: median ms}} for the request bodies of each size label, behind
+    ``proxy`` (``serve.proxy``: this script's Ray starts with the environment the endpoint's
+    Serve would get, :func:`pading.serving.launch.proxy_env`)."""
     import httpx
     import ray
     from stage_overhead import median_call_ms  # this script's folder is on sys.path
 
+    from pading.config import ServeConfig
+    from pading.serving.launch import proxy_env
+
+    os.environ.update(proxy_env(ServeConfig(proxy=proxy), nodes=1))  # before Ray starts: all its processes get it
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -95,13 +102,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="the no-op model's CPUs (serve.num_cpus)")
+    parser.add_argument("--proxy", default="ray", choices=["ray", "haproxy"], help="serve.proxy")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from stage_overhead import resized_bytes, val_image_bytes  # this script's folder is on sys.path
 
     originals = val_image_bytes(args.output.resolve(), args.requests)
     payloads = {size: resized_bytes(originals, None if size == "demo" else int(size)) for size in args.sizes.split(",")}
-    print(json.dumps(floor(payloads, args.port, args.num_cpus)))
+    print(json.dumps(floor(payloads, args.port, args.num_cpus, args.proxy)))
 
 
 if __name__ == "__main__":

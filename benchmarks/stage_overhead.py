@@ -16,7 +16,8 @@ own data and model:
   the metrics (:func:`pading.evaluation.predict.summarize`);
 - the per-image paths (``--serving``): the endpoint's latency (sequential requests to
   ``python pipelines/serve.py``, at the demo's image size and at a COCO-sized 640 px,
-  ``--endpoint-sizes``) against :class:`pading.serving.service.SegmentationService` on the
+  ``--endpoint-sizes``, behind each ``serve.proxy`` of ``--proxies``: Serve's Python proxy and,
+  where Ray Serve has an HAProxy binary, HAProxy) against :class:`pading.serving.service.SegmentationService` on the
   same bytes in this process, and Ray Serve's own floor for the same requests
   (``benchmarks/serve_floor.py``: no-op applications of the endpoint's shape, so the table
   also says how much of a request is Serve's and how much is the project's);
@@ -61,7 +62,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pading.serving.launch import haproxy_binary
+
 REPO = Path(__file__).resolve().parents[1]
+#: How the table names the endpoint's proxies (serve.proxy).
+PROXY_NAMES = {"ray": "Ray Serve's proxy", "haproxy": "HAProxy"}
 
 
 def run_pipeline(config: Path, output: Path, overrides: list[str]) -> None:
@@ -228,9 +233,11 @@ def median_call_ms(call, images: list[bytes], warm_up: int = 3) -> float:
     return 1000 * float(np.median(times[warm_up:]))
 
 
-def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto") -> dict:
+def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto",
+                     proxy: str = "ray") -> dict:
     """Median ms per request for each image size in ``sizes`` (None: the val images as they
-    are): sequential POSTs to ``pipelines/serve.py`` (one server for all sizes), and
+    are): sequential POSTs to ``pipelines/serve.py`` behind ``proxy`` (``serve.proxy``; one
+    server for all sizes), and
     ``SegmentationService.segment`` on the same bytes in this process with the replica's
     torch threads (``serve.num_cpus``), both on the segmenter runtime ``runtime``
     (``serve.runtime``). {size: (served, bare)}"""
@@ -254,7 +261,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
     with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                                   "--port", str(port), "--set", f"serve.runtime={runtime}"], cwd=REPO, stdout=log,
+                                   "--port", str(port), "--set", f"serve.runtime={runtime}",
+                                   "--set", f"serve.proxy={proxy}"], cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
@@ -288,14 +296,17 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     return results
 
 
-def serve_floor(output: Path, requests: int, port: int, sizes: list[int | None], num_cpus: float) -> dict:
+def serve_floor(output: Path, requests: int, port: int, sizes: list[int | None], num_cpus: float,
+                proxy: str = "ray") -> dict:
     """``benchmarks/serve_floor.py`` in a child process (its own Ray): {size: {application: ms}}
-    for the same requests to no-op applications of the endpoint's shape; {} when it fails."""
+    for the same requests to no-op applications of the endpoint's shape behind ``proxy``; {}
+    when it fails."""
     labels = ",".join("demo" if size is None else str(size) for size in sizes)
     try:
         done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_floor.py"), "--output", str(output),
                                "--sizes", labels, "--requests", str(requests), "--port", str(port),
-                               "--num-cpus", str(num_cpus)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                               "--num-cpus", str(num_cpus), "--proxy", proxy], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
     except subprocess.TimeoutExpired:
         print("benchmarks/serve_floor.py did not finish within 600 s; no floor measured", flush=True)
         return {}
@@ -364,6 +375,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
                         help="the segmenter runtime of the per-image paths, served and bare (serve.runtime, segment.runtime)")
+    parser.add_argument("--proxies", default=None,
+                        help="serve.proxy values the endpoint is measured behind, e.g. 'ray,haproxy' (default: "
+                             "ray, and haproxy where Ray Serve has an HAProxy binary)")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
                         help="the five stages' bare loops (--no-training: the per-image paths only)")
     args = parser.parse_args()
@@ -387,16 +401,19 @@ def main() -> None:
     serving_rows = []
     if args.serving:
         sizes = [None if size == "demo" else int(size) for size in args.endpoint_sizes.split(",")]
-        latencies = endpoint_latency(output, args.requests, args.port, sizes, args.runtime)
-        floors = serve_floor(output, args.requests, args.port + 1, sizes, config().serve.num_cpus)
-        for size, (served, bare_ms) in latencies.items():
-            label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
-            row = {"stage": f"endpoint (ms per {label} image)", "served_ms": served, "bare_ms": bare_ms,
-                   "loop_ratio": served / bare_ms}
-            if size in floors:
-                row.update(floor_ms=floors[size]["two deployments"], floor_one_ms=floors[size]["one deployment"],
-                           over_floor_ratio=(served - floors[size]["two deployments"]) / bare_ms)
-            serving_rows.append(row)
+        proxies = args.proxies.split(",") if args.proxies else ["ray"] + (["haproxy"] if haproxy_binary() else [])
+        for proxy in proxies:
+            latencies = endpoint_latency(output, args.requests, args.port, sizes, args.runtime, proxy)
+            floors = serve_floor(output, args.requests, args.port + 1, sizes, config().serve.num_cpus, proxy)
+            for size, (served, bare_ms) in latencies.items():
+                label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
+                behind = "" if proxy == "ray" else f", {PROXY_NAMES[proxy]}"
+                row = {"stage": f"endpoint{behind} (ms per {label} image)", "proxy": proxy, "served_ms": served,
+                       "bare_ms": bare_ms, "loop_ratio": served / bare_ms}
+                if size in floors:
+                    row.update(floor_ms=floors[size]["two deployments"], floor_one_ms=floors[size]["one deployment"],
+                               over_floor_ratio=(served - floors[size]["two deployments"]) / bare_ms)
+                serving_rows.append(row)
         seg_wall, steady, bare_rate = segment_rate(output, args.segment_images, args.runtime)
         serving_rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady,
                              "bare_rate": bare_rate, "loop_ratio": bare_rate / steady if steady else float("nan")})
@@ -480,7 +497,8 @@ def print_table(rows: list[dict], wall: dict) -> None:
     print(f"\nstages {total:.0f} s; bare {sum(r.get('bare_s', 0) for r in rows):.0f} s")
     floors = [row for row in rows if "floor_ms" in row]
     if floors:
-        print("\nRay Serve's own floor (benchmarks/serve_floor.py: the same requests to no-op applications):")
+        print("\nRay Serve's own floor (benchmarks/serve_floor.py: the same requests to no-op applications "
+              "behind the same proxy):")
     for row in floors:
         print(f"- {row['stage']}: {row['floor_ms']:.1f} ms for the endpoint's shape (front + model deployment), "
               f"{row['floor_one_ms']:.1f} ms for one FastAPI deployment; 1.2x of the bare call leaves "

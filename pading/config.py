@@ -555,6 +555,10 @@ class ServeConfig:
     port: int = 8000
     # URL path the application is served under (must start with "/").
     route_prefix: str = "/"
+    # What answers HTTP in front of the deployments (docs/serving.md, "The proxy"): ray = Serve's Python
+    # proxy; haproxy = Ray Serve's HAProxy ingress (Ray >= 2.56; ray[serve] brings the binary on Linux):
+    # less latency per request, at the costs that section lists.
+    proxy: Literal["ray", "haproxy"] = "ray"
     # auto: batch on a GPU, run every request alone on CPU (measured faster there,
     # docs/serving.md "Load test"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"

@@ -20,6 +20,7 @@ routes; ``replica``: a model replica; ``launch``: options and arguments); this f
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from ray import serve
@@ -28,7 +29,7 @@ from ray.serve.config import BackpressureConfig
 
 from pading.bundle import CONFIG_FILE
 from pading.config import ExperimentConfig, ServeConfig, from_dict, load_config, to_dict
-from pading.errors import PadingError
+from pading.errors import ConfigError, PadingError
 from pading.serving import http, launch
 from pading.serving.metrics import EndpointMetrics
 from pading.serving.replica import Replica
@@ -126,13 +127,20 @@ class SegmentationDeployment:
             raise cause from None
 
 
+#: The environment of the Serve instance that :func:`deploy` started in this process (the proxy's,
+#: :func:`pading.serving.launch.proxy_env`): applications added to it later start their replicas with it too.
+_serve_env: dict[str, str] = {}
+
+
 def build_application(bundle_dir: str | Path, config: ServeConfig, reference: str | None = None,
-                      tracking_uri: str | None = None):
+                      tracking_uri: str | None = None, env: dict[str, str] | None = None):
     """The Serve application over a local bundle directory: the HTTP front and the model deployment,
     with the options and arguments of :mod:`pading.serving.launch` (``reference``: the bundle as
-    given, a directory or an MLflow URI, which picks the default vocabulary store)."""
-    model = ModelDeployment.options(**launch.model_options(config))
-    front = SegmentationDeployment.options(**launch.front_options(config), backpressure_config=BackpressureConfig(
+    given, a directory or an MLflow URI, which picks the default vocabulary store; ``env``: the
+    replicas' proxy environment, by default that of the Serve instance :func:`deploy` started)."""
+    env = _serve_env if env is None else env
+    model = ModelDeployment.options(**launch.model_options(config, env))
+    front = SegmentationDeployment.options(**launch.front_options(config, env), backpressure_config=BackpressureConfig(
         status_code=503, retry_after_s=config.retry_after_s))
     arguments = launch.model_arguments(bundle_dir, config, reference=reference, tracking_uri=tracking_uri)
     return front.bind(model.bind(*arguments), to_dict(config))
@@ -149,6 +157,10 @@ def app(args: dict):
     (:func:`pading.serving.launch.app_arguments`)."""
     reference, config_path, overrides = launch.app_arguments(args)
     bundle_dir, config = _load(reference, config_path, overrides)
+    if config.serve.proxy == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        raise ConfigError("serve.proxy=haproxy under `serve run`: Serve's controller is started before this "
+                          "application, so give the whole Ray the switch: RAY_SERVE_ENABLE_HA_PROXY=1 serve run ... "
+                          "(or python pipelines/serve.py --set serve.proxy=haproxy, which sets it)")
     return build_application(bundle_dir, config.serve, reference, launch.bundle_tracking_uri(config, reference))
 
 
@@ -164,15 +176,40 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
     if num_cpus is not None:
         config.ray.local_cpus = num_cpus
     common.init_ray(config)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    env = start_serve(settings)
     application = build_application(bundle_path, settings, str(bundle_dir),
-                                    launch.bundle_tracking_uri(config, str(bundle_dir)))
+                                    launch.bundle_tracking_uri(config, str(bundle_dir)), env=env)
     serve.run(application, name=APP_NAME, route_prefix=settings.route_prefix)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}/"
-    logger.info("serving %s at %s (OpenAPI: %sdocs)", bundle_path, url, url)
+    logger.info("serving %s at %s (OpenAPI: %sdocs; proxy: %s)", bundle_path, url, url,
+                "HAProxy" if env else "Ray Serve's")
     if blocking:
         block_until_interrupted()
     return url
+
+
+def start_serve(settings: ServeConfig) -> dict[str, str]:
+    """Start Serve on ``serve.host:port`` with the proxy ``serve.proxy`` picks (a Serve instance
+    already running keeps its own); returns the environment its replicas start with."""
+    import ray
+
+    global _serve_env
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    env = launch.proxy_env(settings, nodes)
+    if nodes == 1 and not serve_running():
+        launch.check_port_free(settings.host, settings.port)
+    options = {"controller_options": {"runtime_env": {"env_vars": env}}} if env else {}
+    serve.start(http_options={"host": settings.host, "port": settings.port}, **options)
+    _serve_env = env
+    return env
+
+
+def serve_running() -> bool:
+    """Whether Serve already runs on this Ray (its controller, a named actor in namespace "serve")."""
+    import ray
+
+    return any(actor.get("namespace") == "serve" and "CONTROLLER" in actor.get("name", "")
+               for actor in ray.util.list_named_actors(all_namespaces=True))
 
 
 def block_until_interrupted() -> None:

