@@ -555,10 +555,11 @@ class ServeConfig:
     port: int = 8000
     # URL path the application is served under (must start with "/").
     route_prefix: str = "/"
-    # What answers HTTP in front of the deployments (docs/serving.md, "The proxy"): ray = Serve's Python
-    # proxy; haproxy = Ray Serve's HAProxy ingress (Ray >= 2.56; ray[serve] brings the binary on Linux):
-    # less latency per request, at the costs that section lists.
-    proxy: Literal["ray", "haproxy"] = "ray"
+    # What accepts HTTP in front of the deployments (docs/serving.md, "The proxy"): haproxy = Ray Serve's
+    # HAProxy ingress and high-throughput mode (Ray >= 2.56; ray[serve] brings the binary on Linux), ray =
+    # Serve's Python proxy; auto = haproxy when the endpoint starts its own one-machine Ray and finds the
+    # binary, else ray.
+    proxy: Literal["auto", "haproxy", "ray"] = "auto"
     # auto: batch on a GPU, run every request alone on CPU (measured faster there,
     # docs/serving.md "Load test"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"

@@ -48,11 +48,23 @@ RELEASE_GRACE_S = 60.0
 logger = logging.getLogger("pipelines")
 
 
+#: The node ID of the Ray that :func:`init_ray` started in this process (one machine's, not a cluster's).
+_own_ray_node: str | None = None
+
+
+def owns_local_ray() -> bool:
+    """Whether this process started the Ray it runs on now (:func:`init_ray` without a cluster to join)."""
+    import ray
+
+    return ray.is_initialized() and _own_ray_node is not None and ray.get_runtime_context().get_node_id() == _own_ray_node
+
+
 def init_ray(config: ExperimentConfig | None = None) -> None:
     """Join the cluster under ``ray job submit`` (or ``RAY_ADDRESS``), else start a local one
     with ``ray.local_cpus`` CPUs (default: every core)."""
     import ray
 
+    global _own_ray_node
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -65,6 +77,7 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         num_cpus = config.ray.local_cpus if config is not None else None
         dashboard = None if config is None or config.ray.local_dashboard else False  # None: when installed
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=dashboard)
+        _own_ray_node = ray.get_runtime_context().get_node_id()
     try:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # noqa: BLE001 - informational only

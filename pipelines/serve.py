@@ -189,14 +189,18 @@ def deploy(bundle_dir: str | Path, config: ExperimentConfig, blocking: bool = Fa
 
 
 def start_serve(settings: ServeConfig) -> dict[str, str]:
-    """Start Serve on ``serve.host:port`` with the proxy ``serve.proxy`` picks (a Serve instance
-    already running keeps its own); returns the environment its replicas start with."""
+    """Start Serve on ``serve.host:port`` behind the proxy that ``serve.proxy`` picks; returns the
+    environment its replicas start with. A Serve instance that already runs keeps its proxy
+    (and the environment this process gave it, if this process started it)."""
     import ray
 
     global _serve_env
+    if serve_running():
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        return _serve_env
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    env = launch.proxy_env(settings, nodes)
-    if nodes == 1 and not serve_running():
+    env = launch.proxy_env(settings, nodes, own_ray=common.owns_local_ray())
+    if nodes == 1:
         launch.check_port_free(settings.host, settings.port)
     options = {"controller_options": {"runtime_env": {"env_vars": env}}} if env else {}
     serve.start(http_options={"host": settings.host, "port": settings.port}, **options)

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers.serve_app import free_port
+from helpers.serve_app import free_port, listener
 from helpers.tiny_bundle import build_tiny_bundle
 from PIL import Image
 
@@ -30,12 +30,24 @@ HAPROXY = launch.haproxy_binary()
 
 
 def test_the_python_proxy_needs_nothing():
-    assert launch.proxy_env(ServeConfig(), nodes=1, binary="/bin/true") == {}
-    assert launch.proxy_env(ServeConfig(), nodes=8, binary=None) == {}
+    assert launch.proxy_env(ServeConfig(proxy="ray"), nodes=1, binary="/bin/true") == {}
+    assert launch.proxy_env(ServeConfig(proxy="ray"), nodes=8, binary=None) == {}
+
+
+def test_auto_takes_haproxy_only_on_a_one_machine_ray_of_its_own_with_the_binary(monkeypatch, tmp_path):
+    assert ServeConfig().proxy == "auto"
+    env = launch.proxy_env(ServeConfig(), nodes=1, own_ray=True, binary="/bin/true")
+    assert {key: env[key] for key in launch.HAPROXY_ENV} == launch.HAPROXY_ENV
+    assert launch.proxy_env(ServeConfig(), nodes=1, own_ray=False, binary="/bin/true") == {}  # a cluster's Ray
+    assert launch.proxy_env(ServeConfig(), nodes=2, own_ray=True, binary="/bin/true") == {}
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(not_executable))
+    assert launch.proxy_env(ServeConfig(), nodes=1, own_ray=True) == {}  # no binary: no error, Serve's proxy
 
 
 def test_haproxy_on_one_machine_gets_the_switch_and_free_listener_ports():
-    env = launch.proxy_env(ServeConfig(proxy="haproxy"), nodes=1, binary="/bin/true")
+    env = launch.proxy_env(ServeConfig(proxy="haproxy"), nodes=1, own_ray=False, binary="/bin/true")
     assert {key: env[key] for key in launch.HAPROXY_ENV} == launch.HAPROXY_ENV
     ports = [int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]), int(env["RAY_SERVE_HAPROXY_STATS_PORT"])]
     assert ports[0] != ports[1] and all(1024 <= port < 65536 for port in ports)
@@ -104,31 +116,14 @@ def _png(height: int = 48, width: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def _listener(port: int) -> str:
-    """The command line of the process listening on TCP ``port`` here ("" for none), from /proc."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as rows:
-            for row in list(rows)[1:]:
-                fields = row.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
-                return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:  # gone, or not ours to read
-            continue
-    return ""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(HAPROXY is None or not sys.platform.startswith("linux"),
                     reason="no HAProxy binary (ray[serve] brings one on Linux)")
-def test_the_endpoint_behind_haproxy_answers_as_the_library_does_and_stops_whole(tmp_path):
-    """``python pipelines/serve.py --set serve.proxy=haproxy``: HAProxy listens on serve.port; a
-    segmentation equals the library's on the same bytes; the front's own errors (413 with its
-    JSON) pass through unchanged; SIGTERM stops it all and frees the port."""
+def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_and_stops_whole(tmp_path):
+    """``python pipelines/serve.py`` with the default ``serve.proxy`` (auto) on the Ray it starts:
+    HAProxy listens on serve.port; a segmentation equals the library's on the same bytes; the
+    front's own errors (413 with its JSON) pass through unchanged; SIGTERM stops it all and
+    frees the port."""
     from pading.bundle import Bundle
     from pading.serving.service import SegmentationService
 
@@ -139,7 +134,7 @@ def test_the_endpoint_behind_haproxy_answers_as_the_library_does_and_stops_whole
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle), "--port", str(port),
-         "--num-cpus", "2", "--set", "serve.proxy=haproxy", "--set", "serve.max_body_bytes=100000",
+         "--num-cpus", "2", "--set", "serve.max_body_bytes=100000",
          "--set", "serve.runtime=torch"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
@@ -154,7 +149,7 @@ def test_the_endpoint_behind_haproxy_answers_as_the_library_does_and_stops_whole
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.time() < deadline, "the endpoint did not come up"
             time.sleep(0.5)
-        assert "haproxy" in _listener(port)
+        assert "haproxy" in listener(port)
 
         body = _png()
         response = httpx.post(url + "v1/segment", params={"task": "all"}, content=body,
@@ -179,6 +174,6 @@ def test_the_endpoint_behind_haproxy_answers_as_the_library_does_and_stops_whole
                 os.killpg(server.pid, signal.SIGKILL)
             log.close()
     deadline = time.time() + 30
-    while _listener(port) and time.time() < deadline:
+    while listener(port) and time.time() < deadline:
         time.sleep(0.5)
-    assert _listener(port) == "", "something still listens on the endpoint's port"
+    assert listener(port) == "", "something still listens on the endpoint's port"

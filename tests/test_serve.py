@@ -63,6 +63,8 @@ def assert_consistent(result: dict, names_by_id: dict) -> None:
 
 
 def test_health_openapi_and_page(client):
+    # serve.proxy=auto on a Ray that the endpoint did not start itself (this session's): Serve's own proxy
+    assert "ProxyActor" in serve_app.listener(httpx.URL(str(client.base_url)).port)
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["batching"] is True
     paths = client.get("/openapi.json").json()["paths"]

@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
 UNLIMITED_QUEUE = 1000
 
 
-#: The environment of Serve's controller and replicas for ``serve.proxy=haproxy``: Ray Serve's HAProxy
-#: ingress, and a short wait before a stopping HTTP front closes (Serve's default, 30 s, is for load
-#: balancers of many machines; HAProxy here drops the front from its table within a fraction of a second).
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+#: The environment of Serve's controller and replicas behind HAProxy: Ray Serve's HAProxy ingress and
+#: its high-throughput mode (the replicas' own code on their event loop, gRPC between deployments),
+#: as Ray's docs pair them, and a short wait before a stopping HTTP front closes (Serve's default,
+#: 30 s, is for load balancers of many machines; HAProxy here drops the front within a fraction of a second).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -48,14 +50,19 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy")
 
 
-def proxy_env(config: ServeConfig, nodes: int, binary: str | None = None) -> dict[str, str]:
+def proxy_env(config: ServeConfig, nodes: int, own_ray: bool = True, binary: str | None = None) -> dict[str, str]:
     """Environment variables that Serve's controller and both deployments start with for
     ``serve.proxy`` on a Ray of ``nodes`` alive nodes (docs/serving.md, "The proxy"): none for
-    Serve's Python proxy, :data:`HAPROXY_ENV` for HAProxy. HAProxy reaches the HTTP front over
-    ``serve.host``, so on more than one machine that must not be a loopback address."""
+    Serve's Python proxy, :data:`HAPROXY_ENV` (and free ports here for HAProxy's own listeners
+    on one machine) for HAProxy. ``auto`` takes HAProxy only on a one-machine Ray that this
+    process started (``own_ray``; a cluster may add machines later) and when Ray Serve has the
+    binary. HAProxy reaches the HTTP front over ``serve.host``, so on more than one machine that
+    must not be a loopback address."""
     if config.proxy == "ray":
         return {}
     binary = binary if binary is not None else haproxy_binary()
+    if config.proxy == "auto" and not (own_ray and nodes == 1 and binary is not None):
+        return {}
     if binary is None:
         raise ConfigError("serve.proxy=haproxy but there is no HAProxy binary: install ray[serve] on Linux "
                           "(it brings one), put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH; "

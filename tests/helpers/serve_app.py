@@ -29,6 +29,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listener(port: int) -> str:
+    """The command line of the process listening on TCP ``port`` here ("" for none), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone, or not ours to read
+            continue
+    return ""
+
+
 def start(workdir: Path) -> dict:
     """``{"url", "bundle_dir", "metrics_url", "config"}`` of the running app, starting Ray (own local instance,
     2 CPUs) and Serve on a free 127.0.0.1 port the first time."""
