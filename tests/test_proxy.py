@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers.serve_app import free_port, listener
+from helpers.serve_app import free_port, listener, wait_until_healthy
 from helpers.tiny_bundle import build_tiny_bundle
 from PIL import Image
 
@@ -139,16 +139,10 @@ def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_an
         start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(url + "healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        def alive():
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "the endpoint did not come up"
-            time.sleep(0.5)
+
+        wait_until_healthy(url, timeout_s=180, check=alive)
         assert "haproxy" in listener(port)
 
         body = _png()

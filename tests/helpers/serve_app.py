@@ -47,6 +47,23 @@ def listener(port: int) -> str:
     return ""
 
 
+def wait_until_healthy(url: str, timeout_s: float = READY_TIMEOUT_S, check=None) -> None:
+    """Until ``GET {url}healthz`` answers 200; ``check()`` runs between tries (to fail early,
+    e.g. when the server process died); TimeoutError after ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if check is not None:
+            check()
+        if time.time() > deadline:
+            raise TimeoutError(f"{url}healthz did not answer within {timeout_s} s")
+        time.sleep(0.5)
+
+
 def start(workdir: Path) -> dict:
     """``{"url", "bundle_dir", "metrics_url", "config"}`` of the running app, starting Ray (own local instance,
     2 CPUs) and Serve on a free 127.0.0.1 port the first time."""
@@ -70,16 +87,7 @@ def start(workdir: Path) -> dict:
              log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         url = serve_module.deploy(bundle_dir, config)
-        deadline = time.time() + READY_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(url + "healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"{url}healthz did not answer within {READY_TIMEOUT_S} s")
-            time.sleep(0.5)
+        wait_until_healthy(url)
     except BaseException:
         stop(force=True)
         raise
@@ -119,15 +127,8 @@ def deploy_extra(app_info: dict, name: str, **serve_settings) -> str:
     serve.run(serve_module.build_application(app_info["bundle_dir"], config.serve), name=name,
               route_prefix=f"/{name}")
     url = app_info["url"] + f"{name}/"
-    deadline = time.time() + READY_TIMEOUT_S
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "healthz", timeout=5).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}healthz did not answer")
+    wait_until_healthy(url)
+    return url
 
 
 def remove(name: str) -> None:
