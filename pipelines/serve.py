@@ -203,7 +203,16 @@ def start_serve(settings: ServeConfig) -> dict[str, str]:
     if nodes == 1:
         launch.check_port_free(settings.host, settings.port)
     options = {"controller_options": {"runtime_env": {"env_vars": env}}} if env else {}
-    serve.start(http_options={"host": settings.host, "port": settings.port}, **options)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port}, **options)
+    except Exception as error:  # Ray raises its task error when HAProxy does not come up
+        if not env or settings.proxy != "auto":
+            raise
+        logger.warning("HAProxy did not start (%s); serving behind Ray Serve's own proxy instead "
+                       "(serve.proxy=ray; docs/serving.md, 'The proxy')", str(error).strip().splitlines()[-1])
+        serve.shutdown()
+        env = {}
+        serve.start(http_options={"host": settings.host, "port": settings.port})
     _serve_env = env
     return env
 

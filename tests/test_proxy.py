@@ -4,6 +4,7 @@ errors for a setting that cannot work, and the endpoint behind HAProxy end to en
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -116,6 +117,41 @@ def _png(height: int = 48, width: int = 64) -> bytes:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def endpoint_command(tmp_path: Path, *options: str, env: dict | None = None):
+    """``python pipelines/serve.py`` over a tiny bundle on a free port, on the Ray it starts,
+    until it answers: yields (url, port, bundle directory, log path); SIGTERM at the end, then
+    waits until nothing listens on the port."""
+    bundle = tmp_path / "bundle"
+    build_tiny_bundle(bundle)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle), "--port", str(port),
+             "--num-cpus", "2", *options], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})})
+    url = f"http://127.0.0.1:{port}/"
+
+    def alive():
+        assert server.poll() is None, log_path.read_text()[-3000:]
+
+    try:
+        wait_until_healthy(url, timeout_s=180, check=alive)
+        yield url, port, bundle, log_path
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=90)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while listener(port) and time.time() < deadline:
+        time.sleep(0.5)
+    assert listener(port) == "", "something still listens on the endpoint's port"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(HAPROXY is None or not sys.platform.startswith("linux"),
                     reason="no HAProxy binary (ray[serve] brings one on Linux)")
@@ -127,31 +163,15 @@ def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_an
     from pading.bundle import Bundle
     from pading.serving.service import SegmentationService
 
-    bundle = tmp_path / "bundle"
-    build_tiny_bundle(bundle)
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle), "--port", str(port),
-         "--num-cpus", "2", "--set", "serve.max_body_bytes=100000",
-         "--set", "serve.runtime=torch"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        def alive():
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-
-        wait_until_healthy(url, timeout_s=180, check=alive)
+    with endpoint_command(tmp_path, "--set", "serve.max_body_bytes=100000", "--set", "serve.runtime=torch") as (
+            url, port, bundle, _):
         assert "haproxy" in listener(port)
-
         body = _png()
         response = httpx.post(url + "v1/segment", params={"task": "all"}, content=body,
                               headers={"content-type": "image/png"}, timeout=60)
         assert response.status_code == 200, response.text
         trained = Bundle.load(bundle)
-        service = SegmentationService(trained, load_config(bundle / "config.yaml",
-                                                           ["serve.runtime=torch"]).serve)
+        service = SegmentationService(trained, load_config(bundle / "config.yaml", ["serve.runtime=torch"]).serve)
         (expected,) = service.segment([service.decode(body)], ["all"], ["json"])
         served = response.json()
         for task in ("panoptic", "instance", "semantic"):
@@ -159,15 +179,17 @@ def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_an
 
         too_big = httpx.post(url + "v1/segment", content=b"\0" * 200_000, timeout=60)
         assert too_big.status_code == 413 and "above the limit of 100000" in too_big.json()["detail"]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=90)
-        finally:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGKILL)
-            log.close()
-    deadline = time.time() + 30
-    while listener(port) and time.time() < deadline:
-        time.sleep(0.5)
-    assert listener(port) == "", "something still listens on the endpoint's port"
+
+
+@pytest.mark.slow
+def test_when_haproxy_does_not_start_auto_serves_behind_serves_own_proxy(tmp_path):
+    """An HAProxy binary that fails at once (here a script that exits 1): with ``serve.proxy=auto``
+    the endpoint says so and comes up behind Serve's own proxy, and answers."""
+    broken = tmp_path / "haproxy"
+    broken.write_text("#!/bin/sh\necho 'not an HAProxy' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with endpoint_command(tmp_path, env={"RAY_SERVE_HAPROXY_BINARY_PATH": str(broken)}) as (url, port, _, log):
+        assert "ProxyActor" in listener(port)
+        response = httpx.post(url + "v1/segment", content=_png(), headers={"content-type": "image/png"}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert "HAProxy did not start" in log.read_text() and "not an HAProxy" in log.read_text()
