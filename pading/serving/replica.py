@@ -113,12 +113,12 @@ class Replica:
         """Decode ``data`` and segment it (in a batch when batching); raises the library's
         error for bad input."""
         service = await self.vocabulary_service()
-        image = await asyncio.to_thread(service.decode, data)
-        item = (image, task, output_format, min_score)
         if self.batching:
-            result = await self.batched((service, item))
-        else:
-            (result,) = await asyncio.to_thread(self.segment_items, service, [item])
+            image = await asyncio.to_thread(service.decode, data)
+            result = await self.batched((service, (image, task, output_format, min_score)))
+        else:  # decode and segment in one trip to a worker thread
+            (result,) = await asyncio.to_thread(
+                lambda: self.segment_items(service, [(service.decode(data), task, output_format, min_score)]))
         if isinstance(result, Exception):
             raise result
         return self.tag(result)
