@@ -5,7 +5,6 @@ and calls :func:`stop` at the end; the second call of either is a no-op)."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 
 from helpers.tiny_bundle import build_tiny_bundle
 from pading.bundle import CONFIG_FILE
+from pading.serving.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,12 +21,6 @@ MAX_IMAGE_PIXELS = 400_000  # the COCO samples (640x480) fit, a 1000x500 image d
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _running: dict = {}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listener(port: int) -> str:
