@@ -1,16 +1,18 @@
 """Mask2Former post-processing with any classifier (docs/method.md "Inference").
 
 Inputs per image: ``mask_logits`` (Q, H, W), already at the output size (see
-:func:`pading.model.segmenter.postprocess_mask_logits`), and ``class_logits`` (Q, C+1) from the
-classifier in use, whose C columns follow ``table`` (which may hold more classes than the
-segmenter was pretrained with). p_q = softmax(class_logits_q), m_q = sigmoid(mask_logits_q).
+:func:`pading.model.segmenter.postprocess_mask_logits`), as a tensor or as an
+:class:`~pading.model.segmenter.OriginalSizeMaskLogits` that resizes only the queries a task
+uses, and ``class_logits`` (Q, C+1) from the classifier in use, whose C columns follow ``table``
+(which may hold more classes than the segmenter was pretrained with). p_q =
+softmax(class_logits_q), m_q = sigmoid(mask_logits_q).
 
 Outputs are NumPy arrays on the CPU (ready for PNG/JSON writing and the evaluators).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from torch import Tensor
 from pading.classes import SEMANTIC_IGNORE_LABEL, ClassTable
 from pading.config import InferenceConfig
 from pading.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pading.model.segmenter import OriginalSizeMaskLogits
 
 __all__ = [
     "semantic_inference",
@@ -35,8 +40,12 @@ MASK_SCORE_EPS = 1e-6  # guards the mean mask probability of an empty mask
 RGB_BASE = 256  # panoptic PNG ids: id = R + 256 G + 256² B
 
 
-def _probabilities(mask_logits: Tensor, class_logits: Tensor, table: ClassTable) -> tuple[Tensor, Tensor]:
-    """Validated (Q, C+1) class probabilities and (Q, H, W) mask probabilities."""
+#: (Q, H, W) mask logits: a tensor, or one that makes only the rows asked for.
+MaskLogits = Union[Tensor, "OriginalSizeMaskLogits"]
+
+
+def _class_probabilities(mask_logits: MaskLogits, class_logits: Tensor, table: ClassTable) -> Tensor:
+    """Validated (Q, C+1) class probabilities."""
     if mask_logits.dim() != 3 or class_logits.dim() != 2 or mask_logits.shape[0] != class_logits.shape[0]:
         raise DataError(
             "predictions",
@@ -48,17 +57,28 @@ def _probabilities(mask_logits: Tensor, class_logits: Tensor, table: ClassTable)
             f"the classifier gives {class_logits.shape[1] - 1} classes + no object but the class table "
             f"has {table.num_classes} classes"
         )
-    return class_logits.float().softmax(-1), mask_logits.float().sigmoid()
+    return class_logits.float().softmax(-1)
+
+
+def _mask_probabilities(mask_logits: MaskLogits, index: Optional[Tensor] = None) -> Tensor:
+    """(len(index), H, W) mask probabilities of the queries ``index`` (1-D long; None: all)."""
+    if isinstance(mask_logits, Tensor):
+        logits = mask_logits if index is None else mask_logits[index]
+    else:
+        logits = mask_logits.rows(index)
+    return logits.float().sigmoid()
 
 
 @torch.no_grad()
-def semantic_inference(mask_logits: Tensor, class_logits: Tensor, *, table: ClassTable) -> np.ndarray:
+def semantic_inference(mask_logits: MaskLogits, class_logits: Tensor, *, table: ClassTable) -> np.ndarray:
     """(H, W) int64 class indices: argmax_c Σ_q p_q[c] · m_q (no-object column dropped)."""
-    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    class_probs = _class_probabilities(mask_logits, class_logits, table)
+    mask_probs = _mask_probabilities(mask_logits)
     probs = class_probs[:, :-1]  # (Q, C)
     if probs.shape[1] <= SEMANTIC_DENSE_CLASSES:
         scores = torch.einsum("qc,qhw->chw", probs, mask_probs)  # (C, H, W)
-        return scores.argmax(0).cpu().numpy().astype(np.int64)
+        _, labels = _leading_max(scores.shape[0], lambda c: scores[c])  # = scores.argmax(0)
+        return labels.cpu().numpy().astype(np.int64)
     return _semantic_large_vocabulary(probs, mask_probs).cpu().numpy().astype(np.int64)
 
 
@@ -80,7 +100,8 @@ def _semantic_large_vocabulary(probs: Tensor, mask_probs: Tensor) -> Tensor:
     mass = probs.sum(0)  # (C,)
     order = mass.argsort(descending=True)
     chosen = order[:SEMANTIC_DENSE_CLASSES].sort().values
-    best, index = (probs[:, chosen].t() @ masks).max(0)  # (P,)
+    candidates = probs[:, chosen].t() @ masks  # (K, P)
+    best, index = _leading_max(candidates.shape[0], lambda k: candidates[k])  # = candidates.max(0), (P,)
     labels = chosen[index]
     bound = mass[order[SEMANTIC_DENSE_CLASSES]] * masks.max(0).values
     undecided = torch.nonzero(best <= bound).squeeze(1)
@@ -112,26 +133,34 @@ def semantic_to_label_map(index_map: np.ndarray, table: ClassTable) -> np.ndarra
     return labels
 
 
+def _leading_max(count: int, plane: Callable[[int], Tensor]) -> tuple[Tensor, Tensor]:
+    """The maximum over k of ``plane(k)`` (``count`` tensors of one shape) and the first k
+    that reaches it, per element: ``torch.stack(planes).max(0)``, computed as a running
+    maximum over k.
+
+    The same values and indices (the first index wins ties; the probabilities are never NaN),
+    2-8x faster on CPU at 640x480: torch's max and argmax over the leading dimension of a
+    (K, H, W) tensor do not vectorise there. In the panoptic merge it was half of the
+    endpoint's whole per-image time at that size, in the semantic answer 52 of its 93 ms
+    (docs/performance.md)."""
+    best = plane(0).clone()
+    owner = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+    for k in range(1, count):
+        value = plane(k)
+        owner.masked_fill_(value > best, k)  # strict: an earlier k keeps a tie
+        torch.maximum(best, value, out=best)
+    return best, owner
+
+
 def _first_argmax(scores: Tensor, masks: Tensor) -> Tensor:
     """``(scores[:, None, None] * masks).argmax(0)``: for each pixel the first k of largest
-    score_k · m_k(x), (K, H, W) -> (H, W) int64, computed as a running maximum over k.
-
-    The same indices as ``argmax(0)`` (the first index wins ties; the probabilities are never
-    NaN), 2-8x faster on CPU at 640x480 for 60 down to 5 kept queries: torch's argmax over
-    the leading dimension of a (K, H, W) tensor does not vectorise there, and it was half of
-    the endpoint's whole per-image time at that size (docs/performance.md)."""
-    best = scores[0] * masks[0]  # (H, W)
-    owner = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
-    for k in range(1, masks.shape[0]):
-        weighted = scores[k] * masks[k]
-        owner.masked_fill_(weighted > best, k)  # strict: an earlier k keeps a tie
-        torch.maximum(best, weighted, out=best)
-    return owner
+    score_k · m_k(x), (K, H, W) -> (H, W) int64, without the (K, H, W) product."""
+    return _leading_max(masks.shape[0], lambda k: scores[k] * masks[k])[1]
 
 
 @torch.no_grad()
 def panoptic_inference(
-    mask_logits: Tensor,
+    mask_logits: MaskLogits,
     class_logits: Tensor,
     *,
     table: ClassTable,
@@ -149,11 +178,12 @@ def panoptic_inference(
         segments: dicts ``id, category_id, class_index, isthing, score, area``.
     """
     config = config or InferenceConfig()
-    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    class_probs = _class_probabilities(mask_logits, class_logits, table)
     scores, labels = class_probs.max(-1)  # (Q,), (Q,)
-    keep = (labels != table.no_object_index) & (scores > config.object_mask_threshold)
-    kept_scores, kept_labels, kept_masks = scores[keep], labels[keep], mask_probs[keep]  # (K,), (K,), (K, H, W)
-    segment_ids = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)  # (H, W)
+    keep = torch.nonzero((labels != table.no_object_index) & (scores > config.object_mask_threshold)).squeeze(1)
+    kept_scores, kept_labels = scores[keep], labels[keep]  # (K,), (K,)
+    kept_masks = _mask_probabilities(mask_logits, keep)  # (K, H, W): only the kept queries' maps
+    segment_ids = torch.zeros(mask_logits.shape[-2:], dtype=torch.int32, device=mask_logits.device)  # (H, W)
     segments: list[dict] = []
     if kept_masks.shape[0] > 0:
         owner = _first_argmax(kept_scores, kept_masks)  # (H, W)
@@ -195,7 +225,7 @@ def panoptic_inference(
 
 @torch.no_grad()
 def instance_inference(
-    mask_logits: Tensor,
+    mask_logits: MaskLogits,
     class_logits: Tensor,
     *,
     table: ClassTable,
@@ -204,11 +234,11 @@ def instance_inference(
     """Top-``instance_top_k`` (query, thing class) pairs by class probability.
 
     mask = m_q > ``mask_threshold``; score = p_q[c] × mean of m_q inside the mask.
-    Returns dicts ``category_id, class_index, score, mask (H, W) bool`` sorted by score,
-    highest first.
+    Returns dicts ``category_id, class_index, score, query, mask (H, W) bool`` sorted by
+    score, highest first; the pairs of one query share one mask array.
     """
     config = config or InferenceConfig()
-    class_probs, mask_probs = _probabilities(mask_logits, class_logits, table)
+    class_probs = _class_probabilities(mask_logits, class_logits, table)
     thing_indices = torch.as_tensor(table.thing_indices, dtype=torch.long, device=class_probs.device)
     if thing_indices.numel() == 0:
         return []
@@ -218,18 +248,23 @@ def instance_inference(
     top_probs, flat_index = pair_probs.flatten().topk(top_k)  # (k,), (k,)
     query_index = flat_index // num_things
     class_index = thing_indices[flat_index % num_things]
-    masks = mask_probs[query_index] > config.mask_threshold  # (k, H, W)
-    mask_probs_inside = (mask_probs[query_index] * masks).flatten(1).sum(1)  # (k,)
-    mean_mask_prob = mask_probs_inside / (masks.flatten(1).sum(1) + MASK_SCORE_EPS)
-    scores = top_probs * mean_mask_prob  # (k,)
+    # A query pairs with several classes (the demo's 100 pairs come from its 16 queries): its
+    # mask and mean probability are computed once, at the original size only for these queries.
+    queries, row = query_index.unique(return_inverse=True)  # (U,), (k,)
+    query_mask_probs = _mask_probabilities(mask_logits, queries)  # (U, H, W)
+    query_masks = query_mask_probs > config.mask_threshold  # (U, H, W)
+    mask_probs_inside = (query_mask_probs * query_masks).flatten(1).sum(1)  # (U,)
+    mean_mask_prob = mask_probs_inside / (query_masks.flatten(1).sum(1) + MASK_SCORE_EPS)
+    scores = top_probs * mean_mask_prob[row]  # (k,)
     order = scores.argsort(descending=True, stable=True)
-    masks_np = masks.cpu().numpy()
+    masks_np = query_masks.cpu().numpy()
     return [
         {
             "category_id": int(table[int(class_index[i])].id),
             "class_index": int(class_index[i]),
             "score": float(scores[i]),
-            "mask": masks_np[int(i)],
+            "query": int(query_index[i]),
+            "mask": masks_np[int(row[i])],  # the same array for every pair of one query
         }
         for i in order.tolist()
     ]
@@ -237,18 +272,24 @@ def instance_inference(
 
 def instances_to_coco_results(instances: list[dict], image_id: int) -> list[dict]:
     """COCO results entries (``image_id, category_id, segmentation`` as RLE with str
-    counts, ``bbox`` XYWH, ``score``) for :func:`instance_inference` output."""
+    counts, ``bbox`` XYWH, ``score``) for :func:`instance_inference` output (a query's mask is
+    encoded once for all its classes)."""
     results = []
+    encoded: dict = {}
     for instance in instances:
-        rle = mask_utils.encode(np.asfortranarray(instance["mask"].astype(np.uint8)))
-        bbox = mask_utils.toBbox(rle).tolist()
-        rle["counts"] = rle["counts"].decode("ascii")
+        query = instance.get("query")
+        if query is None or query not in encoded:
+            rle = mask_utils.encode(np.asfortranarray(instance["mask"].astype(np.uint8)))
+            bbox = [float(v) for v in mask_utils.toBbox(rle).tolist()]
+            rle["counts"] = rle["counts"].decode("ascii")
+            encoded[query] = rle, bbox
+        rle, bbox = encoded[query]
         results.append(
             {
                 "image_id": int(image_id),
                 "category_id": int(instance["category_id"]),
-                "segmentation": rle,
-                "bbox": [float(v) for v in bbox],
+                "segmentation": dict(rle),
+                "bbox": list(bbox),
                 "score": float(instance["score"]),
             }
         )

@@ -26,6 +26,7 @@ from pading.data import (
 )
 from pading.errors import DataError
 from pading.evaluation.inference import (
+    MaskLogits,
     instance_inference,
     instances_to_coco_results,
     panoptic_inference,
@@ -35,7 +36,7 @@ from pading.evaluation.inference import (
 )
 from pading.evaluation.metrics import evaluate_instance, evaluate_lvis, evaluate_panoptic, evaluate_semantic
 from pading.model.runtime import use_runtime
-from pading.model.segmenter import postprocess_mask_logits, prepare_batch
+from pading.model.segmenter import OriginalSizeMaskLogits, prepare_batch
 
 
 @dataclass
@@ -64,17 +65,18 @@ def predict_images(bundle: Bundle, images: Sequence[np.ndarray], tasks: Sequence
     device = bundle.device
     batch = prepare_batch(list(images), bundle.config.data.image_size)
     output = bundle.segmenter(batch["pixel_values"].to(device))
-    return [postprocess(postprocess_mask_logits(output.mask_logits[i], meta), output.class_logits[i],
+    return [postprocess(OriginalSizeMaskLogits(output.mask_logits[i], meta), output.class_logits[i],
                         table=bundle.table, inference=bundle.config.inference, tasks=tasks)
             for i, meta in enumerate(batch["meta"])]
 
 
-def postprocess(mask_logits: torch.Tensor, class_logits: torch.Tensor, *, table: ClassTable,
+def postprocess(mask_logits: MaskLogits, class_logits: torch.Tensor, *, table: ClassTable,
                 inference: InferenceConfig, tasks: Sequence[str] = TASKS) -> Prediction:
     """The one per-image post-processing (evaluation, the tables and the endpoint call it).
 
     Args:
-        mask_logits: (Q, H, W) at the image's original size; class_logits: (Q, C+1).
+        mask_logits: (Q, H, W) at the image's original size (a tensor, or an
+            :class:`~pading.model.segmenter.OriginalSizeMaskLogits`); class_logits: (Q, C+1).
         tasks: which of panoptic / instance / semantic to compute.
     """
     panoptic_ids, segments, instances, semantic = None, [], [], None

@@ -533,9 +533,42 @@ def prepare_batch(
 
 def postprocess_mask_logits(mask_logits: Tensor, meta: dict) -> Tensor:
     """(Q, S/4, S/4) mask logits -> (Q, H, W) at the original image size: upsample to S,
-    crop the padding, resize (bilinear) to the original size."""
+    crop the padding, resize (bilinear) to the original size.
+
+    Each query's map is resized as an image of its own (a batch of Q one-channel images), so
+    its values do not depend on which other queries are resized with it nor on the thread
+    count; resized as Q channels of one image they did, in the last bit (docs/performance.md,
+    "Upsampling only the kept queries")."""
     size = meta["input_size"]
     height, width = meta["resized_size"]
-    logits = F.interpolate(mask_logits[None], size=(size, size), mode="bilinear", align_corners=False)
-    logits = logits[:, :, :height, :width]  # (1, Q, h, w)
-    return F.interpolate(logits, size=tuple(meta["original_size"]), mode="bilinear", align_corners=False)[0]
+    logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    logits = logits[:, :, :height, :width]  # (Q, 1, h, w)
+    return F.interpolate(logits, size=tuple(meta["original_size"]), mode="bilinear", align_corners=False)[:, 0]
+
+
+class OriginalSizeMaskLogits:
+    """One image's (Q, H, W) mask logits at its original size (:func:`postprocess_mask_logits`),
+    resized only for the queries that post-processing asks for (:meth:`rows`).
+
+    The panoptic merge keeps the few queries whose class is confident (4 of the demo's 16 on its
+    val images); resizing all of them to 640x480 took 13-17 ms of a 640 px request's 32-40
+    (docs/performance.md, "Upsampling only the kept queries"). The rows equal those of
+    ``postprocess_mask_logits(all)`` exactly."""
+
+    def __init__(self, low_res: Tensor, meta: dict):
+        self.low_res, self.meta = low_res, meta  # (Q, S/4, S/4)
+        self.shape = torch.Size((low_res.shape[0], *(int(v) for v in meta["original_size"])))
+        self.device = low_res.device
+        self._all: Optional[Tensor] = None
+
+    def dim(self) -> int:
+        return 3
+
+    def rows(self, index: Optional[Tensor] = None) -> Tensor:
+        """(len(index), H, W) logits of the queries ``index`` (1-D long), in that order; None: all
+        of them (kept for later calls)."""
+        if self._all is None and index is not None and index.numel() < self.shape[0]:
+            return postprocess_mask_logits(self.low_res[index], self.meta)
+        if self._all is None:
+            self._all = postprocess_mask_logits(self.low_res, self.meta)
+        return self._all if index is None else self._all[index]

@@ -33,7 +33,7 @@ from pading.data.manifest import resolve
 from pading.errors import DataError
 from pading.evaluation.predict import error_row, postprocess, summarize, tasks_for, write_prediction
 from pading.io import write_json_atomic
-from pading.model.segmenter import Segmenter, postprocess_mask_logits, prepare_batch
+from pading.model.segmenter import OriginalSizeMaskLogits, Segmenter, prepare_batch
 from pading.run.search import train_generator
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _write_prediction(image: CachedImage, classifier: nn.Module, table: ClassTab
     the COCO-format files pading.evaluation.predict.summarize reads."""
     if image.error:
         return error_row(image.row, image.error)
-    mask_logits = postprocess_mask_logits(torch.tensor(image.mask_logits, dtype=torch.float32), image.meta)  # (Q, H, W)
+    mask_logits = OriginalSizeMaskLogits(torch.tensor(image.mask_logits, dtype=torch.float32), image.meta)  # (Q, H, W)
     class_logits = classifier(torch.tensor(image.query_embeddings))  # (Q, C+1)
     prediction = postprocess(mask_logits, class_logits, table=table, inference=config.inference,
                              tasks=tasks_for(config.data.format))

@@ -55,7 +55,7 @@ from pading.model.classifier import (
     expand_classifier,
 )
 from pading.model.runtime import use_runtime
-from pading.model.segmenter import postprocess_mask_logits, prepare_batch
+from pading.model.segmenter import OriginalSizeMaskLogits, prepare_batch
 from pading.model.semantics import encode_with_config
 from pading.serving.vocabularies import (
     BASE,
@@ -398,7 +398,7 @@ class SegmentationService:
         @torch.no_grad()  # grad mode is per thread
         def one_image(i: int) -> dict:
             meta = batch["meta"][i]
-            mask_logits = postprocess_mask_logits(output.mask_logits[i], meta)  # (Q, H, W)
+            mask_logits = OriginalSizeMaskLogits(output.mask_logits[i], meta)  # (Q, H, W), resized as tasks ask
             class_logits = output.class_logits[i]  # (Q, C+1)
             result = {"height": int(meta["original_size"][0]), "width": int(meta["original_size"][1]),
                       "task": tasks[i], "vocabulary": self.vocabulary, "vocabulary_version": state.version}
@@ -415,7 +415,7 @@ class SegmentationService:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pading-post") as pool:
             return list(pool.map(one_image, range(count)))
 
-    def _postprocess(self, task: str, mask_logits: torch.Tensor, class_logits: torch.Tensor, state: ServiceState,
+    def _postprocess(self, task: str, mask_logits: OriginalSizeMaskLogits, class_logits: torch.Tensor, state: ServiceState,
                      output_format: str, min_score: float) -> dict:
         """One task's answer for one image, from :func:`pading.evaluation.predict.postprocess`
         (a named vocabulary's answer keeps its own classes only, like ``segment.py --only-classes``)."""
@@ -434,8 +434,12 @@ class SegmentationService:
         elif task == "instance":
             instances = [d for d in prediction.instances
                          if d["score"] >= min_score and state.shows(table[d["class_index"]].id)]
+            fields: dict[int, dict] = {}  # a query's mask, encoded once for all its classes
+            for d in instances:
+                if d["query"] not in fields:
+                    fields[d["query"]] = _mask_fields(d["mask"], with_rle)
             entries = [{"id": k + 1, **_class_fields(table[d["class_index"]]), "score": float(d["score"]),
-                        **_mask_fields(d["mask"], with_rle)} for k, d in enumerate(instances)]
+                        **fields[d["query"]]} for k, d in enumerate(instances)]
             png = None
             if not with_rle:
                 ids = np.zeros(mask_logits.shape[-2:], dtype=np.int64)  # (H, W)
@@ -444,7 +448,8 @@ class SegmentationService:
                 png = ids
         else:
             index_map = prediction.semantic  # (H, W)
-            present = [int(c) for c in np.unique(index_map) if state.shows(table[int(c)].id)]
+            classes = np.flatnonzero(np.bincount(index_map.ravel()))  # np.unique, without sorting every pixel
+            present = [int(c) for c in classes if state.shows(table[int(c)].id)]
             entries = [{**_class_fields(table[c]), **_mask_fields(index_map == c, with_rle)} for c in present]
             png = None
             if not with_rle:  # class ids; pixels of classes the vocabulary does not show are 0
