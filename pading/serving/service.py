@@ -196,7 +196,7 @@ def _class_fields(info: ClassInfo) -> dict:
 
 def _mask_fields(mask: np.ndarray, with_rle: bool) -> dict:
     """Area, XYWH bbox and (``with_rle``) the COCO RLE ``{"size": [H, W], "counts": str}``."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = mask_utils.encode(mask.astype(np.uint8, order="F"))  # one copy: Fortran order, as RLE needs
     fields = {"area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
     if with_rle:
         fields["mask"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -429,8 +429,9 @@ class SegmentationService:
             entries = [{"id": s["id"], **_class_fields(table[s["class_index"]]), "score": float(s["score"]),
                         **_mask_fields(segment_ids == s["id"], with_rle)}
                        for s in prediction.segments if s["score"] >= min_score and state.shows(table[s["class_index"]].id)]
-            kept = np.isin(segment_ids, [e["id"] for e in entries])
-            png = panoptic_to_rgb(np.where(kept, segment_ids, 0)) if not with_rle else None
+            png = None
+            if not with_rle:  # the id image keeps the segments answered
+                png = panoptic_to_rgb(np.where(np.isin(segment_ids, [e["id"] for e in entries]), segment_ids, 0))
         elif task == "instance":
             instances = [d for d in prediction.instances
                          if d["score"] >= min_score and state.shows(table[d["class_index"]].id)]
