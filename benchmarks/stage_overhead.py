@@ -67,6 +67,7 @@ from pading.serving.launch import haproxy_binary
 REPO = Path(__file__).resolve().parents[1]
 #: How the table names the endpoint's proxies (serve.proxy).
 PROXY_NAMES = {"ray": "Ray Serve's proxy", "haproxy": "HAProxy"}
+INGRESS_NAMES = {"front": "", "replica": ", serve.ingress=replica"}
 
 
 def run_pipeline(config: Path, output: Path, overrides: list[str]) -> None:
@@ -234,10 +235,10 @@ def median_call_ms(call, images: list[bytes], warm_up: int = 3) -> float:
 
 
 def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto",
-                     proxy: str = "ray") -> dict:
+                     proxy: str = "ray", ingress: str = "front") -> dict:
     """Median ms per request for each image size in ``sizes`` (None: the val images as they
-    are): sequential POSTs to ``pipelines/serve.py`` behind ``proxy`` (``serve.proxy``; one
-    server for all sizes), and
+    are): sequential POSTs to ``pipelines/serve.py`` behind ``proxy`` (``serve.proxy``) with
+    ``ingress`` (``serve.ingress``; one server for all sizes), and
     ``SegmentationService.segment`` on the same bytes in this process with the replica's
     torch threads (``serve.num_cpus``), both on the segmenter runtime ``runtime``
     (``serve.runtime``). {size: (served, bare)}"""
@@ -262,7 +263,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
                                    "--port", str(port), "--set", f"serve.runtime={runtime}",
-                                   "--set", f"serve.proxy={proxy}"], cwd=REPO, stdout=log,
+                                   "--set", f"serve.proxy={proxy}", "--set", f"serve.ingress={ingress}"],
+                                  cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     results = {}
@@ -378,6 +380,9 @@ def main() -> None:
     parser.add_argument("--proxies", default=None,
                         help="serve.proxy values the endpoint is measured behind, e.g. 'ray,haproxy' (default: "
                              "ray, and haproxy where Ray Serve has an HAProxy binary)")
+    parser.add_argument("--ingresses", default="front,replica",
+                        help="serve.ingress values the endpoint is measured with behind each proxy: front (the "
+                             "default: an HTTP front deployment calls the model replicas), replica (they take HTTP)")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
                         help="the five stages' bare loops (--no-training: the per-image paths only)")
     args = parser.parse_args()
@@ -403,17 +408,20 @@ def main() -> None:
         sizes = [None if size == "demo" else int(size) for size in args.endpoint_sizes.split(",")]
         proxies = args.proxies.split(",") if args.proxies else ["ray"] + (["haproxy"] if haproxy_binary() else [])
         for proxy in proxies:
-            latencies = endpoint_latency(output, args.requests, args.port, sizes, args.runtime, proxy)
+            latencies = {ingress: endpoint_latency(output, args.requests, args.port, sizes, args.runtime, proxy,
+                                                   ingress) for ingress in args.ingresses.split(",")}
             floors = serve_floor(output, args.requests, args.port + 1, sizes, config().serve.num_cpus, proxy)
-            for size, (served, bare_ms) in latencies.items():
-                label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
-                behind = "" if proxy == "ray" else f", {PROXY_NAMES[proxy]}"
-                row = {"stage": f"endpoint{behind} (ms per {label} image)", "proxy": proxy, "served_ms": served,
-                       "bare_ms": bare_ms, "loop_ratio": served / bare_ms}
-                if size in floors:
-                    row.update(floor_ms=floors[size]["two deployments"], floor_one_ms=floors[size]["one deployment"],
-                               over_floor_ratio=(served - floors[size]["two deployments"]) / bare_ms)
-                serving_rows.append(row)
+            for ingress, by_size in latencies.items():
+                shape = "one deployment" if ingress == "replica" else "two deployments"
+                for size, (served, bare_ms) in by_size.items():
+                    label = f"{config().data.image_size} px (demo)" if size is None else f"{size} px"
+                    behind = ("" if proxy == "ray" else f", {PROXY_NAMES[proxy]}") + INGRESS_NAMES[ingress]
+                    row = {"stage": f"endpoint{behind} (ms per {label} image)", "proxy": proxy, "ingress": ingress,
+                           "served_ms": served, "bare_ms": bare_ms, "loop_ratio": served / bare_ms}
+                    if size in floors:
+                        row.update(floor_shape=shape, floor_ms=floors[size][shape],
+                                   over_floor_ratio=(served - floors[size][shape]) / bare_ms)
+                    serving_rows.append(row)
         seg_wall, steady, bare_rate = segment_rate(output, args.segment_images, args.runtime)
         serving_rows.append({"stage": "segment.py (images/s)", "wall_s": seg_wall, "steady_rate": steady,
                              "bare_rate": bare_rate, "loop_ratio": bare_rate / steady if steady else float("nan")})
@@ -499,11 +507,12 @@ def print_table(rows: list[dict], wall: dict) -> None:
     if floors:
         print("\nRay Serve's own floor (benchmarks/serve_floor.py: the same requests to no-op applications "
               "behind the same proxy):")
+    shapes = {"two deployments": "the endpoint's shape (front + model deployment)",
+              "one deployment": "its shape (one FastAPI deployment)"}
     for row in floors:
-        print(f"- {row['stage']}: {row['floor_ms']:.1f} ms for the endpoint's shape (front + model deployment), "
-              f"{row['floor_one_ms']:.1f} ms for one FastAPI deployment; 1.2x of the bare call leaves "
-              f"{0.2 * row['bare_ms']:.1f} ms. Served minus the floor: {row['served_ms'] - row['floor_ms']:.1f} ms, "
-              f"{row['over_floor_ratio']:.2f}x the bare call.")
+        print(f"- {row['stage']}: {row['floor_ms']:.1f} ms for {shapes[row['floor_shape']]}; 1.2x of the bare call "
+              f"leaves {0.2 * row['bare_ms']:.1f} ms. Served minus the floor: "
+              f"{row['served_ms'] - row['floor_ms']:.1f} ms, {row['over_floor_ratio']:.2f}x the bare call.")
 
 
 if __name__ == "__main__":

@@ -560,6 +560,10 @@ class ServeConfig:
     # Serve's Python proxy; auto = haproxy when the endpoint starts its own one-machine Ray and finds the
     # binary, else ray.
     proxy: Literal["auto", "haproxy", "ray"] = "auto"
+    # What takes HTTP behind the proxy (docs/serving.md, "Two deployments"): front = a CPU-less front deployment
+    # that calls the model replicas and turns a replica lost mid-request into 503 + Retry-After; replica = the
+    # model replicas themselves, about 4 ms less per request, a replica lost mid-request answers the proxy's 500.
+    ingress: Literal["front", "replica"] = "front"
     # auto: batch on a GPU, run every request alone on CPU (measured faster there,
     # docs/serving.md "Load test"); on / off force it (true / false are accepted as on / off).
     batching: Literal["auto", "on", "off"] = "auto"

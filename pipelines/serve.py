@@ -32,7 +32,7 @@ from pading.config import ExperimentConfig, ServeConfig, from_dict, load_config,
 from pading.errors import ConfigError, PadingError
 from pading.serving import http, launch
 from pading.serving.metrics import EndpointMetrics
-from pading.serving.replica import Replica
+from pading.serving.replica import Replica, timed_out
 from pading.serving.service import BusyError, SegmentationService
 from pading.serving.vocabularies import BASE, check_name
 from pipelines import common
@@ -44,8 +44,7 @@ APP_NAME = "pading"
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
-@serve.deployment(name="PadingModel")
-class ModelDeployment(Replica):
+class _ModelReplica(Replica):
     """A model replica (:class:`~pading.serving.replica.Replica`, whose methods the HTTP front
     calls through a handle) plus what Serve adds: named vocabularies multiplexed by name (at
     most ``serve.max_vocabularies_per_replica`` per replica, least recently used out), the
@@ -66,15 +65,22 @@ class ModelDeployment(Replica):
         self._load_vocabulary = serve.multiplexed(max_num_models_per_replica=config.max_vocabularies_per_replica)(
             load_vocabulary)
 
+    def vocabulary_name(self) -> str:
+        """The request's vocabulary: the multiplexed model id the front called with (none: base)."""
+        return serve.get_multiplexed_model_id()
+
     async def vocabulary_service(self) -> SegmentationService:
-        """The service of the request's vocabulary (the multiplexed model id; none: base)."""
-        name = serve.get_multiplexed_model_id()
+        """The service of the request's vocabulary."""
+        name = self.vocabulary_name()
         return self.service if not name or name == BASE else await self._load_vocabulary(name)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def batched(self, entries: list) -> list:
         return await self.segment_batch(entries)
 
+
+#: The model deployment behind the HTTP front (``serve.ingress=front``).
+ModelDeployment = serve.deployment(name="PadingModel")(_ModelReplica)
 
 # the routes of pading.serving.http get this replica's front (set before serve.ingress copies the app)
 http.api.dependency_overrides[http.current_front] = lambda: serve.get_replica_context().servable_object.front
@@ -109,8 +115,7 @@ class SegmentationDeployment:
                 return await response
         except TimeoutError:
             response.cancel()
-            raise BusyError(f"no answer within {timeout} s (serve.request_timeout_s for segmentation); retry later",
-                            retry) from None
+            raise timed_out(timeout, retry) from None
         except BackPressureError:
             raise BusyError("every model replica is busy and the queue (serve.max_queued_requests) is full; "
                             "retry later", retry) from None
@@ -127,6 +132,26 @@ class SegmentationDeployment:
             raise cause from None
 
 
+@serve.deployment(name="PadingModel")
+@serve.ingress(http.api)
+class ModelIngressDeployment(_ModelReplica):
+    """``serve.ingress=replica``: the model replicas take HTTP themselves (the routes of
+    :mod:`pading.serving.http`), with no front deployment and no hop to reach a model: about
+    4 ms less per request (docs/performance.md, "The model replicas as the ingress"). What the
+    front gave and this does not (docs/serving.md, "Two deployments"): a replica that dies
+    mid-request leaves its client the proxy's 500, not a 503 with Retry-After; a named
+    vocabulary's requests go to any replica (each loads it from the store) rather than to
+    those that have it loaded. Backpressure (503 + Retry-After), timeouts and health checks
+    are the same."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.front = http.HttpFront(call=self.call, config=self.config, page=PAGE, metrics=self.metrics)
+
+    def vocabulary_name(self) -> str:
+        return self.request_vocabulary()
+
+
 #: The environment of the Serve instance that :func:`deploy` started in this process (the proxy's,
 #: :func:`pading.serving.launch.proxy_env`): applications added to it later start their replicas with it too.
 _serve_env: dict[str, str] = {}
@@ -134,15 +159,19 @@ _serve_env: dict[str, str] = {}
 
 def build_application(bundle_dir: str | Path, config: ServeConfig, reference: str | None = None,
                       tracking_uri: str | None = None, env: dict[str, str] | None = None):
-    """The Serve application over a local bundle directory: the HTTP front and the model deployment,
+    """The Serve application over a local bundle directory: the HTTP front and the model deployment
+    (``serve.ingress=replica``: the model deployment alone, taking HTTP itself),
     with the options and arguments of :mod:`pading.serving.launch` (``reference``: the bundle as
     given, a directory or an MLflow URI, which picks the default vocabulary store; ``env``: the
     replicas' proxy environment, by default that of the Serve instance :func:`deploy` started)."""
     env = _serve_env if env is None else env
-    model = ModelDeployment.options(**launch.model_options(config, env))
-    front = SegmentationDeployment.options(**launch.front_options(config, env), backpressure_config=BackpressureConfig(
-        status_code=503, retry_after_s=config.retry_after_s))
+    busy = BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s)
     arguments = launch.model_arguments(bundle_dir, config, reference=reference, tracking_uri=tracking_uri)
+    if config.ingress == "replica":
+        return ModelIngressDeployment.options(**launch.model_options(config, env), backpressure_config=busy).bind(
+            *arguments)
+    model = ModelDeployment.options(**launch.model_options(config, env))
+    front = SegmentationDeployment.options(**launch.front_options(config, env), backpressure_config=busy)
     return front.bind(model.bind(*arguments), to_dict(config))
 
 

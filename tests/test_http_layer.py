@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pading.config import ServeConfig
-from pading.errors import ConfigError, CorruptImageError, UnknownClassError
+from pading.errors import ConfigError, CorruptImageError, DataError, UnknownClassError
 from pading.serving import http
 from pading.serving.metrics import LATENCY_BOUNDARIES_MS, EndpointMetrics
 from pading.serving.replica import Replica
@@ -22,6 +22,7 @@ from pading.serving.service import (
     ImageTooLargeError,
     RequestError,
     UnprocessableError,
+    http_status,
 )
 from pading.serving.vocabularies import BASE, UnknownVocabularyError
 
@@ -443,6 +444,45 @@ def test_a_batch_is_grouped_by_vocabulary_and_answered_in_order():
     assert [(r["image"], r["service"]) for r in results[:3]] == [("b1", "base"), ("s1", "street"), ("b2", "base")]
     assert isinstance(results[3], CorruptImageError)
     assert base.batches == [["b1", "b2"]] and street.batches == [["s1", "s2"], ["s1"], ["s2"]]
+
+
+class CallingReplica(Replica):
+    """A Replica without a bundle whose ``slow`` and ``whose`` methods stand in for its answers."""
+
+    def __init__(self, retry_after_s: float = 4.0):
+        self.config = ServeConfig(retry_after_s=retry_after_s)
+        self.finished: list[str] = []
+
+    async def whose(self, tag: str) -> tuple[str, str]:
+        await asyncio.sleep(0.01)  # another call runs meanwhile
+        return tag, self.request_vocabulary()
+
+    async def slow(self) -> None:
+        await asyncio.sleep(5)
+        self.finished.append("slow")
+
+
+def test_call_gives_each_request_its_own_vocabulary():
+    """``serve.ingress=replica``: the routes call the replica in its own process; each call sees its
+    own vocabulary while it runs, even with others in flight, and none after it."""
+    replica = CallingReplica()
+
+    async def main():
+        calls = [replica.call("whose", f"r{k}", vocabulary=name) for k, name in enumerate(["base", "street", "farm"])]
+        return await asyncio.gather(*calls), replica.request_vocabulary()
+
+    answers, after = asyncio.run(main())
+    assert answers == [("r0", "base"), ("r1", "street"), ("r2", "farm")] and after == "base"
+
+
+def test_call_refuses_a_bad_vocabulary_name_and_times_out_with_a_503():
+    replica = CallingReplica(retry_after_s=4.0)
+    with pytest.raises(DataError, match="vocabulary name '../etc'"):
+        asyncio.run(replica.call("whose", "r", vocabulary="../etc"))
+    with pytest.raises(BusyError, match="no answer within 0.05 s") as busy:
+        asyncio.run(replica.call("slow", timeout=0.05))
+    assert busy.value.retry_after_s == 4.0 and replica.finished == []
+    assert http_status(busy.value) == 503
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])

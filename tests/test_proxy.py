@@ -155,16 +155,17 @@ def endpoint_command(tmp_path: Path, *options: str, env: dict | None = None):
 @pytest.mark.slow
 @pytest.mark.skipif(HAPROXY is None or not sys.platform.startswith("linux"),
                     reason="no HAProxy binary (ray[serve] brings one on Linux)")
-def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_and_stops_whole(tmp_path):
-    """``python pipelines/serve.py`` with the default ``serve.proxy`` (auto) on the Ray it starts:
-    HAProxy listens on serve.port; a segmentation equals the library's on the same bytes; the
-    front's own errors (413 with its JSON) pass through unchanged; SIGTERM stops it all and
-    frees the port."""
+@pytest.mark.parametrize("ingress", ["front", "replica"])
+def test_the_endpoint_command_runs_behind_haproxy_answers_as_the_library_does_and_stops_whole(tmp_path, ingress):
+    """``python pipelines/serve.py`` with the default ``serve.proxy`` (auto) on the Ray it starts,
+    with an HTTP front or with the model replicas taking HTTP (``serve.ingress``): HAProxy
+    listens on serve.port; a segmentation equals the library's on the same bytes; the routes'
+    own errors (413 with its JSON) pass through unchanged; SIGTERM stops it all and frees the port."""
     from pading.bundle import Bundle
     from pading.serving.service import SegmentationService
 
-    with endpoint_command(tmp_path, "--set", "serve.max_body_bytes=100000", "--set", "serve.runtime=torch") as (
-            url, port, bundle, _):
+    with endpoint_command(tmp_path, "--set", "serve.max_body_bytes=100000", "--set", "serve.runtime=torch",
+                          "--set", f"serve.ingress={ingress}") as (url, port, bundle, _):
         assert "haproxy" in listener(port)
         body = _png()
         response = httpx.post(url + "v1/segment", params={"task": "all"}, content=body,

@@ -48,9 +48,10 @@ def post_image(client: httpx.Client, url: str, body: bytes, **params) -> httpx.R
 # ---- backpressure, timeout, upload limit, batching -------------------------------------
 
 
-def test_full_queue_gets_503_with_retry_after(app_info):
+@pytest.mark.parametrize("ingress", ["front", "replica"])
+def test_full_queue_gets_503_with_retry_after(app_info, ingress):
     url = deploy_extra(app_info, "tight", max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2,
-                       max_image_pixels=1_000_000)
+                       max_image_pixels=1_000_000, ingress=ingress)
     try:
         body = big_jpeg()
         with httpx.Client(timeout=60) as client:
@@ -72,8 +73,10 @@ def test_full_queue_gets_503_with_retry_after(app_info):
         remove("tight")
 
 
-def test_request_timeout_gets_clean_503(app_info):
-    url = deploy_extra(app_info, "slow", request_timeout_s=0.001, retry_after_s=3, max_image_pixels=1_000_000)
+@pytest.mark.parametrize("ingress", ["front", "replica"])
+def test_request_timeout_gets_clean_503(app_info, ingress):
+    url = deploy_extra(app_info, "slow", request_timeout_s=0.001, retry_after_s=3, max_image_pixels=1_000_000,
+                       ingress=ingress)
     try:
         with httpx.Client(timeout=60) as client:
             response = post_image(client, url, big_jpeg())

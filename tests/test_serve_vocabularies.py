@@ -177,6 +177,41 @@ def test_named_vocabularies_are_served_side_by_side(live):
         assert set(pool.map(check, range(36))) == {"street", "farm"}
 
 
+def test_the_model_replicas_as_ingress_serve_the_same_store(live):
+    """``serve.ingress=replica`` (no front deployment; docs/serving.md, "Two deployments") beside
+    the live application, on the same vocabulary store: a named vocabulary created through one
+    application is served by the other, by each of this application's two replicas (which load
+    it themselves: no routing by name here), and both answer the same image alike."""
+    url = deploy_extra(live["info"], "direct", vocabulary_store=live["store"], ingress="replica", **REPLICAS)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as direct:
+            replicas = wait_for_replicas(direct, 2)
+            spec = {"name": "orchard", "only": ["person", "sheep", "road"], "add": ["kite surfer"]}
+            assert call(direct, "POST", "/v1/vocabularies", json=spec).status_code == 201
+            allowed = set(spec["only"]) | set(spec["add"])
+            assert set(classes(live["client"], "orchard")[1]) == allowed
+            seen = set()
+            for _ in range(24):
+                _, names, replica = classes(direct, "orchard")
+                assert set(names) == allowed
+                seen.add(replica)
+                answer = segment(direct, "orchard")
+                assert answer.status_code == 200 and answer.headers["x-vocabulary"] == "orchard"
+                found = {e["class_name"] for task in ("panoptic", "instance", "semantic") for e in answer.json()[task]}
+                assert found <= allowed, found - allowed
+            assert seen == replicas, seen
+            for vocabulary in ("base", "orchard"):
+                one, other = segment(direct, vocabulary), segment(live["client"], vocabulary)
+                assert one.headers["x-vocabulary-version"] == other.headers["x-vocabulary-version"]
+                strip = {"replica"}
+                assert ({k: v for k, v in one.json().items() if k not in strip}
+                        == {k: v for k, v in other.json().items() if k not in strip}), vocabulary
+            assert segment(direct, "nowhere").status_code == 404
+            assert direct.get("/v1/classes", params={"vocabulary": "../etc"}).status_code == 400
+    finally:
+        remove("direct")
+
+
 def test_bad_vocabulary_requests_get_their_4xx(live):
     client = live["client"]
     assert segment(client, "nowhere").status_code == 404

@@ -7,6 +7,7 @@ deployment (multiplexing by vocabulary, batching, health checks, the handle call
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from typing import Any
@@ -17,8 +18,8 @@ from pading.bundle import Bundle
 from pading.config import ServeConfig
 from pading.errors import PadingError
 from pading.serving.metrics import EndpointMetrics
-from pading.serving.service import SegmentationService, resolve_batching
-from pading.serving.vocabularies import open_store
+from pading.serving.service import BusyError, SegmentationService, resolve_batching
+from pading.serving.vocabularies import BASE, check_name, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,15 @@ logger = logging.getLogger(__name__)
 Item = tuple
 #: One batch entry: (the service of its vocabulary, its item).
 Entry = tuple[SegmentationService, Item]
+
+
+#: The vocabulary of the request that :meth:`Replica.call` is answering.
+_request_vocabulary: contextvars.ContextVar[str] = contextvars.ContextVar("pading_request_vocabulary", default=BASE)
+
+
+def timed_out(timeout: float | None, retry: float) -> BusyError:
+    """The 503 of a request not answered within ``timeout`` seconds."""
+    return BusyError(f"no answer within {timeout} s (serve.request_timeout_s for segmentation); retry later", retry)
 
 
 class Replica:
@@ -122,6 +132,24 @@ class Replica:
         if isinstance(result, Exception):
             raise result
         return self.tag(result)
+
+    async def call(self, method: str, *args, timeout: float | None = None, vocabulary: str = BASE) -> Any:
+        """``self.<method>(*args)`` for ``vocabulary`` (:meth:`request_vocabulary` while it runs),
+        given up with a 503 after ``timeout`` seconds (None: no limit): the call of an HTTP front
+        in this replica's own process (pipelines/serve.py's ``serve.ingress=replica``)."""
+        token = _request_vocabulary.set(vocabulary if vocabulary == BASE else check_name(vocabulary))
+        try:
+            async with asyncio.timeout(timeout):
+                return await getattr(self, method)(*args)
+        except TimeoutError:
+            raise timed_out(timeout, self.config.retry_after_s) from None
+        finally:
+            _request_vocabulary.reset(token)
+
+    @staticmethod
+    def request_vocabulary() -> str:
+        """The vocabulary of the :meth:`call` being answered (base outside one)."""
+        return _request_vocabulary.get()
 
     async def classes(self) -> dict:
         service = await self.vocabulary_service()
