@@ -17,7 +17,8 @@ own data and model:
 - the per-image paths (``--serving``): the endpoint's latency (sequential requests to
   ``python pipelines/serve.py``, at the demo's image size and at a COCO-sized 640 px,
   ``--endpoint-sizes``, behind each ``serve.proxy`` of ``--proxies``: Serve's Python proxy and,
-  where Ray Serve has an HAProxy binary, HAProxy) against :class:`pading.serving.service.SegmentationService` on the
+  where Ray Serve has an HAProxy binary, HAProxy; with each ``serve.ingress`` of ``--ingresses``:
+  the HTTP front deployment and the model replicas taking HTTP themselves) against :class:`pading.serving.service.SegmentationService` on the
   same bytes in this process, and Ray Serve's own floor for the same requests
   (``benchmarks/serve_floor.py``: no-op applications of the endpoint's shape, so the table
   also says how much of a request is Serve's and how much is the project's);
@@ -369,7 +370,7 @@ def main() -> None:
     parser.add_argument("--generator-steps", type=int, default=400)
     parser.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
                         help="also the endpoint and pipelines/segment.py (starts Serve; ~2 min)")
-    parser.add_argument("--requests", type=int, default=30, help="endpoint requests per image size")
+    parser.add_argument("--requests", type=int, default=100, help="endpoint requests per image size")
     parser.add_argument("--endpoint-sizes", default="demo,640",
                         help="image sizes sent to the endpoint: 'demo' (the val images as they are) or a long side in px")
     parser.add_argument("--segment-images", type=int, default=1024,

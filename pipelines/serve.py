@@ -14,8 +14,10 @@ unless serve.host says otherwise.
 
 Production behaviour (docs/serving.md; ``serve`` settings): 503 + ``Retry-After`` under backpressure
 and timeouts, uploads cut off at ``max_body_bytes``, health checks that replace a broken replica,
-durable vocabularies, ``ray.serve.metrics``. The Ray-free logic is in pading.serving (``http``: the
-routes; ``replica``: a model replica; ``launch``: options and arguments); this file is the Ray wiring.
+durable vocabularies, ``ray.serve.metrics``. Two deployments, an HTTP front and the model
+replicas (``serve.ingress=replica``: the model replicas alone, taking HTTP themselves). The
+Ray-free logic is in pading.serving (``http``: the routes; ``replica``: a model replica;
+``launch``: options and arguments); this file is the Ray wiring.
 """
 
 import asyncio
