@@ -84,8 +84,16 @@ class _ModelReplica(Replica):
 #: The model deployment behind the HTTP front (``serve.ingress=front``).
 ModelDeployment = serve.deployment(name="PadingModel")(_ModelReplica)
 
+async def _replica_front() -> http.HttpFront:
+    """The front of the replica serving the request. A coroutine, so that FastAPI runs it on the
+    event loop: a plain function would go to AnyIO's worker threads, and under Serve those are
+    tied to the request's task, so every request started a thread of its own (docs/performance.md,
+    "A thread per request")."""
+    return serve.get_replica_context().servable_object.front
+
+
 # the routes of pading.serving.http get this replica's front (set before serve.ingress copies the app)
-http.api.dependency_overrides[http.current_front] = lambda: serve.get_replica_context().servable_object.front
+http.api.dependency_overrides[http.current_front] = _replica_front
 
 
 @serve.deployment(name="PadingSegmenter")
