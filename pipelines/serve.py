@@ -84,6 +84,7 @@ class _ModelReplica(Replica):
 #: The model deployment behind the HTTP front (``serve.ingress=front``).
 ModelDeployment = serve.deployment(name="PadingModel")(_ModelReplica)
 
+
 async def _replica_front() -> http.HttpFront:
     """The front of the replica serving the request. A coroutine, so that FastAPI runs it on the
     event loop: a plain function would go to AnyIO's worker threads, and under Serve those are
