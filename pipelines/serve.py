@@ -134,10 +134,10 @@ class SegmentationDeployment:
             logger.warning("model replica lost during a request: %s", type(error).__name__)
             raise BusyError("the model replica serving this request stopped; it is being replaced, retry later",
                             retry) from None
-        except PadingError:
-            raise
         except Exception as error:
-            cause = getattr(error, "cause", None)  # the library error a model replica raised, re-raised by Ray
+            # Ray re-raises a model replica's error as RayTaskError(<its class>), an instance of both:
+            # answer with the library's error itself, not the wrapper's name and the replica's traceback
+            cause = getattr(error, "cause", None)
             if not isinstance(cause, PadingError):
                 raise
             raise cause from None

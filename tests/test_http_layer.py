@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pading.config import ServeConfig
 from pading.errors import ConfigError, CorruptImageError, DataError, UnknownClassError
 from pading.serving import http
-from pading.serving.metrics import LATENCY_BOUNDARIES_MS, EndpointMetrics
+from pading.serving.metrics import LATENCY_BOUNDARIES_MS, OTHER, EndpointMetrics
 from pading.serving.replica import Replica
 from pading.serving.service import (
     BusyError,
@@ -229,6 +229,36 @@ def test_streamed_upload_over_the_limit_is_413_without_content_length(client, re
     assert replica.calls == []
 
 
+@pytest.mark.parametrize("path", ["/v1/classes", "/v1/vocabularies"])
+def test_a_json_body_over_its_limit_is_413_before_it_is_parsed(client, replica, path):
+    names = json.dumps({"name": "big", "names": ["x" * 1000] * (http.MAX_JSON_BYTES // 1000)}).encode()
+    response = client.post(path, content=names, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert str(http.MAX_JSON_BYTES) in response.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it streams in
+        for _ in range(http.MAX_JSON_BYTES // 65536 + 1):
+            yield b" " * 65536
+
+    assert client.post(path, content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+    assert replica.calls == []
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"[1, 2]"])
+def test_a_json_body_that_is_not_the_object_is_422(client, replica, body):
+    response = client.post("/v1/classes", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "ValidationError" and response.json()["detail"].startswith("body")
+    assert replica.calls == []
+
+
+def test_the_json_routes_keep_their_documented_bodies(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, field in (("/v1/classes", "names"), ("/v1/vocabularies", "name")):
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in schema["properties"] and field in schema["required"]
+
+
 def test_upload_at_the_limit_reaches_the_replica_whole(client, replica):
     body = bytes(range(256)) * 3 + b"\x07" * (MAX_BODY - 768)
     assert post_image(client, body).status_code == 200
@@ -361,6 +391,11 @@ def test_endpoint_metrics_names_tags_and_values(backend):
     assert backend.calls("pading_request_latency_ms") == [
         ("observe", pytest.approx(12.5), {"task": "semantic", "vocabulary": "street"}),
         ("observe", pytest.approx(500.0), {"task": "invalid", "vocabulary": BASE})]
+    # failures keep the name of a vocabulary that has answered; any other name is one bounded value
+    for name in ("street", "typo-1", "typo-2", "../x"):
+        metrics.request("panoptic", 503, 0.1, name)
+    assert [tags["vocabulary"] for _, _, tags in backend.calls("pading_requests")[2:]] == \
+        ["street", OTHER, OTHER, OTHER]
 
     metrics.result({"panoptic": [{"unseen": False}, {"unseen": False}, {"unseen": True, "added": True}],
                     "semantic": [{"unseen": True}]})

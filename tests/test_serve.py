@@ -136,7 +136,11 @@ BAD_SEGMENT_REQUESTS = [
 def test_bad_segment_requests_get_4xx_json(client, name, params, body, status, message):
     response = client.post("/v1/segment", params=params, content=body)
     assert response.status_code == status, response.text
-    assert message in response.json()["detail"] and response.json()["error"]
+    error, detail = response.json()["error"], response.json()["detail"]
+    assert message in detail
+    # the library's error class and its message, not Ray's wrapper of a model replica's error
+    assert error.isidentifier() and "RayTaskError" not in error, error
+    assert "Traceback" not in detail and "ray::" not in detail and len(detail) < 500, detail
     assert client.get("/healthz").status_code == 200  # the replica is still alive
 
 

@@ -85,6 +85,45 @@ def test_a_deleted_vocabulary_keeps_its_versions_going_up(store):
     assert store.commit("team-a", 2, Change("create")).version == 3
 
 
+def test_a_link_that_landed_before_its_error_is_the_commit(tmp_path, monkeypatch):
+    """On NFS a retransmitted link that had succeeded reports EEXIST: the record is then ours,
+    the commit stands and its tensors stay; a version another writer took is still refused."""
+    import os
+
+    import pading.serving.vocabularies as vocabularies
+
+    store = VocabularyStore(tmp_path / "vocabularies")
+    real_link = os.link
+
+    def link_then_eexist(source, target):
+        real_link(source, target)
+        raise FileExistsError(17, "File exists", str(target))
+
+    monkeypatch.setattr(vocabularies.os, "link", link_then_eexist)
+    change = Change("add", classes=[{"id": 99, "name": "kite", "isthing": True}],
+                    semantics=np.ones((1, 4), np.float32), weight=np.ones((1, 3), np.float32),
+                    bias=np.zeros(1, np.float32))
+    assert store.commit(BASE, 0, change).version == 1
+    (read,) = store.changes(BASE)  # its tensors were kept
+    assert read.classes[0]["name"] == "kite" and np.array_equal(read.weight, np.ones((1, 3)))
+    monkeypatch.setattr(vocabularies.os, "link", real_link)
+    with pytest.raises(VersionTakenError):
+        store.commit(BASE, 0, Change("remove", removed=["kite"]))
+
+
+def test_a_new_vocabulary_folder_is_made_durable_in_the_store(tmp_path, monkeypatch):
+    import pading.serving.vocabularies as vocabularies
+
+    synced = []
+    monkeypatch.setattr(vocabularies, "_fsync_directory", lambda path: synced.append(path))
+    store = VocabularyStore(tmp_path / "vocabularies")
+    store.commit("team", 0, Change("create"))
+    assert synced == [store.root / "team", store.root]  # the commit's link, then the new folder's entry
+    synced.clear()
+    store.commit("team", 1, Change("delete"))
+    assert synced == [store.root / "team"]
+
+
 def test_bad_vocabulary_names_are_refused(store):
     for name in ("", "../etc", "a b", "x" * 65, ".hidden"):
         with pytest.raises(RequestError.__mro__[1], match="vocabulary name"):
@@ -175,6 +214,23 @@ def test_a_store_that_cannot_be_written_changes_nothing(bundle_dir, store, image
     assert service.add_classes([EXTRA_NAMES[1]])["vocabulary_version"] == 2
 
 
+def test_a_store_that_cannot_be_read_leaves_the_replica_healthy(bundle_dir, store, image, monkeypatch):
+    """An outage of the store (NFS, the MLflow server) must not fail health checks: the
+    platform would replace every replica, and a new one cannot start without the store."""
+    service = replica(bundle_dir, store)
+    service.add_classes([EXTRA_NAMES[0]])
+
+    def unavailable(*args, **kwargs):
+        raise StoreUnavailableError("the store is down (injected)")
+
+    monkeypatch.setattr(store, "latest", unavailable)
+    monkeypatch.setattr(service, "_checked_at", float("-inf"))  # the next sync reads the store
+    service.health_check()
+    assert EXTRA_NAMES[0] in {c["name"] for c in service.bundle.table.to_records()}
+    with pytest.raises(StoreUnavailableError):  # a request that reads the store still says why it cannot
+        service.segment([image])
+
+
 # ---- named vocabularies -------------------------------------------------------------------
 
 
@@ -209,6 +265,15 @@ def test_named_vocabulary_errors(bundle_dir, store):
         base.create_vocabulary("huge", add=[f"class {i}" for i in range(base.config.max_new_classes + 1)])
     with pytest.raises(UnknownClassError):
         base.create_vocabulary("typo", only=["persn"])
+    with pytest.raises(RequestError, match="at most 200"):  # a class name is stored and repeated in answers
+        base.create_vocabulary("long", add=["x" * 201])
+    with pytest.raises(ClassConflictError, match="leaves out"):  # trained, not in 'only': listed, not added
+        base.create_vocabulary("farm", add=["car"], only=["person"])
+    base.create_vocabulary("farm", only=["person"])
+    with pytest.raises(ClassConflictError, match="leaves out"):
+        replica(bundle_dir, store, "farm").add_classes(["car"])
+    with pytest.raises(ClassConflictError, match="already in the vocabulary"):
+        replica(bundle_dir, store, "farm").add_classes(["person"])
     with pytest.raises(ClassConflictError):
         base.delete_vocabulary(BASE)
     team = replica(bundle_dir, store, "team")

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from pading.config import ServeConfig
@@ -118,6 +118,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: The largest JSON body (a class list or a vocabulary): 1 MiB holds tens of thousands of names.
+MAX_JSON_BYTES = 1 << 20
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as ``model``, refused with 413 past :data:`MAX_JSON_BYTES` before it is parsed
+    (FastAPI would read a body of any size into memory), and with the usual 422 naming the field
+    when it does not fit ``model``."""
+    body = await read_body(request, MAX_JSON_BYTES)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]) \
+            from None
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI description of a route that reads ``model`` with :func:`read_json`."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 async def read_image(request: Request, limit: int) -> bytes:
     """The image bytes: the raw body, or the first file of a multipart form (at most ``limit`` bytes sent)."""
     body = await read_body(request, limit)
@@ -189,7 +210,7 @@ async def segment(
         status = http_status(error)
         raise
     finally:
-        front.metrics.request(task, status, time.perf_counter() - started, vocabulary if status != 404 else "unknown")
+        front.metrics.request(task, status, time.perf_counter() - started, vocabulary)
     front.metrics.result(result)
     elapsed_ms = 1000 * (time.perf_counter() - started)
     headers = {"X-Process-Time-Ms": f"{elapsed_ms:.1f}", "Server-Timing": f"segment;dur={elapsed_ms:.1f}",
@@ -209,8 +230,9 @@ async def list_classes(vocabulary: str = VOCABULARY_QUERY, front: HttpFront = FR
 
 
 @api.post("/v1/classes", summary="Add classes by name (re-fits the classifier; durable once answered)",
-          status_code=201)
-async def add_classes(body: NewClasses, vocabulary: str = VOCABULARY_QUERY, front: HttpFront = FRONT) -> JSONResponse:
+          status_code=201, openapi_extra=json_body(NewClasses))
+async def add_classes(request: Request, vocabulary: str = VOCABULARY_QUERY, front: HttpFront = FRONT) -> JSONResponse:
+    body = await read_json(request, NewClasses)
     result = await front.call("add_classes", body.names, body.isthing, vocabulary=vocabulary)
     return JSONResponse(status_code=201, content=result,
                         headers={"X-Process-Time-Ms": f"{1000 * result['seconds']:.1f}", **vocabulary_headers(result)})
@@ -227,8 +249,10 @@ async def list_vocabularies(front: HttpFront = FRONT) -> dict:
     return await front.call("vocabularies", timeout=front.config.health_check_timeout_s)
 
 
-@api.post("/v1/vocabularies", summary="Create a named vocabulary", status_code=201)
-async def create_vocabulary(body: NewVocabulary, front: HttpFront = FRONT) -> JSONResponse:
+@api.post("/v1/vocabularies", summary="Create a named vocabulary", status_code=201,
+          openapi_extra=json_body(NewVocabulary))
+async def create_vocabulary(request: Request, front: HttpFront = FRONT) -> JSONResponse:
+    body = await read_json(request, NewVocabulary)
     check_name(body.name)
     result = await front.call("create_vocabulary", body.name, body.add, body.isthing, body.only)
     return JSONResponse(status_code=201, content=result)

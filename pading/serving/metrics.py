@@ -11,6 +11,8 @@ from pading.serving.service import TASK_CHOICES, segment_counts
 from pading.serving.vocabularies import BASE
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+#: The ``vocabulary`` tag of a failed request for a vocabulary not served here before (never a vocabulary's name).
+OTHER = "(other)"
 
 
 class MetricsBackend(Protocol):
@@ -27,6 +29,7 @@ class EndpointMetrics:
     vocabulary (``vocabulary=True``) by each model replica."""
 
     def __init__(self, *, backend: MetricsBackend, vocabulary: bool = True) -> None:
+        self._served: set[str] = {BASE}
         self.requests = backend.Counter(
             "pading_requests", description="POST /v1/segment requests by task, HTTP status and vocabulary",
             tag_keys=("task", "status", "vocabulary"))
@@ -44,7 +47,14 @@ class EndpointMetrics:
                                          tag_keys=("vocabulary",))
 
     def request(self, task: str, status: int, seconds: float, vocabulary: str = BASE) -> None:
-        task = task if task in TASK_CHOICES else "invalid"  # bounded tag values
+        """Count a request. Tag values stay bounded whatever clients send: a task that is not one
+        of the tasks is ``invalid``; a vocabulary that has not answered a request here yet (a
+        typo, a random name, one deleted before it was used) is :data:`OTHER`."""
+        task = task if task in TASK_CHOICES else "invalid"
+        if status == 200:
+            self._served.add(vocabulary)  # it exists: at most the store's vocabularies
+        elif vocabulary != BASE and vocabulary not in self._served:
+            vocabulary = OTHER
         self.requests.inc(tags={"task": task, "status": str(status), "vocabulary": vocabulary})
         self.latency.observe(1000 * seconds, tags={"task": task, "vocabulary": vocabulary})
 

@@ -179,7 +179,7 @@ class Replica:
         return self.tag(await asyncio.to_thread(self.service.delete_vocabulary, name))
 
     async def info(self) -> dict:
-        state = self.service.sync()
+        state = await asyncio.to_thread(self.service.sync)  # store I/O, and it may wait for a re-fit's lock
         return {"vocabulary_version": state.version, "num_classes": state.bundle.table.num_classes,
                 "device": str(state.bundle.device), "batching": self.batching, "replica": self.replica,
                 "replica_pid": os.getpid(), "vocabulary_store": str(self.store.root)}

@@ -75,6 +75,8 @@ logger = logging.getLogger(__name__)
 TASK_CHOICES = TASKS + ("all",)
 #: Attempts at committing a vocabulary change while other replicas keep committing theirs first.
 MAX_COMMIT_ATTEMPTS = 8
+#: The longest class name accepted (after collapsing whitespace); it is stored and repeated in answers.
+MAX_NAME_CHARS = 200
 OUTPUT_FORMATS = ("json", "png")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 _EIGHT_BIT_MAX = 255
@@ -345,8 +347,8 @@ class SegmentationService:
             batch = prepare_batch([image], bundle.config.data.image_size)
             output = bundle.segmenter(batch["pixel_values"].to(bundle.device))
             finite = bool(torch.isfinite(output.mask_logits).all() and torch.isfinite(output.class_logits).all())
-            if finite:
-                self.segment([image], "all")
+            if finite:  # the state this replica has: a store it cannot read now does not make it unhealthy
+                self.segment([image], "all", state=self._state)
         except Exception as err:
             raise UnhealthyError(f"health check forward pass failed: {type(err).__name__}: {err}") from err
         if not finite:
@@ -472,8 +474,10 @@ class SegmentationService:
                                      f"semantics are {bundle.class_semantics.shape[1]}-d ({bundle.encoder})")
         return vectors
 
-    def _check_new_names(self, names: Sequence[str], isthing: bool | Sequence[bool],
-                         table: ClassTable) -> list[tuple[str, bool]]:
+    def _check_new_names(self, names: Sequence[str], isthing: bool | Sequence[bool], table: ClassTable,
+                         shows: Callable[[int], bool] = lambda class_id: True) -> list[tuple[str, bool]]:
+        """(name, isthing) of each new name, cleaned; ``shows`` says which of ``table``'s classes the
+        vocabulary shows (a trained class it leaves out cannot be added by name)."""
         names = list(names) if not isinstance(names, str) else [names]
         if not names:
             raise RequestError("names", "give at least one class name")
@@ -489,10 +493,16 @@ class SegmentationService:
             name = " ".join(raw.split()) if isinstance(raw, str) else ""
             if not clean_name(name):
                 raise RequestError(f"names[{i}]", f"class name {raw!r} is empty")
+            if len(name) > MAX_NAME_CHARS:
+                raise RequestError(f"names[{i}]", f"class name of {len(name)} characters; at most {MAX_NAME_CHARS}")
             key = clean_name(name).lower()
             if key in seen or name.lower() in seen:
                 raise RequestError(f"names[{i}]", f"class name {name!r} is given twice")
             existing = known.get(key) or known.get(name.lower())
+            if existing is not None and not shows(existing.id):
+                raise ClassConflictError(name, f"is the trained class {existing.name!r} (id {existing.id}), which "
+                                         "this vocabulary leaves out: a trained class is not added by name but "
+                                         "listed in 'only' when a vocabulary is created")
             if existing is not None:
                 raise ClassConflictError(name, f"already in the vocabulary as {existing.name!r} (id {existing.id})")
             seen.update((key, name.lower()))
@@ -572,7 +582,7 @@ class SegmentationService:
 
         def make_change(state: ServiceState) -> tuple[Change, dict]:
             bundle = state.bundle
-            new = self._check_new_names(names, isthing, bundle.table)
+            new = self._check_new_names(names, isthing, bundle.table, state.shows)
             vectors = self._encode([name for name, _ in new], bundle)  # (M, S)
             infos = [ClassInfo(id=state.next_id + k, name=name, isthing=thing, unseen=True, added=True)
                      for k, (name, thing) in enumerate(new)]
@@ -667,7 +677,9 @@ class SegmentationService:
                 change = Change("create", only=kept)
                 if add:
                     base_state = ServiceState(bundle=trained, version=0, next_id=max(trained.table.ids) + 1)
-                    new = self._check_new_names(add, isthing, trained.table)
+                    kept_ids = None if kept is None else {info.id for info in trained.table if info.name in kept}
+                    new = self._check_new_names(add, isthing, trained.table,
+                                                lambda class_id: kept_ids is None or class_id in kept_ids)
                     vectors = self._encode([n for n, _ in new], trained)
                     infos = [ClassInfo(id=base_state.next_id + k, name=n, isthing=t, unseen=True, added=True)
                              for k, (n, t) in enumerate(new)]

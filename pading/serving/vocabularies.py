@@ -234,6 +234,7 @@ class VocabularyStore(_ChainStore):
         staging = folder / "staging"
         tensors_name = f"v{version:09d}-{token}.safetensors"
         written: list[Path] = []
+        new_chain = not folder.exists()
         try:
             staging.mkdir(parents=True, exist_ok=True)
             tensors = change.tensors()
@@ -252,11 +253,17 @@ class VocabularyStore(_ChainStore):
             staged_record.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
             written.append(staged_record)
             _fsync(staged_record)
+            target = folder / f"v{version:09d}.json"
             try:
-                os.link(staged_record, folder / f"v{version:09d}.json")  # the commit: fails if the version exists
+                os.link(staged_record, target)  # the commit: fails if the version exists
             except FileExistsError:
-                raise VersionTakenError(f"version {version} of vocabulary {name!r} was committed by another writer")
+                # on NFS a retransmitted link that had succeeded reports EEXIST: then the record is ours
+                if not _same_file(staged_record, target):
+                    raise VersionTakenError(f"version {version} of vocabulary {name!r} was committed by another "
+                                            "writer") from None
             _fsync_directory(folder)
+            if new_chain:  # the chain's folder itself, so a power loss cannot drop a new vocabulary
+                _fsync_directory(self.root)
         except VersionTakenError:
             _remove(written)
             raise
@@ -437,6 +444,13 @@ def _fsync_directory(path: Path) -> None:
         _fsync(path)
     except OSError:  # some file systems cannot fsync a directory; the link itself is durable there
         pass
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _remove(paths: list[Path]) -> None:
