@@ -37,6 +37,10 @@ from pipelines import common
 
 logger = logging.getLogger("pipelines.segment")
 
+#: Times a shard is handed out again after its actor died (Ray Data's default is without end:
+#: an image that kills its actor, e.g. out of memory, would stall the job for ever).
+SHARD_RETRIES = 3
+
 
 class SegmenterActor(batch.ShardSegmenter):
     """The library's shard segmenter with one torch thread per reserved CPU."""
@@ -82,15 +86,26 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
             "images": common.share_per_actor(sum(len(shard["paths"]) for shard in pending), settings.concurrency),
         },
         batch_size=1, compute=common.fixed_actor_pool(settings.concurrency), num_cpus=settings.num_cpus,
-        num_gpus=settings.num_gpus or None, **allocator.runtime_env(),  # glibc malloc kept from faulting per image
+        num_gpus=settings.num_gpus or None, max_task_retries=SHARD_RETRIES,
+        **allocator.runtime_env(),  # glibc malloc kept from faulting per image
     )
     rows = []
     finished_before = total_shards - len(pending)
-    for row in results.iter_rows():
-        rows.append(row)
-        logger.info("segment: shard %d done: %d images, %d rejected, %d segments, %.1f s [%d/%d shards]",
-                    int(row["shard"]), int(row["images"]), int(row["rejected"]), int(row["segments"]),
-                    float(row["seconds"]), finished_before + len(rows), total_shards)
+    try:
+        for row in results.iter_rows():
+            rows.append(row)
+            logger.info("segment: shard %d done: %d images, %d rejected, %d segments, %.1f s [%d/%d shards]",
+                        int(row["shard"]), int(row["images"]), int(row["rejected"]), int(row["segments"]),
+                        float(row["seconds"]), finished_before + len(rows), total_shards)
+    except Exception as error:
+        from ray.exceptions import RayActorError
+
+        if not isinstance(error, RayActorError) and not isinstance(getattr(error, "cause", None), RayActorError):
+            raise
+        raise PadingError(
+            f"a segmentation actor died {SHARD_RETRIES + 1} times on one shard ({type(error).__name__}), most likely "
+            "out of memory on a large image; the shards finished so far are kept. Lower segment.max_image_pixels "
+            "(or segment.batch_size) and run the job again") from None
     return sum(int(r["images"]) for r in rows), time.time() - started, batch.steady_throughput(rows)
 
 

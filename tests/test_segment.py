@@ -217,6 +217,43 @@ def test_shards_hold_segments_and_rejects_with_reasons(small_job):
     assert again["skipped"] and again["segments"] == small_job["counts"][0]["segments"]
 
 
+def test_an_image_the_model_fails_on_is_a_reject_and_its_batch_goes_on(bundle_dir, tmp_path):
+    """A failure after decoding (the model, post-processing, a file write) is isolated image by
+    image: the failing image becomes a ``failed`` reject naming the error, its batch-mates are
+    segmented once each, and the shard is finished."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for k, width in enumerate([40, 33, 48]):  # the 33-px-wide one breaks the "model"
+        path = tmp_path / "in" / f"img{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (30, width, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    output = tmp_path / "out"
+    output.mkdir()
+    batch.prepare_bundle(bundle_dir, output, _bundle_config(bundle_dir), [], reuse=False)
+    worker = batch.ShardSegmenter(str(output / "bundle"), str(output), "instance", read_threads=1, batch_size=2)
+    real_segment, calls = worker.service.segment, []
+
+    def segment(images, *args, **kwargs):
+        calls.append(len(images))
+        if any(image.shape[1] == 33 for image in images):
+            raise RuntimeError("the model broke on this image")
+        return real_segment(images, *args, **kwargs)
+
+    worker.service.segment = segment
+    counts = worker.segment_shard(0, paths, [1, 2, 3])
+    assert calls == [2, 1, 1, 1]  # the failed pair again one by one, then the last image
+    assert (counts["segmented"], counts["rejected"]) == (2, 1)
+    images = {Path(r["path"]).name: r for r in pq.read_table(batch.shard_files(output, 0)[1]).to_pylist()}
+    assert images["img1.png"]["status"] == "rejected" and images["img1.png"]["kind"] == "failed"
+    assert "RuntimeError: the model broke on this image" in images["img1.png"]["reason"]
+    assert images["img0.png"]["status"] == images["img2.png"]["status"] == "ok"
+    segments = pq.read_table(batch.shard_files(output, 0)[0]).to_pylist()
+    alone = real_segment([np.asarray(Image.open(paths[0]).convert("RGB"))], "instance", "json")[0]["instance"]
+    assert sum(r["image_id"] == 1 for r in segments) == len(alone)  # once, not once per attempt
+    assert {r["image_id"] for r in segments} <= {1, 3}
+
+
 def test_every_format_is_assembled_from_the_shards(small_job):
     from pycocotools.coco import COCO
 

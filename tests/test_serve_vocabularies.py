@@ -296,3 +296,11 @@ def test_segment_py_uses_the_same_named_vocabulary(live, tmp_path):
     assert segments and {row["class_name"] for row in segments} <= allowed
     unfiltered = segment(client, "base").json()  # the same image in the base vocabulary has other classes too
     assert {e["class_name"] for task in ("panoptic", "instance", "semantic") for e in unfiltered[task]} - allowed
+    # a trained class the vocabulary leaves out is refused by name, not answered with no segments
+    refused = subprocess.run([sys.executable, "pipelines/segment.py", "--bundle", str(live["info"]["bundle_dir"]),
+                              "--vocabulary", "segment-job", "--vocabulary-store", str(live["store"]),
+                              "--only-classes", f"{trained[0]},{trained[1]}", "--input", str(images),
+                              "--output", str(tmp_path / "refused")],
+                             cwd=serve_app.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"does not have [{trained[1]!r}]" in refused.stderr, refused.stderr[-3000:]

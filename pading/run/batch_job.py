@@ -121,6 +121,11 @@ def plan(args: argparse.Namespace) -> Job:
     preview = batch.preview_table(source_table, added)  # names already known stop here
     if only:
         batch.select_classes(preview, only)  # and unknown ones here, before the output is touched
+        hidden = [name for name in only if visible is not None and batch.select_classes(preview, [name])[0] not in visible]
+        if hidden:  # a trained class the named vocabulary leaves out: its answers would hold none of it
+            raise ConfigError(f"--only-classes: vocabulary {args.vocabulary!r} does not have {hidden} (its 'only' list "
+                              f"leaves them out); it has {len(visible)} classes (GET /v1/classes?vocabulary="
+                              f"{args.vocabulary} lists them)")
     spec = batch.job_spec(bundle=batch.bundle_fingerprint(source), add_classes=added, only_classes=only, task=task,
                           paths=paths, shard_size=settings.shard_size, config=config, vocabulary=vocabulary)
     resume = batch.check_output(output, spec, args.force)

@@ -358,7 +358,8 @@ def render_png(output_format: str, segments: Sequence[dict], height: int, width:
 
 
 def reject_kind(error: Exception) -> str:
-    """A short word for a reject: missing, too_large, truncated, corrupt or unreadable."""
+    """A short word for a reader's reject: missing, too_large, truncated, corrupt or unreadable
+    (an image that decodes but cannot be segmented is ``failed``, :meth:`ShardSegmenter._segment`)."""
     if isinstance(error, MissingImageError):
         return "missing"
     if isinstance(error, (FileTooLargeError, ImageTooLargeError)):
@@ -490,21 +491,48 @@ class ShardSegmenter:
                 "started_at": started_at, "finished_at": time.time(), "pid": os.getpid()}
 
     def _segment(self, chunk, segment_rows: list, image_rows: list) -> None:
+        """Segment ``chunk`` in one pass and add its rows. When anything in that fails (the
+        model, post-processing, a PNG or overlay write), each image is done again alone, and an
+        image that fails alone becomes a reject of kind ``failed`` naming the error: one image
+        does not stop its shard, its job or the reruns that would meet it again."""
+        try:
+            done = self._segment_images(chunk)
+        except Exception as err:  # noqa: BLE001 - isolated image by image below
+            if len(chunk) > 1:
+                logger.warning("a batch of %d images failed (%s: %s); segmenting them one at a time", len(chunk),
+                               type(err).__name__, err)
+                for item in chunk:
+                    self._segment([item], segment_rows, image_rows)
+                return
+            image_id, path, _ = chunk[0]
+            logger.warning("image %s could not be segmented: %s: %s", path, type(err).__name__, err)
+            image_rows.append({"image_id": image_id, "path": path, "width": None, "height": None, "status": "rejected",
+                               "kind": "failed", "reason": f"segmenting failed: {type(err).__name__}: {err}",
+                               "segments": 0})
+            return
+        for rows, image_row in done:
+            segment_rows.extend(rows)
+            image_rows.append(image_row)
+
+    def _segment_images(self, chunk) -> list[tuple[list[dict], dict]]:
+        """(segment rows, image row) per image of ``chunk``, its files written; nothing is added
+        to the shard's rows here, so a failure part-way leaves no row behind."""
         results = self.service.segment([image for _, _, image in chunk], self.task, "json",
                                        min_score=self.min_score)
+        done = []
         for (image_id, path, image), result in zip(chunk, results):
             height, width = int(result["height"]), int(result["width"])
             by_task = {task: self._rows(image_id, path, task, result.get(task, [])) for task in self.tasks}
-            for rows in by_task.values():
-                segment_rows.extend(rows)
             if self.png_dir:
                 rows = by_task[FORMAT_TASK[self.output_format]]
                 write_bytes_atomic(self.output / self.png_dir / png_name(image_id),
                                    render_png(self.output_format, rows, height, width, self.sixteen_bit))
             if self.overlays:
                 self._overlay(image, image_id, by_task[self.tasks[0]])
-            image_rows.append({"image_id": image_id, "path": path, "width": width, "height": height, "status": "ok",
-                               "kind": None, "reason": None, "segments": sum(len(r) for r in by_task.values())})
+            done.append(([row for rows in by_task.values() for row in rows],
+                         {"image_id": image_id, "path": path, "width": width, "height": height, "status": "ok",
+                          "kind": None, "reason": None, "segments": sum(len(r) for r in by_task.values())}))
+        return done
 
     def _rows(self, image_id: int, path: str, task: str, entries: Sequence[dict]) -> list[dict]:
         rows = []
