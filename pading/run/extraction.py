@@ -5,6 +5,7 @@ callable class that pipelines/extract.py hands to Ray Data ``map_batches``."""
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -102,14 +103,22 @@ def extract_features(
     return features, rejects
 
 
+def shard_rows_blob(rows: Sequence[dict]) -> bytes:
+    """One shard's manifest rows as the ``"rows"`` value of a :class:`FeatureExtractor` batch."""
+    return pickle.dumps(list(rows), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class FeatureExtractor:
     """Holds the frozen segmenter; each call extracts whole shards and writes one
     Parquet file per shard (``shard-00012.parquet``), skipping shards already written.
     Images that fail to load go to ``<output_dir>_rejects/``.
 
-    Input batch: ``{"shard": [int], "image_ids": [[int, ...]]}``; output batch: one row
-    per shard with its row and reject counts. Idempotent: a shard file exists only once
-    complete, so re-running after an interruption redoes only missing shards.
+    Input batch: ``{"shard": [int], "image_ids": [[int, ...]]}``, and with ``"rows"``
+    (:func:`shard_rows_blob` of each shard's manifest rows) when the extractor was made
+    without ``manifest_rows``: a stage at scale hands each actor its shards' rows, not the
+    whole manifest. Output batch: one row per shard with its row and reject counts.
+    Idempotent: a shard file exists only once complete, so re-running after an
+    interruption redoes only missing shards.
     """
 
     def __init__(
@@ -117,7 +126,7 @@ class FeatureExtractor:
         config: ExperimentConfig,
         segmenter_dir: str,
         table_records: list[dict],
-        manifest_rows: list[dict],
+        manifest_rows: list[dict] | None,
         output_dir: str,
         checkpoint_id: str,
         device: str | None = None,
@@ -130,7 +139,7 @@ class FeatureExtractor:
         self.segmenter = Segmenter.load(segmenter_dir, map_location=self.device).to(self.device).eval()
         # images: this actor's share of the stage, when known (auto stays on torch for a small one)
         self.runtime = use_runtime(self.segmenter, config.inference.runtime, config.data.image_size, images)
-        self.rows = {int(r["image_id"]): r for r in manifest_rows}
+        self.rows = {int(r["image_id"]): r for r in manifest_rows or ()}
         self.output_dir = Path(output_dir)
         self.rejects_dir = self.output_dir.parent / f"{self.output_dir.name}_rejects"
         self.checkpoint_id = checkpoint_id
@@ -141,7 +150,7 @@ class FeatureExtractor:
 
     def __call__(self, batch: dict) -> dict:
         shards, counts, reject_counts = [], [], []
-        for shard, image_ids in zip(batch["shard"], batch["image_ids"]):
+        for k, (shard, image_ids) in enumerate(zip(batch["shard"], batch["image_ids"])):
             shard = int(shard)
             path = self.shard_path(shard)
             if path.is_file():
@@ -149,7 +158,7 @@ class FeatureExtractor:
                 counts.append(pq.ParquetFile(path).metadata.num_rows)
                 reject_counts.append(0)
                 continue
-            rows = [self.rows[int(i)] for i in image_ids]
+            rows = pickle.loads(batch["rows"][k]) if "rows" in batch else [self.rows[int(i)] for i in image_ids]
             features, rejects = extract_features(
                 self.segmenter, rows, self.table, self.config, self.checkpoint_id,
                 batch_size=self.config.ray.extract_batch_size,
