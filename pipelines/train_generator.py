@@ -50,14 +50,30 @@ def generator_workers(config: ExperimentConfig, table: ClassTable) -> int:
 
 
 def shard_files_of(features_dir: Path, rank: int, world: int) -> list[Path]:
-    """The features shards worker ``rank`` of ``world`` trains on (every W-th, from its rank)."""
+    """The features shards worker ``rank`` of ``world`` trains on. Each worker draws the same
+    number of rows a step, so the shards are dealt out by their row counts (Parquet metadata
+    only): the largest first, each to the worker with the fewest rows so far (ties to the lower
+    rank), which gives every row about the same chance per step and is the same on every
+    worker. One worker takes them all. A worker left without rows (more workers than shards
+    with rows, e.g. shards whose images were all rejected) stops the stage with a message."""
+    import pyarrow.parquet as pq
+
     from pading.data.features import feature_files
 
     files = feature_files(features_dir)
-    if len(files) < world:
-        raise RuntimeError(f"generator: {len(files)} features shards for {world} workers; lower "
-                           "ray.extract_shard_size (and rerun extract with --force) or ray.num_workers")
-    return files[rank::world]
+    if world == 1:
+        return files
+    rows = [pq.ParquetFile(path).metadata.num_rows for path in files]
+    loads, mine = [0] * world, []
+    for index in sorted(range(len(files)), key=lambda k: (-rows[k], k)):
+        worker = min(range(world), key=lambda w: (loads[w], w))
+        loads[worker] += rows[index]
+        if worker == rank:
+            mine.append(files[index])
+    if min(loads) == 0:
+        raise RuntimeError(f"generator: {sum(r > 0 for r in rows)} features shard(s) with rows for {world} workers; "
+                           "lower ray.extract_shard_size (and rerun extract with --force) or ray.num_workers")
+    return sorted(mine)
 
 
 def train_loop(loop_config: dict) -> None:

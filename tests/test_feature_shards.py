@@ -1,7 +1,12 @@
-"""The extract stage keeps a finished features shard only for the plan that wrote it
-(pipelines/extract.py: the segmenter's checksum, the shard size, the manifest's shards), so
-resuming after pretraining again, or with another shard size, never mixes two segmenters'
-features or leaves images out or in twice. No Ray: the stage's own helper on files."""
+"""The features shards between the stages, on files, without Ray.
+
+- The extract stage keeps a finished shard only for the plan that wrote it (pipelines/extract.py:
+  the segmenter's checksum, the shard size, the manifest's shards), so resuming after
+  pretraining again, or with another shard size, never mixes two segmenters' features or
+  leaves images out or in twice.
+- The generator stage's workers share the shards out by rows (pipelines/train_generator.py):
+  every shard to exactly one worker, the same split on every worker, balanced rows, and a
+  clear stop when a worker would have none."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.extract import PLAN_FILE, drop_stale_shards, extraction_plan
+from pipelines.train_generator import shard_files_of
 
 DIM = 4
 
@@ -75,3 +81,31 @@ def test_without_a_recorded_plan_each_shard_is_checked(dirs):
     dropped = drop_stale_shards(stage, rejects, extraction_plan("ckpt-a", 2, SHARDS), SHARDS)
     assert sorted(p.name for p in dropped) == ["shard-00001.parquet", "shard-00002.parquet", "shard-00003.parquet"]
     assert _names(stage) == ["shard-00000.parquet"] and sorted(p.name for p in rejects.iterdir()) == ["shard-00000.parquet"]
+
+
+# ---- the generator's workers ------------------------------------------------------------------
+
+
+def test_the_generator_workers_share_the_shards_out_by_rows(dirs):
+    stage, rejects = dirs
+    sizes = [9, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # dealt by index (r, r+W, ...) worker 0 would get 13 rows, worker 1 only 5
+    for index, size in enumerate(sizes):
+        _shard(stage, rejects, index, list(range(100 * index, 100 * index + size)), "ckpt")
+    everything = sorted(stage.glob("shard-*.parquet"))
+    assert shard_files_of(stage, 0, 1) == everything
+    split = [shard_files_of(stage, rank, 2) for rank in range(2)]
+    assert sorted(split[0] + split[1]) == everything and not set(split[0]) & set(split[1])
+    rows = [sum(pq.ParquetFile(path).metadata.num_rows for path in part) for part in split]
+    assert rows == [9, 9]
+    assert [shard_files_of(stage, rank, 2) for rank in range(2)] == split  # the same on every worker
+    three = [shard_files_of(stage, rank, 3) for rank in range(3)]
+    assert sorted(sum(three, [])) == everything and max(map(len, three)) - min(map(len, three)) <= 6
+
+
+def test_a_generator_worker_without_rows_stops_the_stage_with_a_message(dirs):
+    stage, rejects = dirs
+    _shard(stage, rejects, 0, [1, 2, 3], "ckpt")
+    _shard(stage, rejects, 1, [], "ckpt")  # every image of this shard was rejected
+    with pytest.raises(RuntimeError, match="1 features shard.s. with rows for 2 workers"):
+        shard_files_of(stage, 0, 2)
+    assert shard_files_of(stage, 0, 1) == sorted(stage.glob("shard-*.parquet"))
