@@ -181,3 +181,24 @@ def test_a_bad_row_is_reported_every_time_it_is_drawn(problem, tmp_path):
     for _ in range(2):
         batch, rejects = load_training_batch([broken, rows[1]], table, "panoptic", 48, samples=kept)
         assert len(rejects) == 1 and "missing.jpg" in rejects[0]["source"] and batch["pixel_values"].shape[0] == 1
+
+
+def test_a_row_that_breaks_the_decoder_is_a_reject_not_a_crash(problem, monkeypatch):
+    """Not every decoder failure is the library's DataError (a codec's own exception, say):
+    the row is reported and the step goes on with the others."""
+    from pading.training.pretrain import DecodedSamples, load_training_batch
+
+    config, table, rows = problem
+    samples = DecodedSamples(table, "panoptic", budget_mb=0)
+    real_load = samples.load
+
+    def load(row):
+        if row is rows[0]:
+            raise ValueError("codec state is broken")
+        return real_load(row)
+
+    monkeypatch.setattr(samples, "load", load)
+    batch, rejects = load_training_batch([rows[0], rows[1]], table, "panoptic", 48, samples=samples)
+    assert batch["pixel_values"].shape[0] == 1 and len(rejects) == 1
+    assert rejects[0]["reason"] == "cannot load: ValueError: codec state is broken"
+    assert rejects[0]["source"] == str(rows[0]["image_path"])

@@ -148,6 +148,22 @@ def test_class_names_are_parsed_and_checked(table, tmp_path):
         batch.preview_table(table, [table[0].name])
 
 
+def test_a_relative_input_is_refused_under_ray_job_submit(bundle_dir, tmp_path, monkeypatch):
+    """Under ``ray job submit`` the driver's working directory is a temporary copy that other
+    nodes do not see: every image would be a 'missing' reject on them, and the job would still
+    succeed. A relative ``--input`` is refused there, as a relative ``--output`` is."""
+    from pading.run import batch_job
+
+    monkeypatch.chdir(tmp_path)
+    _jpeg(tmp_path / "images" / "a.jpg")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    args = batch_job.parse_args(["--bundle", str(bundle_dir), "--input", "images", "--output", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match=r"--input='images' is a relative path"):
+        batch_job.plan(args)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert batch_job.plan(args).shards[0]["paths"] == [str(tmp_path / "images" / "a.jpg")]
+
+
 def test_an_output_refuses_another_vocabulary_request_unless_forced(tmp_path):
     config = ExperimentConfig()
     spec = batch.job_spec(bundle="b1", add_classes=["teapot"], only_classes=[], task="panoptic", paths=["/a.jpg"],

@@ -18,9 +18,9 @@ from pading.classes import ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig, load_config
 from pading.errors import ConfigError
 from pading.io import write_json_atomic
-from pading.run.cli import _absolute, resolve_bundle
+from pading.run.cli import _absolute, in_ray_job, resolve_bundle
 from pading.serving import batch
-from pading.serving.inputs import list_inputs
+from pading.serving.inputs import is_uri, list_inputs
 from pading.serving.vocabularies import default_store, open_store, store_key
 
 #: The name the command's log lines have always carried.
@@ -99,7 +99,10 @@ def plan(args: argparse.Namespace) -> Job:
     output.mkdir(parents=True, exist_ok=True)
     settings = config.segment
     task = batch.resolve_task(settings.format, settings.task)
-    paths = list_inputs(args.input, settings.input_column)
+    spec = args.input
+    if in_ray_job() and not is_uri(spec):  # other nodes would read the job's temporary working directory
+        spec = _absolute(spec, "--input")
+    paths = list_inputs(spec, settings.input_column)
     added = batch.merge_names(batch.parse_class_names(args.add_classes),
                               batch.read_class_file(args.add_classes_file) if args.add_classes_file else [])
     only = batch.parse_class_names(args.only_classes)

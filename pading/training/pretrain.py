@@ -81,6 +81,11 @@ def load_training_batch(
             logger.warning("skipping %s: %s", err.source, err.reason)
             rejects.append({"source": err.source, "key": f"image_id={row.get('image_id')}", "reason": err.reason})
             continue
+        except Exception as err:  # noqa: BLE001 - a file that breaks a decoder is a reject, as in validation
+            source, reason = str(row.get("image_path")), f"cannot load: {type(err).__name__}: {err}"
+            logger.warning("skipping %s: %s", source, reason)
+            rejects.append({"source": source, "key": f"image_id={row.get('image_id')}", "reason": reason})
+            continue
         images.append(image)
         targets.append((masks, labels))
         sources.append(str(row.get("image_path")))
