@@ -230,6 +230,33 @@ def in_threads(work, items: list, threads: int) -> list:
         return list(pool.map(work, items))
 
 
+#: How long an actor waits to see a file the driver wrote (NFS may hold a stale listing briefly).
+SHARED_WAIT_S = 30.0
+
+
+def require_shared(marker: Path, what: str, wait_s: float | None = None) -> None:
+    """Stop an actor whose node does not see ``marker``, a file the driver wrote into the
+    output before starting it: its results would land on this node's own disk, which the
+    driver never reads (a job that then reports its shards unfinished run after run). Waits
+    up to ``wait_s`` seconds first (default :data:`SHARED_WAIT_S`), listing the folder again,
+    for a shared file system that caches listings."""
+    from pading.errors import ConfigError
+
+    deadline = time.monotonic() + (SHARED_WAIT_S if wait_s is None else wait_s)
+    while not marker.is_file():
+        if time.monotonic() >= deadline:
+            import socket
+
+            raise ConfigError(f"{what} {marker.parent} is not shared with this node ({socket.gethostname()}): the "
+                              f"driver wrote {marker.name} there and this node does not see it. Give a path on "
+                              "storage every node mounts at the same place (NFS, a cluster file system)")
+        try:
+            os.listdir(marker.parent)
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def actor_threads(cpus: float):
     """Run the block on the torch threads an actor of ``cpus`` CPUs runs (Ray gives it

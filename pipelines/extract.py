@@ -96,6 +96,7 @@ class NodeRecordingExtractor(FeatureExtractor):
 
         # before the model loads: its ONNX Runtime session takes the thread count then
         torch.set_num_threads(max(1, int(kwargs["config"].ray.cpus_per_worker)))
+        common.require_shared(Path(kwargs["output_dir"]) / PLAN_FILE, "the features folder")
         super().__init__(*args, **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info("extract: process %d on node %s, segmenter on %s", os.getpid(), self.node_id, self.runtime)

@@ -48,6 +48,7 @@ class SegmenterActor(batch.ShardSegmenter):
     def __init__(self, *args, num_cpus: float = 1.0, **kwargs):
         import torch
 
+        common.require_shared(Path(kwargs["output_dir"]) / batch.JOB_FILE, "the --output folder")
         torch.set_num_threads(max(1, int(num_cpus)))
         super().__init__(*args, **kwargs)
 

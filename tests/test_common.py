@@ -47,6 +47,25 @@ def test_relative_paths_are_refused_inside_a_ray_job(tmp_path, monkeypatch):
     assert config.data.root.startswith(str(tmp_path / "out"))
 
 
+def test_an_actor_that_does_not_see_the_drivers_output_stops_with_a_message(tmp_path, monkeypatch):
+    """Actors check the file the driver wrote before starting them (segment.py's job.json,
+    extraction's _PLAN.json): on a node that does not share the output they would write
+    results the driver never reads."""
+    import threading
+
+    from pipelines.segment import SegmenterActor
+
+    marker = tmp_path / "job.json"
+    monkeypatch.setattr(common, "SHARED_WAIT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"the --output folder .* is not shared with this node"):
+        SegmenterActor(bundle_dir=str(tmp_path / "bundle"), output_dir=str(tmp_path), task="panoptic")
+    assert time.monotonic() - started >= 0.3  # it waited for a listing to catch up
+    threading.Timer(0.2, lambda: marker.write_text("{}")).start()
+    common.require_shared(marker, "the --output folder", wait_s=5.0)  # seen once it appears
+    common.require_shared(marker, "the --output folder", wait_s=0.0)
+
+
 def test_epochs_with_full_batches_only():
     batches = list(itertools.islice(epoch_indices(10, 4, seed=0, drop_last=True), 4))
     assert [len(b) for b in batches] == [4, 4, 4, 4]  # 2 full batches an epoch, the 2 left-over rows dropped
