@@ -5,6 +5,7 @@ computes; tests/test_distributed.py that 2 workers compute what 1 does."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -52,6 +53,28 @@ def straight(problem):
     seen = []
     last = fit_segmenter(trainer, rows, table, on_step=lambda t, row: seen.append(row["step"]))
     return trainer, last, seen
+
+
+def test_the_mask_terms_are_divided_by_the_steps_whole_target_count(problem, monkeypatch):
+    """Each step's micro-batches share one divisor for their mask terms: the targets of the
+    whole global batch (over every worker; here one) over the number of micro-batches, so
+    DDP's average over workers of the mean over micro-batches is the mean over every target,
+    as Mask2Former's all-reduced count makes it."""
+    import pading.training.pretrain as pretrain
+
+    config, table, rows = problem
+    config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, grad_accumulation=2,
+                                                                      iterations=2))
+    seen, real_step = [], pretrain.pretrain_step
+
+    def step(model, optimizer, micro, **kwargs):
+        seen.append((sum(len(labels) for batch in micro for labels in batch["class_labels"]), kwargs["num_masks"]))
+        return real_step(model, optimizer, micro, **kwargs)
+
+    monkeypatch.setattr(pretrain, "pretrain_step", step)
+    pretrain.fit_segmenter(_trainer(config, table), rows, table)
+    assert len(seen) == 2 and all(count > 2 for count, _ in seen)
+    assert [divisor for _, divisor in seen] == [count / 2 for count, _ in seen]
 
 
 def test_the_loop_takes_its_steps_and_records_them(straight, problem):

@@ -83,6 +83,28 @@ def test_compute_loss_is_finite_and_backpropagates(segmenter, config):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_the_mask_terms_divide_by_the_given_target_count(segmenter):
+    """``num_masks`` (the count over every worker and micro-batch of a step) replaces the
+    batch's own count in the mask and dice terms only; the classification term keeps its own
+    weighting."""
+    segmenter.eval()  # no dropout: the two passes see the same network
+    masks, labels = _targets()
+    own = sum(len(label) for label in labels)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        default = segmenter.compute_loss(_pixels(), masks, labels)
+        torch.manual_seed(0)  # the same sampled points
+        given = segmenter.compute_loss(_pixels(), masks, labels, num_masks=4.0 * own)
+        torch.manual_seed(0)
+        same = segmenter.compute_loss(_pixels(), masks, labels, num_masks=float(own))
+    for key in default:
+        if key == "loss":
+            continue
+        scale = 0.25 if key.startswith(("loss_mask", "loss_dice")) else 1.0
+        torch.testing.assert_close(given[key], default[key] * scale)
+        assert torch.equal(same[key], default[key])
+
+
 def test_images_without_segments(segmenter):
     segmenter.train()
     empty_masks, empty_labels = torch.zeros(0, SIZE, SIZE), torch.zeros(0, dtype=torch.long)

@@ -112,6 +112,7 @@ def mask2former_loss(
     class_logits: Sequence[Tensor],
     mask_labels: Sequence[Tensor],
     class_labels: Sequence[Tensor],
+    num_masks: float | None = None,
 ) -> dict[str, Tensor]:
     """Mask2Former's weighted training loss, as transformers' ``get_loss_dict`` returns it.
 
@@ -122,6 +123,10 @@ def mask2former_loss(
         class_logits: per decoder layer, (B, Q, C+1).
         mask_labels: B float tensors (N_i, H, W) of {0, 1}.
         class_labels: B long tensors (N_i,).
+        num_masks: what the mask and dice terms are divided by; default this batch's target
+            count (at least 1). Data-parallel training passes the count over every worker and
+            micro-batch of the step divided by their number, as Mask2Former all-reduces it
+            (:func:`pading.training.pretrain.fit_segmenter`).
     Returns:
         ``loss_mask``, ``loss_dice``, ``loss_cross_entropy`` of the last layer, then the same
         with suffix ``_i`` for auxiliary layer i, each multiplied by its weight.
@@ -152,7 +157,8 @@ def mask2former_loss(
                                                   for image in range(batch)]), dtype=torch.long, device=device)
     target_index = torch.as_tensor(np.concatenate([indices[layer][image][1] for layer in range(layers)
                                                    for image in range(batch)]), dtype=torch.long, device=device)
-    num_masks = torch.clamp(torch.as_tensor(float(sum(counts)), device=device), min=1)
+    num_masks = torch.clamp(torch.as_tensor(float(sum(counts) if num_masks is None else num_masks), device=device),
+                            min=1)
 
     # the cross-entropy of every layer: unmatched queries are "no object" (column C)
     num_classes = classes.shape[-1] - 1

@@ -357,6 +357,7 @@ class Segmenter(nn.Module):
         mask_labels: Sequence[Tensor],
         class_labels: Sequence[Tensor],
         pixel_mask: Optional[Tensor] = None,
+        num_masks: Optional[float] = None,
     ) -> dict[str, Tensor]:
         """Mask2Former's weighted training loss.
 
@@ -364,6 +365,8 @@ class Segmenter(nn.Module):
             pixel_values: (B, 3, H, W).
             mask_labels: B tensors (N_i, H', W') of {0, 1} (N_i may be 0).
             class_labels: B tensors (N_i,) of class indices in [0, C).
+            num_masks: the mask terms' divisor (:func:`pading.model.criterion.mask2former_loss`;
+                default this batch's target count).
         Returns:
             ``{"loss": total, "loss_cross_entropy", "loss_mask", "loss_dice", and the same
             with suffix _0.._{L-2} for the auxiliary decoder layers}``, already weighted.
@@ -388,7 +391,7 @@ class Segmenter(nn.Module):
         class_logits = self.classify(torch.stack(queries)).unbind(0)  # L x (B, Q, C+1), one call of the head
         # transformers' criterion, batched over layers and images (pading.model.criterion)
         losses = mask2former_loss(self.mask2former.criterion, self.mask2former.weight_dict, masks, class_logits,
-                                  masks_list, labels_list)
+                                  masks_list, labels_list, num_masks=num_masks)
         return {"loss": sum(losses.values()), **losses}
 
     # ---- persistence ------------------------------------------------------------------

@@ -102,8 +102,8 @@ class SegmenterLoss(nn.Module):
         super().__init__()
         self.segmenter = segmenter
 
-    def forward(self, pixel_values, mask_labels, class_labels) -> dict[str, torch.Tensor]:
-        return self.segmenter.compute_loss(pixel_values, mask_labels, class_labels)
+    def forward(self, pixel_values, mask_labels, class_labels, num_masks=None) -> dict[str, torch.Tensor]:
+        return self.segmenter.compute_loss(pixel_values, mask_labels, class_labels, num_masks=num_masks)
 
 
 def build_pretrain_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -150,6 +150,7 @@ def pretrain_step(
     batches: dict | Sequence[dict],
     grad_clip: float | None = None,
     seeds: Optional[Sequence[int]] = None,
+    num_masks: Optional[float] = None,
 ) -> dict[str, float]:
     """One optimisation step of the segmenter on one batch or on micro-batches whose
     gradients are averaged (gradient accumulation), each from :func:`load_training_batch`.
@@ -159,8 +160,11 @@ def pretrain_step(
     others run under ``no_sync``), so W workers with M micro-batches each take the step one
     worker takes accumulating the W*M micro-batches (BatchNorm statistics are per
     micro-batch in both). ``seeds[m]`` seeds micro-batch m's randomness (see
-    :func:`micro_batch_seed`). Returns the loss terms averaged over the micro-batches
-    (``loss`` is the weighted total).
+    :func:`micro_batch_seed`). ``num_masks`` divides every micro-batch's mask and dice terms
+    (default: each micro-batch's own target count); :func:`fit_segmenter` passes the step's
+    count over all workers and micro-batches over their number, so those terms are the mean
+    over every target of the global batch, as in Mask2Former. Returns the loss terms averaged
+    over the micro-batches (``loss`` is the weighted total).
     """
     micro_batches = [batches] if isinstance(batches, dict) else list(batches)
     if not micro_batches:
@@ -179,7 +183,7 @@ def pretrain_step(
             pixel_values = batch["pixel_values"].to(device)  # (B, 3, S, S)
             mask_labels = [m.to(device) for m in batch["mask_labels"]]  # B x (N_i, S, S)
             class_labels = [c.to(device) for c in batch["class_labels"]]  # B x (N_i,)
-            losses = model(pixel_values, mask_labels, class_labels)
+            losses = model(pixel_values, mask_labels, class_labels, num_masks=num_masks)
             (losses["loss"] / len(micro_batches)).backward()
         for key, value in losses.items():
             if key in LOGGED_TERMS:
@@ -353,8 +357,11 @@ def fit_segmenter(
             micro = [load_training_batch([rows[i] for i in mine[m * per_micro:][:per_micro]], table,
                                          config.data.format, config.data.image_size, samples=samples)[0]
                      for m in range(accumulation)]
-            usable = torch.tensor([float(all(b is not None for b in micro))])
-            if float(collective.all_reduce_sum(usable).item()) < collective.world_size:  # some worker has none
+            # one collective: whether every worker has images, and the step's target count over all of them
+            usable = torch.tensor([float(all(b is not None for b in micro)),
+                                   float(sum(len(labels) for b in micro if b is not None for labels in b["class_labels"]))])
+            usable = collective.all_reduce_sum(usable)
+            if float(usable[0].item()) < collective.world_size:  # some worker has none
                 empty_in_a_row += 1
                 if empty_in_a_row > MAX_EMPTY_BATCHES:
                     raise DataError("pretrain", f"no usable image in the last {MAX_EMPTY_BATCHES} batches "
@@ -366,8 +373,11 @@ def fit_segmenter(
             step = trainer.step_count
             seeds = [micro_batch_seed(config.seed, step, rank * accumulation + m) for m in range(accumulation)]
             set_learning_rate(trainer.optimizer, learning_rate(config.pretrain, step))
+            # the mask terms' divisor: every target of the global batch counts once (DDP then averages
+            # the W workers' gradients of M micro-batches each), as Mask2Former all-reduces num_masks
+            num_masks = max(float(usable[1].item()) / (collective.world_size * accumulation), 1.0)
             losses = pretrain_step(trainer.model, trainer.optimizer, micro, grad_clip=config.pretrain.grad_clip,
-                                   seeds=seeds)
+                                   seeds=seeds, num_masks=num_masks)
             trainer.step_count = step + 1
             if trainer.average is not None:
                 trainer.average.update(trainer.segmenter, trainer.step_count)
