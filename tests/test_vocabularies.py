@@ -77,6 +77,23 @@ def test_commits_are_numbered_and_a_stale_one_leaves_nothing_behind(store):
     assert read.kind == "add" and read.classes[0]["name"] == "kite" and np.array_equal(read.weight, np.ones((1, 3)))
 
 
+def test_a_known_version_is_followed_forward_without_listing_the_chain(store, monkeypatch):
+    for version in range(3):
+        store.commit("team", version, Change("create" if version == 0 else "delete" if version == 1 else "create"))
+    assert store.latest("team") == 3 and store.latest("team", known=1) == 3 and store.latest("team", known=3) == 3
+    assert [c.kind for c in store.changes("team", after=1, upto=3)] == ["delete", "create"]
+    assert store.changes("team", after=3, upto=3) == []
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the chain was listed")
+
+    monkeypatch.setattr(store, "_versions", no_listing)
+    assert store.latest("team", known=2) == 3  # one lookup a version from the known one
+    store.commit("team", 3, Change("delete"))
+    assert store.latest("team", known=3) == 4
+    assert [c.version for c in store.changes("team", after=2, upto=4)] == [3, 4]
+
+
 def test_a_deleted_vocabulary_keeps_its_versions_going_up(store):
     store.commit("team-a", 0, Change("create", only=["person"]))
     assert store.names() == {BASE: 0, "team-a": 1} and store.exists("team-a")

@@ -284,12 +284,13 @@ class SegmentationService:
         if self._store is not None:
             now = time.monotonic()
             if force or now - self._checked_at >= self.config.vocabulary_refresh_s:
-                latest = self._store.latest(self.vocabulary)
+                latest = self._store.latest(self.vocabulary, known=self._state.version)
                 self._checked_at = now
                 if latest > self._state.version:
                     with self._update_lock:
                         state = self._state
-                        for change in self._store.changes(self.vocabulary, after=state.version):
+                        for change in self._store.changes(self.vocabulary, after=state.version,
+                                                          upto=max(latest, state.version)):
                             state = self._apply(state, change)
                         self._state = state
         state = self._state

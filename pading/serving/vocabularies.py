@@ -151,14 +151,30 @@ class _ChainStore:
     def _read(self, name: str, version: int) -> Change:
         raise NotImplementedError
 
-    def latest(self, name: str) -> int:
-        """The newest committed version of ``name`` (0: no change since the trained classes)."""
-        versions = self._versions(name)
-        return versions[-1] if versions else 0
+    def _has(self, name: str, version: int) -> bool:
+        """Whether version ``version`` of ``name`` is committed (one lookup, no listing)."""
+        raise NotImplementedError
 
-    def changes(self, name: str, after: int = 0) -> list[Change]:
-        """The committed changes of ``name`` newer than version ``after``, oldest first."""
-        return [self._read(name, v) for v in self._versions(name) if v > after]
+    def latest(self, name: str, known: int = 0) -> int:
+        """The newest committed version of ``name`` (0: no change since the trained classes).
+
+        ``known``: a version of ``name`` the caller has seen committed. Versions are committed
+        one after another (version N + 1 only on top of N), so the chain is then read forward
+        from it, one lookup a version, instead of listed whole: a replica checking for news
+        on every request costs one lookup, not a listing that grows with every change."""
+        if known <= 0:
+            versions = self._versions(name)
+            return versions[-1] if versions else 0
+        version = known
+        while self._has(name, version + 1):
+            version += 1
+        return version
+
+    def changes(self, name: str, after: int = 0, upto: int | None = None) -> list[Change]:
+        """The committed changes of ``name`` newer than version ``after`` (and, given ``upto``,
+        a version :meth:`latest` returned, not newer than it, read without a listing), oldest first."""
+        versions = range(after + 1, upto + 1) if upto is not None else [v for v in self._versions(name) if v > after]
+        return [self._read(name, v) for v in versions]
 
 
 class VocabularyStore(_ChainStore):
@@ -181,6 +197,16 @@ class VocabularyStore(_ChainStore):
         except OSError as err:
             raise StoreUnavailableError(f"vocabulary store {folder} cannot be read: {err}") from None
         return sorted(int(m.group(1)) for m in map(RECORD.match, entries) if m)
+
+    def _has(self, name: str, version: int) -> bool:
+        record = self.root / check_name(name) / f"v{version:09d}.json"
+        try:
+            record.stat()
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StoreUnavailableError(f"vocabulary store {record.parent} cannot be read: {err}") from None
+        return True
 
     def _read(self, name: str, version: int) -> Change:
         folder = self.root / name
@@ -324,6 +350,17 @@ class MlflowVocabularyStore(_ChainStore):
     def _versions(self, name: str) -> list[int]:
         prefix = self._prefix(name)
         return sorted(int(m.name[len(prefix):]) for m in self._search(prefix) if m.name[len(prefix):].isdigit())
+
+    def _has(self, name: str, version: int) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(f"{self._prefix(name)}{version:09d}")
+        except MlflowException as err:
+            if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise StoreUnavailableError(f"vocabulary store {self.root} cannot be read: {err}") from None
+        return True
 
     def _read(self, name: str, version: int) -> Change:
         import mlflow
