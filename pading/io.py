@@ -58,6 +58,36 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None 
     write_text_atomic(path, text)
 
 
+def write_json_streamed(path: str | os.PathLike, value: Any) -> None:
+    """Compact JSON to ``path`` atomically, where ``value`` (or a value of the dict ``value``)
+    may be an iterator: it is written as a JSON array item by item, so a list of millions of
+    items is never held whole. Other values are written as :func:`write_json_atomic` writes them."""
+    import collections.abc
+
+    def dumps(item: Any) -> str:
+        return json.dumps(item, separators=(",", ":"), default=str)
+
+    def write(handle, item: Any) -> None:
+        if isinstance(item, collections.abc.Iterator):
+            handle.write("[")
+            for k, element in enumerate(item):
+                handle.write("," + dumps(element) if k else dumps(element))
+            handle.write("]")
+        else:
+            handle.write(dumps(item))
+
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as handle:
+        if isinstance(value, dict):
+            handle.write("{")
+            for k, (key, item) in enumerate(value.items()):
+                handle.write(("," if k else "") + dumps(str(key)) + ":")
+                write(handle, item)
+            handle.write("}")
+        else:
+            write(handle, value)
+        handle.flush()
+
+
 def write_parquet_atomic(table, path: str | os.PathLike) -> None:
     """Write the pyarrow ``table`` as Parquet to ``path`` atomically."""
     import pyarrow.parquet as pq

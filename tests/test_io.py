@@ -9,7 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pading.io import atomic_path, write_bytes_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
+from pading.io import (
+    atomic_path,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_json_streamed,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 
 
 def test_writers_write_the_contents_and_leave_no_temporary(tmp_path):
@@ -38,3 +45,22 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         raise RuntimeError("interrupted")
     assert json.loads(target.read_text()) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_streamed_json_is_the_json_of_the_whole_value(tmp_path):
+    """Iterators are written item by item as arrays; the file parses to what the whole value
+    (with lists in their place) would have written, and a failing iterator keeps the old file."""
+    target = tmp_path / "big.json"
+    items = [{"id": k, "name": f"n\"{k}", "bbox": [0.5, k]} for k in range(5)]
+    write_json_streamed(target, {"info": {"a": 1}, "images": iter(items), "empty": iter([]), "categories": [1, 2]})
+    assert json.loads(target.read_text()) == {"info": {"a": 1}, "images": items, "empty": [], "categories": [1, 2]}
+    write_json_streamed(target, iter(items))
+    assert json.loads(target.read_text()) == items
+
+    def failing():
+        yield {"id": 0}
+        raise RuntimeError("a shard cannot be read")
+
+    with pytest.raises(RuntimeError):
+        write_json_streamed(target, {"images": failing()})
+    assert json.loads(target.read_text()) == items and sorted(p.name for p in tmp_path.iterdir()) == ["big.json"]

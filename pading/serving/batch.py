@@ -31,7 +31,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +55,7 @@ from pading.classes import TASKS, ClassInfo, ClassTable
 from pading.config import SEGMENT_FORMATS, ExperimentConfig
 from pading.errors import ConfigError, CorruptImageError, DataError, UnknownClassError
 from pading.evaluation.inference import panoptic_to_rgb
-from pading.io import atomic_path, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from pading.io import atomic_path, write_bytes_atomic, write_json_atomic, write_json_streamed, write_parquet_atomic
 from pading.serving.inputs import FileTooLargeError, MissingImageError, read_image_bytes
 from pading.serving.service import (
     ImageTooLargeError,
@@ -585,94 +585,113 @@ def _shard_tables(output: Path, num_shards: int, which: int) -> Iterable[tuple[i
 def assemble(output: Path, output_format: str, task: str, num_shards: int, categories: list[dict],
              overlays: bool = False) -> dict:
     """Write the format's files from the shard files (all must be finished); rewritten
-    whole each time, so re-assembling is idempotent. Returns the counts."""
+    whole each time, so re-assembling is idempotent. Returns the counts. Shard by shard: the
+    driver holds one shard's rows at a time and the rejects, whatever the number of images
+    (the JSON files are written as they are read, :func:`pading.io.write_json_streamed`)."""
     output = Path(output)
     missing = [s for s in range(num_shards) if not shard_files(output, s)[1].is_file()]
     if missing:
         raise DataError(str(output / SHARDS_DIR), f"{len(missing)} of {num_shards} shards unfinished "
                         f"(first: {missing[0]}); run the job again to finish them")
-    images = pa.concat_tables([t for _, t in _shard_tables(output, num_shards, 1)]) if num_shards else \
-        IMAGES_SCHEMA.empty_table()
-    write_parquet_atomic(images, output / "images.parquet")
-    ok = images.filter(pc.equal(images["status"], "ok"))
-    rejected = images.filter(pc.not_equal(images["status"], "ok"))
+    counts = {"images": 0, "segmented": 0, "segments": 0}
+    rejected = []
+    with atomic_path(output / "images.parquet") as tmp, pq.ParquetWriter(str(tmp), IMAGES_SCHEMA) as writer:
+        for _, images in _shard_tables(output, num_shards, 1):
+            writer.write_table(images)
+            counts["images"] += images.num_rows
+            rejected.append(images.filter(pc.not_equal(images["status"], "ok")))
+    rejected = pa.concat_tables(rejected) if rejected else IMAGES_SCHEMA.empty_table()
     rejects = pa.table({"file": rejected["path"], "image_id": rejected["image_id"], "kind": rejected["kind"],
                         "reason": rejected["reason"]}, schema=REJECTS_SCHEMA)
     write_parquet_atomic(rejects, output / "rejects.parquet")
     buffer = io.BytesIO()
     pacsv.write_csv(rejects, buffer)
     write_bytes_atomic(output / "rejects.csv", buffer.getvalue())
-    coco_images = [{"id": r["image_id"], "file_name": r["path"], "width": r["width"], "height": r["height"]}
-                   for r in ok.select(["image_id", "path", "width", "height"]).to_pylist()]
     write_json_atomic(output / "categories.json", categories)
-    write_json_atomic(output / "images.json", {"images": coco_images, "categories": categories}, compact=True)
-    size = {r["image_id"]: (r["height"], r["width"]) for r in ok.select(["image_id", "height", "width"]).to_pylist()}
+    write_json_streamed(output / "images.json", {"images": _coco_images(output, num_shards, counts),
+                                                 "categories": categories})
     wanted = task_names(task) if output_format == "parquet" else (FORMAT_TASK[output_format],)
-    segments = 0
     if output_format == "parquet":
         with atomic_path(output / "segments.parquet") as tmp, pq.ParquetWriter(str(tmp), SEGMENTS_SCHEMA) as writer:
             for _, table in _shard_tables(output, num_shards, 0):
                 table = table.filter(pc.is_in(table["task"], pa.array(wanted)))
-                segments += table.num_rows
+                counts["segments"] += table.num_rows
                 writer.write_table(table)
         products = ["segments.parquet"]
     elif output_format == "coco-instance":
-        results = []
-        for _, table in _shard_tables(output, num_shards, 0):
-            for row in table.filter(pc.equal(table["task"], "instance")).to_pylist():
-                results.append({"image_id": row["image_id"], "category_id": row["class_id"],
-                                "segmentation": {"size": row["rle_size"], "counts": row["rle_counts"]},
-                                "score": row["score"], "bbox": row["bbox"], "area": row["area"]})
-        segments = len(results)
-        write_json_atomic(output / "instances_results.json", results, compact=True)
+        write_json_streamed(output / "instances_results.json", _instance_results(output, num_shards, counts))
         products = ["instances_results.json"]
     else:
-        segments, annotations = _assemble_pngs(output, output_format, num_shards, size, categories)
+        annotations = _assemble_pngs(output, output_format, num_shards, categories, counts)
         products = [PNG_DIRS[output_format] + "/"]
         if output_format == "coco-panoptic":
-            write_json_atomic(output / "panoptic.json", {
+            write_json_streamed(output / "panoptic.json", {
                 "info": {"description": "PADing batch segmentation (pipelines/segment.py)"},
-                "images": coco_images, "annotations": annotations, "categories": categories}, compact=True)
+                "images": _coco_images(output, num_shards), "annotations": annotations, "categories": categories})
             products.insert(0, "panoptic.json")
+        else:
+            for _ in annotations:  # the PNGs are written as it goes
+                pass
     if overlays:
-        drawn = sum((output / OVERLAYS_DIR / png_name(i)).is_file() for i in size)
-        if drawn < len(size):
+        ids = [i for _, images in _shard_tables(output, num_shards, 1)
+               for i in images.filter(pc.equal(images["status"], "ok"))["image_id"].to_pylist()]
+        drawn = sum((output / OVERLAYS_DIR / png_name(i)).is_file() for i in ids)
+        if drawn < len(ids):
             logger.warning("%d of %d images have no overlay: overlays are drawn while segmenting (--force redoes "
-                           "the job)", len(size) - drawn, len(size))
-    return {"images": images.num_rows, "segmented": ok.num_rows, "rejected": rejected.num_rows, "segments": segments,
+                           "the job)", len(ids) - drawn, len(ids))
+    return {"images": counts["images"], "segmented": counts["segmented"], "rejected": rejects.num_rows,
+            "segments": counts["segments"],
             "products": products + ["images.json", "images.parquet", "categories.json", "rejects.parquet",
                                     "rejects.csv"]}
 
 
-def _assemble_pngs(output: Path, output_format: str, num_shards: int, size: dict, categories: list[dict]):
+def _ok_images(output: Path, num_shards: int) -> Iterator[tuple[int, list[dict]]]:
+    """(shard, its segmented images' id, path, width and height rows), shard by shard (ids ascending)."""
+    for shard, images in _shard_tables(output, num_shards, 1):
+        ok = images.filter(pc.equal(images["status"], "ok"))
+        yield shard, ok.select(["image_id", "path", "width", "height"]).to_pylist()
+
+
+def _coco_images(output: Path, num_shards: int, counts: dict | None = None) -> Iterator[dict]:
+    for _, rows in _ok_images(output, num_shards):
+        if counts is not None:
+            counts["segmented"] += len(rows)
+        for r in rows:
+            yield {"id": r["image_id"], "file_name": r["path"], "width": r["width"], "height": r["height"]}
+
+
+def _instance_results(output: Path, num_shards: int, counts: dict) -> Iterator[dict]:
+    for _, table in _shard_tables(output, num_shards, 0):
+        for row in table.filter(pc.equal(table["task"], "instance")).to_pylist():
+            counts["segments"] += 1
+            yield {"image_id": row["image_id"], "category_id": row["class_id"],
+                   "segmentation": {"size": row["rle_size"], "counts": row["rle_counts"]},
+                   "score": row["score"], "bbox": row["bbox"], "area": row["area"]}
+
+
+def _assemble_pngs(output: Path, output_format: str, num_shards: int, categories: list[dict],
+                   counts: dict) -> Iterator[dict]:
     """Per-image PNGs (rendered from the masks where an earlier run did not write them) and
-    the COCO panoptic annotations."""
+    the COCO panoptic annotation of every segmented image, in image-id order, shard by shard."""
     png_dir = output / PNG_DIRS[output_format]
     task = FORMAT_TASK[output_format]
     sixteen_bit = max((c["id"] for c in categories), default=0) > 255
-    annotations, count, rendered = [], 0, 0
-    for _, table in _shard_tables(output, num_shards, 0):
+    rendered = 0
+    for shard, images in _ok_images(output, num_shards):
+        table = pq.read_table(shard_files(output, shard)[0])
         rows_by_image: dict[int, list[dict]] = {}
         for row in table.filter(pc.equal(table["task"], task)).to_pylist():
             rows_by_image.setdefault(row["image_id"], []).append(row)
-        for image_id, rows in rows_by_image.items():
-            count += len(rows)
+        for image in images:
+            image_id = image["image_id"]
+            rows = rows_by_image.get(image_id, [])
+            counts["segments"] += len(rows)
             if not (png_dir / png_name(image_id)).is_file():
-                height, width = size[image_id]
-                write_bytes_atomic(png_dir / png_name(image_id), render_png(output_format, rows, height, width, sixteen_bit))
+                write_bytes_atomic(png_dir / png_name(image_id),
+                                   render_png(output_format, rows, image["height"], image["width"], sixteen_bit))
                 rendered += 1
-            if output_format == "coco-panoptic":
-                annotations.append({"image_id": image_id, "file_name": png_name(image_id), "segments_info": [
-                    {"id": r["segment_id"], "category_id": r["class_id"], "iscrowd": 0, "bbox": r["bbox"],
-                     "area": r["area"], "score": r["score"]} for r in rows]})
-    done = {a["image_id"] for a in annotations} if output_format == "coco-panoptic" else set()
-    for image_id, (height, width) in size.items():  # images without any segment
-        if not (png_dir / png_name(image_id)).is_file():
-            write_bytes_atomic(png_dir / png_name(image_id), render_png(output_format, [], height, width, sixteen_bit))
-            rendered += 1
-        if output_format == "coco-panoptic" and image_id not in done:
-            annotations.append({"image_id": image_id, "file_name": png_name(image_id), "segments_info": []})
+            yield {"image_id": image_id, "file_name": png_name(image_id), "segments_info": [
+                {"id": r["segment_id"], "category_id": r["class_id"], "iscrowd": 0, "bbox": r["bbox"],
+                 "area": r["area"], "score": r["score"]} for r in rows]}
     if rendered:
         logger.info("%s: %d PNG(s) rendered from the shard files", png_dir, rendered)
-    annotations.sort(key=lambda a: a["image_id"])
-    return count, annotations
