@@ -187,7 +187,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
         nodes = sorted({str(r["node_id"]) for r in results})
         runtimes = sorted({str(r["runtime"]) for r in results})
         # images/s once the actors are up (each actor's first shard start to last shard end)
-        steady = steady_throughput([{"pid": r["actor_pid"], "images": len(shards[int(r["shard"])]), "skipped": False,
+        steady = steady_throughput([{"pid": r["actor_pid"], "host": r["node_id"], "images": len(shards[int(r["shard"])]),
+                                     "skipped": False,
                                      "started_at": r["started_at"], "finished_at": r["finished_at"]} for r in results])
     files = sorted(stage_dir.glob("shard-*.parquet"))
     info = {"shards": len(files), "new_rows": total_rows, "checkpoint": ckpt, "embed_dim": config.segmenter.hidden_dim,

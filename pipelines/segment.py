@@ -107,7 +107,8 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
             f"a segmentation actor died {SHARD_RETRIES + 1} times on one shard ({type(error).__name__}), most likely "
             "out of memory on a large image; the shards finished so far are kept. Lower segment.max_image_pixels "
             "(or segment.batch_size) and run the job again") from None
-    return sum(int(r["images"]) for r in rows), time.time() - started, batch.steady_throughput(rows)
+    new = sum(int(r["images"]) for r in rows if not r["skipped"])  # shards an earlier attempt finished are not new
+    return new, time.time() - started, batch.steady_throughput(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

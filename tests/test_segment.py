@@ -509,3 +509,12 @@ def test_only_classes_restricts_the_output(parquet_run, corpus, bundle_dir, ray_
     kept = pq.read_table(output / "segments.parquet").to_pylist()
     assert kept and {r["class_name"] for r in kept} <= {common_class, "teapot"}
     assert len(kept) <= len(rows)
+
+
+def test_steady_throughput_counts_each_actor_by_machine_and_process():
+    """Two actors on two machines may have the same process id (containers): each keeps its
+    own window; shards an earlier attempt finished count for nothing."""
+    rows = [{"host": "a", "pid": 7, "images": 10, "skipped": False, "started_at": 0.0, "finished_at": 10.0},
+            {"host": "b", "pid": 7, "images": 10, "skipped": False, "started_at": 100.0, "finished_at": 110.0},
+            {"host": "b", "pid": 7, "images": 50, "skipped": True, "started_at": 110.0, "finished_at": 110.0}]
+    assert batch.steady_throughput(rows) == pytest.approx(2.0)  # 1/s on each, not 20 images over 110 s

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -461,7 +462,7 @@ class ShardSegmenter:
             now = time.time()
             return {"shard": shard, "images": done.num_rows, "segmented": ok, "rejected": done.num_rows - ok,
                     "segments": int(pc.sum(done["segments"]).as_py() or 0), "seconds": 0.0, "skipped": True,
-                    "started_at": now, "finished_at": now, "pid": os.getpid()}
+                    "started_at": now, "finished_at": now, "pid": os.getpid(), "host": socket.gethostname()}
         started_at = time.time()
         started = time.perf_counter()
         segment_rows: list[dict] = []
@@ -488,7 +489,7 @@ class ShardSegmenter:
                     len(segment_rows), seconds)
         return {"shard": shard, "images": len(image_rows), "segmented": len(image_rows) - rejected,
                 "rejected": rejected, "segments": len(segment_rows), "seconds": seconds, "skipped": False,
-                "started_at": started_at, "finished_at": time.time(), "pid": os.getpid()}
+                "started_at": started_at, "finished_at": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
 
     def _segment(self, chunk, segment_rows: list, image_rows: list) -> None:
         """Segment ``chunk`` in one pass and add its rows. When anything in that fails (the
@@ -564,10 +565,15 @@ class ShardSegmenter:
 
 def steady_throughput(rows: Sequence[dict]) -> float:
     """Images per second once the actors are up: each actor's images over its
-    first-shard-start to last-shard-end window, summed over the actors (start-up left out)."""
+    first-shard-start to last-shard-end window, summed over the actors (start-up left out).
+    An actor is its process id on its machine (``host``): processes in containers on
+    different machines often have the same id."""
+    def actor(row: dict) -> tuple[str, int]:
+        return str(row.get("host", "")), int(row["pid"])
+
     total = 0.0
-    for pid in {int(r["pid"]) for r in rows}:
-        mine = [r for r in rows if int(r["pid"]) == pid and not r["skipped"]]
+    for key in {actor(r) for r in rows}:
+        mine = [r for r in rows if actor(r) == key and not r["skipped"]]
         if mine:
             window = max(float(r["finished_at"]) for r in mine) - min(float(r["started_at"]) for r in mine)
             total += sum(int(r["images"]) for r in mine) / max(window, 1e-9)
