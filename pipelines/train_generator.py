@@ -49,6 +49,16 @@ def generator_workers(config: ExperimentConfig, table: ClassTable) -> int:
     return workers
 
 
+def reference_rows(count: int, seed: int) -> np.ndarray:
+    """Which of a worker's ``count`` features rows the bundle keeps for fitting classes added at
+    run time: up to :data:`REFERENCE_ROWS`, drawn with ``seed`` over all of them (in row
+    order), not the first ones, which are the first few images' queries, most of them "no
+    object"."""
+    if count <= REFERENCE_ROWS:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=REFERENCE_ROWS, replace=False))
+
+
 def shard_files_of(features_dir: Path, rank: int, world: int) -> list[Path]:
     """The features shards worker ``rank`` of ``world`` trains on. Each worker draws the same
     number of rows a step, so the shards are dealt out by their row counts (Parquet metadata
@@ -121,7 +131,7 @@ def train_loop(loop_config: dict) -> None:
                 write_checkpoint(tmp, trainer.state_dict(), history)
                 if final:
                     generator = trainer.generator
-                    reference = features.select(np.arange(min(REFERENCE_ROWS, len(features))))
+                    reference = features.select(reference_rows(len(features), config.seed))
                     write_bundle(Path(tmp) / "bundle", config=config, table=table, class_semantics=semantics.numpy(),
                                  encoder=loop_config["encoder"], segmenter=segmenter_dir,
                                  classifier=trainer.classifier.cpu(),

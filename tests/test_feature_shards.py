@@ -109,3 +109,13 @@ def test_a_generator_worker_without_rows_stops_the_stage_with_a_message(dirs):
     with pytest.raises(RuntimeError, match="1 features shard.s. with rows for 2 workers"):
         shard_files_of(stage, 0, 2)
     assert shard_files_of(stage, 0, 1) == sorted(stage.glob("shard-*.parquet"))
+
+
+def test_the_bundles_reference_rows_are_drawn_over_all_rows():
+    from pipelines.train_generator import REFERENCE_ROWS, reference_rows
+
+    assert reference_rows(10, seed=0).tolist() == list(range(10))
+    drawn = reference_rows(10 * REFERENCE_ROWS, seed=0)
+    assert len(drawn) == len(set(drawn.tolist())) == REFERENCE_ROWS and (drawn[1:] > drawn[:-1]).all()
+    assert drawn.max() > 5 * REFERENCE_ROWS  # not the first rows only
+    assert drawn.tolist() == reference_rows(10 * REFERENCE_ROWS, seed=0).tolist()  # the same for a seed
