@@ -190,6 +190,22 @@ def test_real_coco_missing_prediction_counts_false_negatives(coco_samples, tmp_p
     assert 0.0 < report["All"]["pq"] < 100.0
 
 
+def test_real_coco_only_the_images_asked_for_are_scored(coco_samples, tmp_path, caplog):
+    """An evaluation of part of val (data.max_val_images, or a manifest without the images
+    prepare rejected) scores those images only: the others' segments are not misses."""
+    gt_json, gt_dir = coco_samples / "panoptic_val2017.json", coco_samples / "panoptic_val2017"
+    kept, dropped = json.loads(gt_json.read_text())["annotations"]
+    pred_json = tmp_path / "pred.json"
+    pred_json.write_text(json.dumps({"annotations": [kept]}))
+    with caplog.at_level(logging.WARNING, logger="pading.evaluation.metrics"):
+        report = evaluate_panoptic(gt_json, gt_dir, pred_json, gt_dir, image_ids=[kept["image_id"]])
+    assert not caplog.records
+    assert report["All"]["pq"] == pytest.approx(100.0)
+    assert set(report["per_class"]) >= {s["category_id"] for s in kept["segments_info"]}
+    asked = evaluate_panoptic(gt_json, gt_dir, pred_json, gt_dir, image_ids=[kept["image_id"], dropped["image_id"]])
+    assert asked["All"]["pq"] == pytest.approx(evaluate_panoptic(gt_json, gt_dir, pred_json, gt_dir)["All"]["pq"])
+
+
 def test_cli_panoptic_prints_documented_keys(coco_samples, tmp_path):
     gt_json, gt_dir = coco_samples / "panoptic_val2017.json", coco_samples / "panoptic_val2017"
     output = tmp_path / "out" / "pq.json"
@@ -335,6 +351,16 @@ def test_instance_empty_results_are_all_zero(instance_gt, tmp_path):
     assert report["HM"] == {"map50": 0.0, "recall100": 0.0}
 
 
+def test_instance_scores_only_the_images_asked_for(instance_gt):
+    results = [r for r in perfect_results(instance_gt) if r["image_id"] == 1]  # image 2 was not predicted
+    report = evaluate_instance(instance_gt, results, unseen_ids={2}, image_ids=[1])
+    assert report["All"]["map50"] == pytest.approx(100.0) and set(report["per_class"]) == {1, 2}
+    missed = evaluate_instance(instance_gt, results, unseen_ids={2})  # all of the GT: image 2's objects missed
+    assert missed["per_class"][3] == {"map50": 0.0, "recall100": 0.0}
+    empty = evaluate_instance(instance_gt, [], unseen_ids={2}, image_ids=[1])
+    assert empty["All"]["n"] == 2  # classes with GT in the images asked for
+
+
 def test_instance_bad_results_name_the_record(instance_gt):
     results = perfect_results(instance_gt)
     del results[1]["score"]
@@ -415,6 +441,15 @@ def test_semantic_files_and_cli(tmp_path):
     with pytest.raises(AnnotationError, match="b.png") as err:
         evaluate_semantic(gt_dir, pred_dir, categories=SEMANTIC_CATEGORIES)
     assert err.value.source.endswith("b.png")
+    # the images asked for: b.png not among them is not scored; asked for and failed, it is all missed
+    only_a = evaluate_semantic(gt_dir, pred_dir, categories=SEMANTIC_CATEGORIES, names=["a.png"])
+    assert only_a["All"]["miou"] == pytest.approx(report["All"]["miou"])
+    with_b = evaluate_semantic(gt_dir, pred_dir, categories=SEMANTIC_CATEGORIES, names=["a.png", "b.png"])
+    missed = SemanticEvaluator(SEMANTIC_CATEGORIES)
+    missed.add(SEMANTIC_GT, SEMANTIC_PRED)
+    missed.add(SEMANTIC_GT, np.full_like(SEMANTIC_GT, 255))
+    assert with_b["All"]["miou"] == pytest.approx(missed.summarize()["All"]["miou"])
+    assert with_b["All"]["miou"] < only_a["All"]["miou"]
 
 
 def test_semantic_default_categories_are_cocostuff(tmp_path):

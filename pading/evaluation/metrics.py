@@ -272,11 +272,15 @@ def _annotations_by_image(data: dict, json_path, segment_keys: Sequence[str]) ->
     return by_image
 
 
-def evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir, unseen_ids: Iterable[int] = ()) -> dict:
+def evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir, unseen_ids: Iterable[int] = (),
+                      image_ids: Iterable[int] | None = None) -> dict:
     """PQ/SQ/RQ of official COCO panoptic predictions (JSON + PNGs) against GT.
 
     Annotations are matched by ``image_id``; an image without prediction counts all its GT
-    segments as FN (with a warning). Categories come from the GT JSON.
+    segments as FN (with a warning). Categories come from the GT JSON. ``image_ids``: score
+    these GT images only (default: every image of the GT JSON), e.g. the images an
+    evaluation was asked to predict (``data.max_val_images``, or the manifest without the
+    images prepare rejected).
 
     Raises:
         AnnotationError: naming the file/record (missing PNG, PNG id not in JSON, missing
@@ -288,6 +292,9 @@ def evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir, unseen_ids: Iterable
         _check_keys(category, ("id", "name"), f"{gt_json}: categories[{index}]")
     evaluator = PanopticEvaluator(gt_data["categories"], unseen_ids=unseen_ids)
     gt_by_image = _annotations_by_image(gt_data, gt_json, ("id", "category_id"))
+    if image_ids is not None:
+        wanted = {int(i) for i in image_ids}
+        gt_by_image = {i: ann for i, ann in gt_by_image.items() if int(i) in wanted}
     pred_by_image = _annotations_by_image(pred_data, pred_json, ("id", "category_id"))
     for image_id in set(pred_by_image) - set(gt_by_image):
         logger.warning("%s: prediction for image_id %s has no ground truth; ignored", pred_json, image_id)
@@ -341,10 +348,11 @@ def _load_results(results, coco) -> list[dict]:
         _check_keys(record, ("image_id", "category_id", "segmentation", "score"), f"{source}[{index}]")
         if record["image_id"] not in image_ids:
             raise AnnotationError(f"{source}[{index}]", f"image_id {record['image_id']} is not in the GT")
-    return results
+    return [dict(record) for record in results]  # pycocotools' loadRes adds keys to the records it is given
 
 
-def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids: Iterable[int] | None = None) -> dict:
+def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids: Iterable[int] | None = None,
+                      image_ids: Iterable[int] | None = None) -> dict:
     """Instance segmentation mAP@0.5 and Recall@100 per class (pycocotools COCOeval, segm).
 
     Args:
@@ -352,6 +360,7 @@ def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids:
         results: list of ``{image_id, category_id, segmentation (RLE), score}`` or a JSON path.
         unseen_ids: category ids of the unseen classes.
         category_ids: evaluate only these categories (default: all GT categories).
+        image_ids: evaluate on these GT images only (default: all), e.g. the images predicted.
 
     Returns:
         ``{"All"|"Seen"|"Unseen": {"map50","recall100","n"}, "HM": {...}, "per_class": {...}}``;
@@ -366,6 +375,8 @@ def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids:
         categories = [c for c in categories if int(c["id"]) in keep]
     table = _table(categories, unseen_ids)
     results = _load_results(results, coco_gt)
+    evaluated = sorted(coco_gt.getImgIds()) if image_ids is None else \
+        sorted({int(i) for i in image_ids} & set(coco_gt.getImgIds()))
     num_classes = table.num_classes
     average_precision = np.zeros(num_classes)  # (K,)
     recall = np.zeros(num_classes)  # (K,)
@@ -374,6 +385,7 @@ def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids:
             coco_dt = coco_gt.loadRes(results)
             coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
             coco_eval.params.catIds = table.ids
+            coco_eval.params.imgIds = evaluated
             coco_eval.params.iouThrs = np.array([INSTANCE_IOU_THRESHOLD])
             coco_eval.evaluate()
             coco_eval.accumulate()
@@ -387,7 +399,8 @@ def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids:
     else:
         logger.warning("instance evaluation: no results; every class scores 0")
         present = np.array(
-            [len(coco_gt.getAnnIds(catIds=[category_id], iscrowd=False)) > 0 for category_id in table.ids], dtype=bool
+            [len(coco_gt.getAnnIds(imgIds=evaluated, catIds=[category_id], iscrowd=False)) > 0
+             for category_id in table.ids], dtype=bool
         )
     values = {
         "map50": PERCENT * np.where(present, average_precision, 0.0),
@@ -565,20 +578,31 @@ def evaluate_semantic(
     categories: Sequence[dict] | None = None,
     unseen_ids: Iterable[int] = (),
     ignore_label: int = DEFAULT_IGNORE_LABEL,
+    names: Iterable[str] | None = None,
 ) -> dict:
     """mIoU of the label PNGs in ``pred_dir`` against those in ``gt_dir`` (paired by file name).
 
+    ``names``: score these GT files only (default: every PNG in ``gt_dir``), e.g. those of
+    the images an evaluation was asked to predict; a listed image without a prediction (it
+    failed) then counts as a miss on every pixel, with a warning.
+
     Raises:
-        AnnotationError: a GT file without prediction (naming the missing file), shapes differ.
+        AnnotationError: without ``names``, a GT file without prediction (naming the missing
+            file); shapes differ.
     """
     categories = cocostuff_categories() if categories is None else categories
     evaluator = SemanticEvaluator(categories, unseen_ids=unseen_ids, ignore_label=ignore_label)
-    gt_files = sorted(Path(gt_dir).glob("*.png"))
+    gt_files = sorted(Path(gt_dir).glob("*.png")) if names is None else [Path(gt_dir) / n for n in sorted(set(names))]
     if not gt_files:
         raise AnnotationError(str(gt_dir), "no label PNGs found")
     for gt_path in gt_files:
         pred_path = Path(pred_dir) / gt_path.name
         if not pred_path.is_file():
-            raise AnnotationError(str(pred_path), f"prediction for {gt_path.name} is missing")
+            if names is None:
+                raise AnnotationError(str(pred_path), f"prediction for {gt_path.name} is missing")
+            logger.warning("%s: no prediction for %s; every pixel counts as missed", pred_dir, gt_path.name)
+            gt = read_label_png(gt_path)
+            evaluator.add(gt, np.full_like(gt, ignore_label), source=str(gt_path))
+            continue
         evaluator.add(read_label_png(gt_path), read_label_png(pred_path), source=str(pred_path))
     return evaluator.summarize()

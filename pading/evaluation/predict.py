@@ -208,13 +208,18 @@ def summarize(
     output = Path(output_dir)
     good = [r for r in rows if not r["error"]]
     unseen_ids = table.unseen_ids
+    # the images scored: those asked for (an image that failed to predict counts as a miss),
+    # not every image of the GT files (data.max_val_images, images prepare rejected)
+    asked = images if images is not None else good
+    evaluated = [int(r["image_id"]) for r in asked]
     results: dict = {"reports": {}}
     if data_format == "panoptic":
         annotations = [json.loads(r["panoptic"]) for r in good]
         categories = table.to_coco_categories()
         pred_json = output / "panoptic_predictions.json"
         pred_json.write_text(json.dumps({"annotations": annotations, "categories": categories}))
-        report = evaluate_panoptic(gt_panoptic_json, gt_panoptic_dir, pred_json, output / "panoptic", unseen_ids)
+        report = evaluate_panoptic(gt_panoptic_json, gt_panoptic_dir, pred_json, output / "panoptic", unseen_ids,
+                                   image_ids=evaluated)
         results["panoptic"] = _group(report, ("pq", "sq", "rq"))
         results["reports"]["panoptic"] = report
         gt = {
@@ -231,7 +236,6 @@ def summarize(
     if data_format == "lvis":
         detections = [d for r in good for d in json.loads(r["instances"] or "[]")]
         (output / "instance_predictions.json").write_text(json.dumps(detections))
-        evaluated = [int(r["image_id"]) for r in (images if images is not None else good)]  # an error is a miss
         report = evaluate_lvis(str(gt_instances_json), detections, unseen_ids, image_ids=evaluated)
         lvis = _group(report, ("ap",))
         lvis["all"] = {k: float(v) for k, v in report["LVIS"].items() if not k.startswith("n_")}
@@ -241,11 +245,14 @@ def summarize(
         detections = [d for r in good for d in json.loads(r["instances"] or "[]")]
         (output / "instance_predictions.json").write_text(json.dumps(detections))
         thing_ids = [c.id for c in table if c.isthing]
-        report = evaluate_instance(str(gt_instances_json), detections, unseen_ids & set(thing_ids), category_ids=thing_ids)
+        report = evaluate_instance(str(gt_instances_json), detections, unseen_ids & set(thing_ids), category_ids=thing_ids,
+                                   image_ids=evaluated)
         results["instance"] = _group(report, ("map50", "recall100"))
         results["reports"]["instance"] = report
     if data_format in ("panoptic", "semantic"):
-        report = evaluate_semantic(gt_semantic_dir, output / "semantic", table.to_coco_categories(), unseen_ids)
+        names = None if data_format == "panoptic" else [_png_name(str(r["file_name"])) for r in asked]
+        report = evaluate_semantic(gt_semantic_dir, output / "semantic", table.to_coco_categories(), unseen_ids,
+                                   names=names)
         results["semantic"] = _group(report, ("miou",))
         results["reports"]["semantic"] = report
     return results
