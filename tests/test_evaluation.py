@@ -206,6 +206,21 @@ def test_real_coco_only_the_images_asked_for_are_scored(coco_samples, tmp_path, 
     assert asked["All"]["pq"] == pytest.approx(evaluate_panoptic(gt_json, gt_dir, pred_json, gt_dir)["All"]["pq"])
 
 
+def test_records_of_images_not_asked_for_are_not_read(coco_samples, tmp_path):
+    """GT records prepare rejected (here: an image annotated twice) belong to images the
+    evaluation does not score; they must not stop it after the whole inference."""
+    gt_json, gt_dir = coco_samples / "panoptic_val2017.json", coco_samples / "panoptic_val2017"
+    data = json.loads(gt_json.read_text())
+    kept, dropped = data["annotations"]
+    data["annotations"].append(dropped)  # image `dropped` annotated twice
+    broken = tmp_path / "gt.json"
+    broken.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match="appears twice"):
+        evaluate_panoptic(broken, gt_dir, gt_json, gt_dir)
+    report = evaluate_panoptic(broken, gt_dir, gt_json, gt_dir, image_ids=[kept["image_id"]])
+    assert report["All"]["pq"] == pytest.approx(100.0)
+
+
 def test_cli_panoptic_prints_documented_keys(coco_samples, tmp_path):
     gt_json, gt_dir = coco_samples / "panoptic_val2017.json", coco_samples / "panoptic_val2017"
     output = tmp_path / "out" / "pq.json"
@@ -359,6 +374,14 @@ def test_instance_scores_only_the_images_asked_for(instance_gt):
     assert missed["per_class"][3] == {"map50": 0.0, "recall100": 0.0}
     empty = evaluate_instance(instance_gt, [], unseen_ids={2}, image_ids=[1])
     assert empty["All"]["n"] == 2  # classes with GT in the images asked for
+
+
+def test_instance_gt_of_images_not_asked_for_is_not_indexed(instance_gt):
+    gt = {**instance_gt, "images": instance_gt["images"] + [{"id": 3, "height": 20, "width": 20, "file_name": "3.jpg"}],
+          "annotations": instance_gt["annotations"] + [{"id": 99, "image_id": 3, "category_id": 1, "iscrowd": 0,
+                                                        "segmentation": "not a polygon", "area": 1, "bbox": [0, 0, 1, 1]}]}
+    report = evaluate_instance(gt, perfect_results(instance_gt), unseen_ids={2}, image_ids=[1, 2])
+    assert report["All"]["map50"] == pytest.approx(100.0)
 
 
 def test_instance_bad_results_name_the_record(instance_gt):

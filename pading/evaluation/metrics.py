@@ -259,10 +259,14 @@ def _check_keys(record: dict, required: Sequence[str], source: str) -> None:
             raise AnnotationError(source, f"missing required key {key!r}")
 
 
-def _annotations_by_image(data: dict, json_path, segment_keys: Sequence[str]) -> dict:
+def _annotations_by_image(data: dict, json_path, segment_keys: Sequence[str], keep: set | None = None) -> dict:
+    """``{image_id: annotation}``, checked; ``keep``: only these images' annotations are read
+    (the others, e.g. records prepare rejected, are not checked either)."""
     by_image = {}
     for index, ann in enumerate(data["annotations"]):
         source = f"{json_path}: annotations[{index}]"
+        if keep is not None and isinstance(ann, dict) and ann.get("image_id") not in keep:
+            continue
         _check_keys(ann, ("image_id", "file_name", "segments_info"), source)
         for s_index, segment in enumerate(ann["segments_info"]):
             _check_keys(segment, segment_keys, f"{source}.segments_info[{s_index}]")
@@ -291,10 +295,8 @@ def evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir, unseen_ids: Iterable
     for index, category in enumerate(gt_data["categories"]):
         _check_keys(category, ("id", "name"), f"{gt_json}: categories[{index}]")
     evaluator = PanopticEvaluator(gt_data["categories"], unseen_ids=unseen_ids)
-    gt_by_image = _annotations_by_image(gt_data, gt_json, ("id", "category_id"))
-    if image_ids is not None:
-        wanted = {int(i) for i in image_ids}
-        gt_by_image = {i: ann for i, ann in gt_by_image.items() if int(i) in wanted}
+    wanted = None if image_ids is None else {int(i) for i in image_ids}
+    gt_by_image = _annotations_by_image(gt_data, gt_json, ("id", "category_id"), keep=wanted)
     pred_by_image = _annotations_by_image(pred_data, pred_json, ("id", "category_id"))
     for image_id in set(pred_by_image) - set(gt_by_image):
         logger.warning("%s: prediction for image_id %s has no ground truth; ignored", pred_json, image_id)
@@ -315,7 +317,10 @@ def evaluate_panoptic(gt_json, gt_dir, pred_json, pred_dir, unseen_ids: Iterable
 
 
 # ---------------------------------------------------------------------------- instance
-def _load_coco(gt):
+def _load_coco(gt, image_ids: Iterable[int] | None = None):
+    """A pycocotools COCO of ``gt``; given ``image_ids``, of those images and their annotations
+    only, so records of other images (e.g. ones prepare rejected: a NaN polygon makes
+    pycocotools hang) are never indexed."""
     from pycocotools.coco import COCO
 
     if isinstance(gt, COCO):
@@ -325,6 +330,10 @@ def _load_coco(gt):
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise AnnotationError(source, f"missing required key {key!r}")
+    if image_ids is not None:
+        wanted = {int(i) for i in image_ids}
+        data = {**data, "images": [i for i in data["images"] if isinstance(i, dict) and i.get("id") in wanted],
+                "annotations": [a for a in data["annotations"] if isinstance(a, dict) and a.get("image_id") in wanted]}
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -368,7 +377,7 @@ def evaluate_instance(gt, results, unseen_ids: Iterable[int] = (), category_ids:
     """
     from pycocotools.cocoeval import COCOeval
 
-    coco_gt = _load_coco(gt)
+    coco_gt = _load_coco(gt, image_ids)
     categories = coco_gt.dataset["categories"]
     if category_ids is not None:
         keep = {int(i) for i in category_ids}
