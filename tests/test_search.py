@@ -28,7 +28,7 @@ from pading.run.search import (
     validate_search_space,
 )
 from pading.run.table_figures import bar_chart, tsne_figure
-from pading.run.tables import RowSpec, aggregate, format_markdown, table_rows, write_csv
+from pading.run.tables import DERIVED_PROTOCOL_NOTE, RowSpec, aggregate, format_markdown, table_rows, write_csv
 from pading.training.generator import GeneratorTrainer
 
 EMBED_DIM = 8
@@ -217,6 +217,11 @@ def test_table_rows_aggregate_and_written_tables(tmp_path):
     markdown = format_markdown([(spec, stats)], seeds=(0, 1, 2))
     assert "| + alignment and disentanglement | 3.0 ± 2.0 | 4.0 ± 0.0 |" in markdown
     assert "ZSP HM PQ" in markdown.splitlines()[0] and "seeds 0, 1, 2" in markdown
+    assert "derived from the panoptic" not in markdown  # no data format given
+    panoptic = format_markdown([(spec, stats)], seeds=(0, 1, 2), data_format="panoptic")
+    assert panoptic.splitlines()[-1] == DERIVED_PROTOCOL_NOTE and panoptic.startswith(markdown)
+    only_pq = format_markdown([(spec, {"panoptic.hm.pq": stats["panoptic.hm.pq"]})], seeds=(0,), data_format="panoptic")
+    assert "derived from the panoptic" not in only_pq  # no ZSI / ZSS column, no note
     path = write_csv(tmp_path / "t.csv", [(spec, stats)], seeds=(0, 1, 2))
     record = next(csv.DictReader(path.open()))
     assert float(record["panoptic.hm.pq_mean"]) == 3.0 and record["variant"] == "full"

@@ -233,8 +233,17 @@ def column_label(key: str) -> str:
     return f"{TASK_LABELS[task]} {GROUP_LABELS[group]} {METRIC_LABELS[metric]}"
 
 
-def format_markdown(rows: Sequence[tuple[RowSpec, dict]], *, seeds: Sequence[int]) -> str:
-    """A Markdown table of ``(row, aggregate(...))`` pairs, cells ``mean ± std``."""
+#: Under a table of panoptic data with ZSI or ZSS columns: what they are scored on.
+DERIVED_PROTOCOL_NOTE = (
+    "ZSI and ZSS here are scored on instance and semantic ground truth derived from the panoptic "
+    "annotations, with the panoptic split's unseen classes: not the paper's ZSI (COCO instances, "
+    "48/17 or 65/15 split) or ZSS (COCO-Stuff, 156/15) protocols, which configs/zsi_coco_48_17.yaml, "
+    "configs/zsi_coco_65_15.yaml and configs/zss_cocostuff.yaml run.")
+
+
+def format_markdown(rows: Sequence[tuple[RowSpec, dict]], *, seeds: Sequence[int], data_format: str | None = None) -> str:
+    """A Markdown table of ``(row, aggregate(...))`` pairs, cells ``mean ± std``; for
+    ``data_format`` panoptic, a note on what its ZSI and ZSS columns are scored on."""
     if not rows:
         return ""
     keys = metric_keys(rows[0][1])
@@ -245,6 +254,8 @@ def format_markdown(rows: Sequence[tuple[RowSpec, dict]], *, seeds: Sequence[int
         lines.append(f"| {spec.label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"mean ± std over seeds {', '.join(str(s) for s in seeds)}; values in percent.")
+    if data_format == "panoptic" and any(k.split(".")[0] in ("instance", "semantic") for k in keys):
+        lines.append(DERIVED_PROTOCOL_NOTE)
     return "\n".join(lines)
 
 
@@ -289,7 +300,7 @@ def write_table_outputs(config: ExperimentConfig, out_dir: Path, rows: Sequence[
         table_rows_ = [(spec, aggregated[spec.key]) for spec in rows if spec.table == name and spec.key in aggregated]
         if not table_rows_:
             continue
-        markdown = format_markdown(table_rows_, seeds=seeds)
+        markdown = format_markdown(table_rows_, seeds=seeds, data_format=config.data.format)
         (out_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
         write_csv(out_dir / f"{name}.csv", table_rows_, seeds=seeds)
         written["markdown"][name] = markdown
