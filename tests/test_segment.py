@@ -117,6 +117,20 @@ def test_bad_inputs_give_clear_errors(tree):
         read_image_bytes(str(tree / "gone.jpg"), 100)
     with pytest.raises(FileTooLargeError, match="above the limit of 10"):
         read_image_bytes(str(tree / "a" / "x.jpg"), 10)
+    # lists that cannot be read: named, not a traceback from the reader
+    (tree / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(InputError, match=r"broken.parquet: cannot be read \(Arrow"):
+        list_inputs(str(tree / "broken.parquet"))
+    (tree / "latin.txt").write_bytes("caf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.txt: cannot be read \(UnicodeDecodeError"):
+        list_inputs(str(tree / "latin.txt"))
+
+
+def test_a_damaged_job_record_is_named_with_the_way_out(tmp_path):
+    (tmp_path / batch.JOB_FILE).write_text('{"task": "pan')
+    with pytest.raises(ConfigError, match=r"job.json cannot be read .*--force"):
+        batch.check_output(tmp_path, {"task": "panoptic"}, force=False)
+    assert batch.check_output(tmp_path, {"task": "panoptic"}, force=True) is False
 
 
 # ---- vocabulary and the job record -------------------------------------------------------

@@ -252,7 +252,11 @@ def check_output(output: Path, spec: dict, force: bool) -> bool:
         return False
     record = output / JOB_FILE
     if record.is_file():
-        old = json.loads(record.read_text())
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{record} cannot be read ({err}): it records the job this output holds. Re-run with "
+                              "--force to redo the job there, or choose another --output.") from None
         changed = [key for key in spec if old.get(key) != spec[key]]
         if changed:
             what = "vocabulary request" if set(changed) & set(VOCABULARY_KEYS) else "request"

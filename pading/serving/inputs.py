@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -252,6 +253,13 @@ def list_inputs(spec: str, column: str = "path") -> list[str]:
     if has_glob(spec) and (is_uri(spec) or not os.path.exists(os.path.expanduser(spec))):
         entries, kind = _glob(spec), "glob"
         return _finish(spec, entries, kind)
+    try:
+        return _list_spec(spec, column)
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:  # a list or folder that cannot be read
+        raise InputError(f"--input {spec}: cannot be read ({type(err).__name__}: {err})") from None
+
+
+def _list_spec(spec: str, column: str) -> list[str]:
     location = locate(spec)
     info = location.fs.get_file_info(location.inner)
     if info.type == pafs.FileType.NotFound:
