@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 import math
@@ -289,14 +290,46 @@ class SegmentationService:
                 if latest > self._state.version:
                     with self._update_lock:
                         state = self._state
-                        for change in self._store.changes(self.vocabulary, after=state.version,
-                                                          upto=max(latest, state.version)):
-                            state = self._apply(state, change)
-                        self._state = state
+                        self._state = self._apply_all(state, self._store.changes(
+                            self.vocabulary, after=state.version, upto=max(latest, state.version)))
         state = self._state
         if self.vocabulary != BASE and (state.version == 0 or state.deleted):
             raise UnknownVocabularyError(self.vocabulary, "no such vocabulary (GET /v1/vocabularies lists them)")
         return state
+
+    def _apply_all(self, state: ServiceState, changes: Sequence[Change]) -> ServiceState:
+        """The state after ``changes``, in order. Consecutive additions are applied as one: the
+        classes, vectors and classifier rows of a run of N ``add`` changes are appended in one
+        concatenation, not N (each copies the whole classifier), so replaying a chain of
+        classes added one at a time costs time linear in its length, not quadratic; the result
+        is the same, row for row."""
+        run: list[Change] = []
+
+        def flush(state: ServiceState) -> ServiceState:
+            if len(run) <= 1:
+                state = self._apply(state, run[0]) if run else state
+                run.clear()
+                return state
+            for k, change in enumerate(run):
+                if change.version != state.version + 1 + k:
+                    raise StoreUnavailableError(f"vocabulary {self.vocabulary!r}: version {change.version} follows "
+                                                f"{state.version + k}; the store's chain has a gap")
+            rows = [c.weight for c in run]
+            merged = Change("add", classes=[r for c in run for r in c.classes], version=state.version + 1,
+                            semantics=np.concatenate([np.asarray(c.semantics, np.float32) for c in run], axis=0),
+                            weight=None if any(w is None for w in rows) else np.concatenate(rows, axis=0),
+                            bias=None if any(c.bias is None for c in run) else np.concatenate([c.bias for c in run]))
+            state = dataclasses.replace(self._apply(state, merged), version=run[-1].version)
+            run.clear()
+            return state
+
+        for change in changes:
+            if change.kind == "add" and change.classes:
+                run.append(change)
+                continue
+            state = flush(state)
+            state = self._apply(state, change)
+        return flush(state)
 
     def _apply(self, state: ServiceState, change: Change) -> ServiceState:
         """The state after ``change`` (no fitting: added classes bring their classifier rows)."""
