@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -717,6 +718,8 @@ class TuneConfig:
             if not isinstance(args, (list, tuple)) or not args:
                 raise ConfigError(f"{where}: {kind} needs a non-empty list, got {args!r}")
             if kind in ("loguniform", "uniform", "randint"):
+                args = [_number(a) for a in args]
+                self.search_space[key] = {kind: args}
                 if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
                     raise ConfigError(f"{where}: {kind} needs [low, high] with low < high, got {args!r}")
                 if kind == "loguniform" and args[0] <= 0:
@@ -909,6 +912,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -916,6 +920,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(value: Any) -> Any:
+    """A number written as text YAML leaves a string (``1e-4``: YAML 1.1 wants ``1.0e-4``) as
+    a float; anything else as it is."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     return value
 
 

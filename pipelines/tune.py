@@ -27,7 +27,7 @@ from pading.run import RunLayout, read_manifest, tracking
 from pading.run import tune_support as support
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.inputs import GeneratorInputs, load_generator_inputs
-from pading.run.search import SearchSplit, validate_search_space
+from pading.run.search import SearchSplit, search_class_head, validate_search_space
 from pading.run.tune_support import (  # noqa: F401 - re-exported: these were defined here
     PAPER_WARNING,
     RAY_TUNER_STATE,
@@ -53,7 +53,8 @@ def search_space(space: dict) -> dict:
     from ray import tune
 
     makers = {"loguniform": lambda a: tune.loguniform(a[0], a[1]), "uniform": lambda a: tune.uniform(a[0], a[1]),
-              "randint": lambda a: tune.randint(int(a[0]), int(a[1])), "choice": lambda a: tune.choice(list(a)),
+              # [low, high] with both ends, as documented (Tune's randint leaves the upper one out)
+              "randint": lambda a: tune.randint(int(a[0]), int(a[1]) + 1), "choice": lambda a: tune.choice(list(a)),
               "grid": lambda a: tune.grid_search(list(a))}
     validate_search_space(space)
     return {key: makers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
@@ -114,6 +115,7 @@ def make_tune_callback(runs: MlflowTrialRuns):
 def run(config: ExperimentConfig, output: Path, force: bool = False, resume: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     settings = config.tune
     stage_dir = RunLayout(output).tune
@@ -130,7 +132,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     iterations = settings.max_iterations or config.generator_training.iterations
     trainable = tune.with_resources(
         tune.with_parameters(trial, split=split, semantics=inputs.semantics(), base_config=config,
-                             class_head=inputs.class_head(), iterations=iterations),
+                             class_head=search_class_head(inputs.class_head(), split, inputs.table),
+                             iterations=iterations),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     common.check_resources("a Tune trial", "tune.cpus_per_trial / tune.gpus_per_trial", 1,
@@ -148,6 +151,8 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=settings.num_samples,
+                                            # the trials' settings drawn from the run's seed: a rerun draws the same
+                                            search_alg=BasicVariantGenerator(random_state=config.seed),
                                             max_concurrent_trials=settings.max_concurrent_trials or None),
                 run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
                                           callbacks=[callback], failure_config=tune.FailureConfig(max_failures=settings.max_failures),

@@ -24,6 +24,7 @@ from pading.run.search import (
     paper_split,
     pseudo_unseen_split,
     score_classifier,
+    search_class_head,
     train_and_score,
     validate_search_space,
 )
@@ -85,6 +86,25 @@ def test_pseudo_unseen_split_withholds_pseudo_and_real_unseen_classes():
     # Deterministic from the seed.
     again = pseudo_unseen_split(features, table, count=2, holdout_fraction=0.25, seed=3)
     assert again.unseen_indices == split.unseen_indices and np.array_equal(again.train.labels, split.train.labels)
+
+
+def test_pseudo_unseen_classes_start_from_an_unseen_class_head_row():
+    """The pretrained head learnt the pseudo-unseen classes from their labels (they were seen
+    in pretraining); a trial's classifier must start them as a real unseen class starts."""
+    table = _table()
+    split = pseudo_unseen_split(_features(table), table, count=2, holdout_fraction=0.25, seed=3)
+    head = torch.nn.Linear(EMBED_DIM, table.num_classes + 1)
+    before = head.weight.detach().clone(), head.bias.detach().clone()
+    start = search_class_head(head, split, table)
+    pseudo, real = list(split.unseen_indices), list(table.unseen_indices)
+    assert torch.equal(head.weight, before[0]) and torch.equal(head.bias, before[1])  # a copy is changed
+    for index in pseudo:
+        assert torch.allclose(start.weight[index], before[0][real].mean(0))
+        assert torch.allclose(start.bias[index], before[1][real].mean())
+    others = [i for i in range(table.num_classes + 1) if i not in pseudo]
+    assert torch.equal(start.weight[others], before[0][others]) and torch.equal(start.bias[others], before[1][others])
+    paper = SearchSplit("paper", table, split.train, split.validation, split.seen_indices, tuple(real))
+    assert search_class_head(head, paper, table) is head
 
 
 def test_the_trainer_never_receives_unseen_features(monkeypatch):
@@ -201,6 +221,20 @@ def test_tune_config_validates_the_search_space():
         validate_search_space({"losses.lambda": {"choice": [1]}})
     config = load_config(None, ["tune.search_space={generator.num_primitives: {choice: [8, 16]}}"])
     assert config.tune.search_space == {"generator.num_primitives": {"choice": [8, 16]}}
+    # YAML 1.1 reads 1e-5 (no dot) as text: a bound written so is still a number
+    config = load_config(None, ["tune.search_space={losses.disentangle_weight: {loguniform: [1e-5, 1e-2]}}",
+                                "pretrain.lr=3e-4"])
+    assert config.tune.search_space == {"losses.disentangle_weight": {"loguniform": [1e-5, 1e-2]}}
+    assert config.pretrain.lr == 3e-4
+    with pytest.raises(ConfigError, match="pretrain.lr: expected a number"):
+        load_config(None, ["pretrain.lr=fast"])
+
+
+def test_randint_bounds_are_both_sampled():
+    from pipelines.tune import search_space
+
+    domain = search_space({"generator.num_primitives": {"randint": [1, 2]}})["generator.num_primitives"]
+    assert set(domain.sample(size=200, random_state=0)) == {1, 2}  # [low, high], as documented
 
 
 def test_table_rows_aggregate_and_written_tables(tmp_path):

@@ -26,6 +26,7 @@ predict the test numbers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -135,6 +136,26 @@ def pseudo_unseen_split(
     logger.info("pseudo-unseen protocol: classes %s play unseen; %d training rows, %d validation queries",
                 [table[i].name for i in pseudo], len(train), len(validation))
     return SearchSplit("pseudo_unseen", search_table, train, validation, seen, tuple(pseudo))
+
+
+def search_class_head(class_head: nn.Linear, split: SearchSplit, table: ClassTable) -> nn.Linear:
+    """The class head a trial's classifier starts from. Under the pseudo-unseen protocol the
+    pretrained head has rows trained on the pseudo-unseen classes' real labels (they were seen
+    in pretraining), which a real unseen class never has: left in, the search would score how
+    little a trial disturbs those rows rather than what its generator gives. So those rows
+    start as the real unseen classes' rows do on average (``table``: the run's vocabulary),
+    or at zero when it has none. The paper protocol's head is returned as it is."""
+    if split.protocol != "pseudo_unseen" or not split.unseen_indices:
+        return class_head
+    head = copy.deepcopy(class_head)
+    pseudo = sorted(set(split.unseen_indices) - set(table.unseen_indices))
+    real = list(table.unseen_indices)
+    with torch.no_grad():
+        weight = head.weight[real].mean(0) if real else torch.zeros_like(head.weight[0])
+        bias = head.bias[real].mean() if real else torch.zeros_like(head.bias[0])
+        head.weight[pseudo] = weight
+        head.bias[pseudo] = bias
+    return head
 
 
 def paper_split(train: FeatureArrays, validation: FeatureArrays, table: ClassTable) -> SearchSplit:
