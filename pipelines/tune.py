@@ -122,6 +122,10 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
     stage = common.Stage("tune", stage_dir, force)
     if stage.done:
         return stage.done
+    # (--force removes the old search in stage.start below)
+    resuming = resume and not force and tune.Tuner.can_restore(str(support.experiment_dir(config, output)))
+    if resuming:  # before any work: a search of other settings is not resumed
+        support.check_resume(config, output)
     stage.start()
     stage_dir.mkdir(parents=True, exist_ok=True)
     space = search_space(settings.search_space)
@@ -140,10 +144,11 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
                            settings.cpus_per_trial, settings.gpus_per_trial)
     experiment_dir = support.experiment_dir(config, output)
     with support.search_run(config, output, split, iterations) as parent:
-        if resume and tune.Tuner.can_restore(str(experiment_dir)):
+        if resuming:
             logger.info("tune: resuming the search in %s", experiment_dir)
             tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         else:
+            support.record_search_settings(config, output)
             callback = make_tune_callback(MlflowTrialRuns(tracking.tracking_uri(config.tracking), parent.experiment_id,
                                                           parent.run_id, parent.tags))
             scheduler = ASHAScheduler(time_attr="step", max_t=iterations, grace_period=min(settings.grace_period, iterations),

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pading.config import apply_overrides, load_config
+from pading.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -126,7 +127,7 @@ def search(pipeline_output):
         info = tune_pipeline.run(config, pipeline_output["output"])
     finally:
         tune_pipeline.val_features = original
-    return {"info": info, "config": config, **pipeline_output}
+    return {**pipeline_output, "info": info, "config": config}  # the search's config, not the pipeline's
 
 
 def test_search_survives_a_failed_trial_and_writes_the_best_config(search):
@@ -181,6 +182,12 @@ def test_an_unfinished_search_is_restored(search, caplog):
     tune_dir = search["output"] / "tune"
     before = {t["trial_id"] for t in json.loads((tune_dir / "trials.json").read_text())}
     common.clear_done(tune_dir)  # as if the search had been interrupted
+    # other settings are refused before any work, naming what differs (Tune would restore the
+    # old search space while the trials trained with the new split, and the runs kept old tags)
+    other = apply_overrides(search["config"], {"tune.protocol": "paper"})
+    with pytest.raises(ConfigError, match=r"tune.protocol: 'pseudo_unseen' -> 'paper'.*--fresh"):
+        tune_pipeline.run(other, search["output"])
+    assert not (tune_dir / "_SUCCESS.json").exists()
     with caplog.at_level(logging.INFO, logger="pipelines.tune"):
         info = tune_pipeline.run(search["config"], search["output"])
     assert "resuming the search" in caplog.text

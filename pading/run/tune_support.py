@@ -18,8 +18,10 @@ from typing import Callable, Iterator
 import torch
 import yaml
 
-from pading.config import ExperimentConfig, TuneConfig, apply_overrides, save_config
+from pading.config import ExperimentConfig, TuneConfig, apply_overrides, save_config, to_dict
 from pading.data.features import FeatureArrays
+from pading.errors import ConfigError
+from pading.io import write_json_atomic
 from pading.run import tracking
 from pading.run.inputs import GeneratorInputs
 from pading.run.layout import RunLayout
@@ -78,6 +80,52 @@ def trial_config(params: dict, base_config: ExperimentConfig) -> tuple[Experimen
 def experiment_dir(config: ExperimentConfig, output: Path) -> Path:
     """Where Ray Tune keeps the search's state (``<output>/tune/ray/<name>-tune``)."""
     return RunLayout(output).ray_storage("tune") / f"{config.name}-tune"
+
+
+#: What a search's trials depend on: a search resumes only with the same values of these.
+SEARCH_SECTIONS = ("seed", "data", "semantics", "segmenter", "pretrain", "generator", "generator_training", "losses",
+                   "vocabulary", "tune")
+#: The settings a search was started with, beside Tune's state (``<output>/tune/``).
+SEARCH_CONFIG_FILE = "search_config.json"
+
+
+def search_settings(config: ExperimentConfig) -> dict:
+    """``{"section.key": value}`` of the settings a search depends on (:data:`SEARCH_SECTIONS`)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    data = to_dict(config)
+    for section in SEARCH_SECTIONS:
+        walk(section, json.loads(json.dumps(data.get(section), default=str)))
+    return flat
+
+
+def record_search_settings(config: ExperimentConfig, output: Path) -> None:
+    """Write the settings a new search starts with (checked by :func:`check_resume`)."""
+    write_json_atomic(RunLayout(output).tune / SEARCH_CONFIG_FILE, search_settings(config))
+
+
+def check_resume(config: ExperimentConfig, output: Path) -> None:
+    """Refuse to resume a search started with other settings: Tune restores the old search
+    space and sample count while the trials would train with the new split, seed and
+    iterations, and the MLflow runs keep the old tags. ConfigError names what differs."""
+    recorded = RunLayout(output).tune / SEARCH_CONFIG_FILE
+    if not recorded.is_file():  # a search of an earlier version: nothing to compare
+        logger.warning("tune: %s has no record of its settings; resuming as it is", recorded.parent)
+        return
+    old, new = json.loads(recorded.read_text()), search_settings(config)
+    changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    if changed:
+        shown = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise ConfigError(f"the interrupted search in {recorded.parent} was started with other settings ({shown}{more}); "
+                          "resume it with the same settings, or start a new one with --fresh")
 
 
 def prepare_restart(config: ExperimentConfig, output: Path, fresh: bool, resume: bool) -> None:
