@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from pading.config import ExperimentConfig, save_config
+from pading.config import ExperimentConfig, load_config, save_config
 from pading.run import RunLayout, tracking
 from pading.run.reports import format_results_table
 from pading.training.heap import frozen_heap
@@ -80,7 +80,35 @@ def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> tuple
     return common.init_ray_while(config, store_and_dataset)
 
 
+#: Settings that change where or how a run executes, not what its stages compute.
+RUNTIME_SECTIONS = ("name", "output_dir", "tracking.", "ray.", "serve.", "segment.", "tables.", "tune.")
+
+
+def changed_settings(config: ExperimentConfig, output: Path, stages=STAGES, force: bool = False) -> list[str]:
+    """The settings (``key: old -> new``) in which ``config`` differs from the one this run's
+    finished stages were made with (its ``config.yaml``), logged as a warning when a stage that
+    will be skipped was made with them: its products are kept and do not follow the new
+    settings (``--force`` redoes them). Settings of where the run executes are not compared."""
+    recorded = RunLayout(output).config
+    done = [name for name in stages if common.stage_done(RunLayout(output).stage(name)) is not None]
+    if force or not done or not recorded.is_file():
+        return []
+    try:
+        old = load_config(recorded).flat()
+    except Exception as err:  # noqa: BLE001 - a record from another version: nothing to compare
+        logger.warning("cannot compare with %s (%s)", recorded, err)
+        return []
+    new = config.flat()
+    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key) and not key.startswith(RUNTIME_SECTIONS)]
+    if changed:
+        logger.warning("finished stage(s) %s of %s were made with other settings (%s); they are kept and do not "
+                       "follow the new ones: --force redoes every stage", ", ".join(done), output, "; ".join(changed))
+    return changed
+
+
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:
+    changed_settings(config, output, stages, force)
     starting = time.time()
     mlflow, dataset_error = _start(config, output, force, stages)
     start_seconds = round(time.time() - starting, 2)

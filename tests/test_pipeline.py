@@ -7,6 +7,7 @@ broken annotation, then runs ``python pipelines/full.py`` on it through a local 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -203,6 +204,26 @@ def test_the_driver_runs_every_stage_in_a_frozen_heap(full_run, tmp_path, monkey
     full.run_all(config, output)  # every stage done before: no Ray, each stage's run returns its record
     assert frozen == {name: True for name in full.STAGES}
     assert gc.get_freeze_count() == 0
+
+
+def test_a_rerun_with_other_settings_is_warned_that_finished_stages_are_kept(full_run, caplog):
+    """Finished stages are skipped on a rerun whatever the settings: a rerun that changes what
+    they compute says so, naming the settings; one that changes only where the run executes
+    (or nothing) does not."""
+    from pading.config import apply_overrides, load_config
+    from pading.run import RunLayout
+    from pipelines import full
+
+    output = full_run["output"]
+    config = load_config(RunLayout(output).config)
+    assert full.changed_settings(config, output) == []
+    assert full.changed_settings(apply_overrides(config, {"ray.local_cpus": 2, "tracking.experiment": "x"}), output) == []
+    changed = apply_overrides(config, {"segmenter.num_queries": config.segmenter.num_queries + 8})
+    with caplog.at_level(logging.WARNING, logger="pipelines.full"):
+        assert full.changed_settings(changed, output) == [
+            f"segmenter.num_queries: {config.segmenter.num_queries} -> {config.segmenter.num_queries + 8}"]
+    assert "were made with other settings" in caplog.text and "--force" in caplog.text
+    assert full.changed_settings(changed, output, force=True) == []  # --force redoes them
 
 
 def test_a_small_extraction_stays_on_torch(full_run):
