@@ -868,6 +868,13 @@ class ExperimentConfig:
         return out
 
 
+def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"section.key: old -> new"`` for every setting whose value differs between two
+    :meth:`ExperimentConfig.flat` dicts (a missing one is None), sorted by key."""
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
 # ---- (de)serialisation ----------------------------------------------------------------
 
 

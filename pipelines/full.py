@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from pading.config import ExperimentConfig, load_config, save_config
+from pading.config import ExperimentConfig, load_config, save_config, setting_changes
 from pading.run import RunLayout, tracking
 from pading.run.reports import format_results_table
 from pading.training.heap import frozen_heap
@@ -98,9 +98,7 @@ def changed_settings(config: ExperimentConfig, output: Path, stages=STAGES, forc
     except Exception as err:  # noqa: BLE001 - a record from another version: nothing to compare
         logger.warning("cannot compare with %s (%s)", recorded, err)
         return []
-    new = config.flat()
-    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-               if old.get(key) != new.get(key) and not key.startswith(RUNTIME_SECTIONS)]
+    changed = [change for change in setting_changes(old, config.flat()) if not change.startswith(RUNTIME_SECTIONS)]
     if changed:
         logger.warning("finished stage(s) %s of %s were made with other settings (%s); they are kept and do not "
                        "follow the new ones: --force redoes every stage", ", ".join(done), output, "; ".join(changed))

@@ -104,9 +104,9 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
         if not isinstance(error, RayActorError) and not isinstance(getattr(error, "cause", None), RayActorError):
             raise
         raise PadingError(
-            f"a segmentation actor died {SHARD_RETRIES + 1} times on one shard ({type(error).__name__}), most likely "
-            "out of memory on a large image; the shards finished so far are kept. Lower segment.max_image_pixels "
-            "(or segment.batch_size) and run the job again") from None
+            f"a segmentation actor died on a shard and its {SHARD_RETRIES} retries ran out ({type(error).__name__}: "
+            f"{error}); most likely out of memory on a large image. The shards finished so far are kept. Lower "
+            "segment.max_image_pixels (or segment.batch_size) and run the job again") from None
     new = sum(int(r["images"]) for r in rows if not r["skipped"])  # shards an earlier attempt finished are not new
     return new, time.time() - started, batch.steady_throughput(rows)
 

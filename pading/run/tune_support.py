@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import yaml
 
-from pading.config import ExperimentConfig, TuneConfig, apply_overrides, save_config, to_dict
+from pading.config import ExperimentConfig, TuneConfig, apply_overrides, save_config, setting_changes
 from pading.data.features import FeatureArrays
 from pading.errors import ConfigError
 from pading.io import write_json_atomic
@@ -90,20 +90,10 @@ SEARCH_CONFIG_FILE = "search_config.json"
 
 
 def search_settings(config: ExperimentConfig) -> dict:
-    """``{"section.key": value}`` of the settings a search depends on (:data:`SEARCH_SECTIONS`)."""
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value
-
-    data = to_dict(config)
-    for section in SEARCH_SECTIONS:
-        walk(section, json.loads(json.dumps(data.get(section), default=str)))
-    return flat
+    """``{"section.key": value}`` of the settings a search depends on (:data:`SEARCH_SECTIONS`),
+    as JSON gives them back (tuples as lists), so a recorded copy compares equal."""
+    settings = {key: value for key, value in config.flat().items() if key.split(".")[0] in SEARCH_SECTIONS}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def record_search_settings(config: ExperimentConfig, output: Path) -> None:
@@ -119,10 +109,9 @@ def check_resume(config: ExperimentConfig, output: Path) -> None:
     if not recorded.is_file():  # a search of an earlier version: nothing to compare
         logger.warning("tune: %s has no record of its settings; resuming as it is", recorded.parent)
         return
-    old, new = json.loads(recorded.read_text()), search_settings(config)
-    changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    changed = setting_changes(json.loads(recorded.read_text()), search_settings(config))
     if changed:
-        shown = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+        shown = "; ".join(changed[:5])
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
         raise ConfigError(f"the interrupted search in {recorded.parent} was started with other settings ({shown}{more}); "
                           "resume it with the same settings, or start a new one with --fresh")

@@ -603,7 +603,7 @@ def assemble(output: Path, output_format: str, task: str, num_shards: int, categ
     if missing:
         raise DataError(str(output / SHARDS_DIR), f"{len(missing)} of {num_shards} shards unfinished "
                         f"(first: {missing[0]}); run the job again to finish them")
-    counts = {"images": 0, "segmented": 0, "segments": 0}
+    counts = {"images": 0, "segments": 0}
     rejected = []
     with atomic_path(output / "images.parquet") as tmp, pq.ParquetWriter(str(tmp), IMAGES_SCHEMA) as writer:
         for _, images in _shard_tables(output, num_shards, 1):
@@ -618,8 +618,7 @@ def assemble(output: Path, output_format: str, task: str, num_shards: int, categ
     pacsv.write_csv(rejects, buffer)
     write_bytes_atomic(output / "rejects.csv", buffer.getvalue())
     write_json_atomic(output / "categories.json", categories)
-    write_json_streamed(output / "images.json", {"images": _coco_images(output, num_shards, counts),
-                                                 "categories": categories})
+    write_json_streamed(output / "images.json", {"images": _coco_images(output, num_shards), "categories": categories})
     wanted = task_names(task) if output_format == "parquet" else (FORMAT_TASK[output_format],)
     if output_format == "parquet":
         with atomic_path(output / "segments.parquet") as tmp, pq.ParquetWriter(str(tmp), SEGMENTS_SCHEMA) as writer:
@@ -649,7 +648,7 @@ def assemble(output: Path, output_format: str, task: str, num_shards: int, categ
         if drawn < len(ids):
             logger.warning("%d of %d images have no overlay: overlays are drawn while segmenting (--force redoes "
                            "the job)", len(ids) - drawn, len(ids))
-    return {"images": counts["images"], "segmented": counts["segmented"], "rejected": rejects.num_rows,
+    return {"images": counts["images"], "segmented": counts["images"] - rejects.num_rows, "rejected": rejects.num_rows,
             "segments": counts["segments"],
             "products": products + ["images.json", "images.parquet", "categories.json", "rejects.parquet",
                                     "rejects.csv"]}
@@ -662,10 +661,8 @@ def _ok_images(output: Path, num_shards: int) -> Iterator[tuple[int, list[dict]]
         yield shard, ok.select(["image_id", "path", "width", "height"]).to_pylist()
 
 
-def _coco_images(output: Path, num_shards: int, counts: dict | None = None) -> Iterator[dict]:
+def _coco_images(output: Path, num_shards: int) -> Iterator[dict]:
     for _, rows in _ok_images(output, num_shards):
-        if counts is not None:
-            counts["segmented"] += len(rows)
         for r in rows:
             yield {"id": r["image_id"], "file_name": r["path"], "width": r["width"], "height": r["height"]}
 
