@@ -886,7 +886,28 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+@dataclasses.dataclass(frozen=True)
+class _Typed:
+    """A ``--set`` value: the text as typed and YAML's reading of it. A field that holds text
+    takes the text, so ``--set data.split=10:30`` is ``"10:30"``, not YAML 1.1's 630."""
+
+    text: str
+    parsed: Any
+
+
+def _wants_text(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(inner) == 1 and _wants_text(inner[0])
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, _Typed):
+        numeric = isinstance(value.parsed, (bool, int, float))
+        value = value.text if numeric and _wants_text(tp) else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -1018,8 +1039,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
     for item in overrides:
-        _set_dotted(data, *parse_override(item))
+        key, value = parse_override(item)
+        _refuse_switched_off(data, key, item)
+        _set_dotted(data, key, _Typed(item.split("=", 1)[1].strip(), value))
     return from_dict(ExperimentConfig, data)
+
+
+def _refuse_switched_off(data: dict, key: str, item: str) -> None:
+    """``--set data.synthetic.seed=3`` on a config whose ``data.synthetic`` is off (null)
+    would switch the section on (and write a synthetic dataset at ``data.root``): refuse it,
+    and say how to switch it on on purpose."""
+    cls, cursor = ExperimentConfig, data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return  # an unknown key: from_dict names it
+        tp = typing.get_type_hints(cls)[part]
+        args = typing.get_args(tp)
+        inner = [a for a in args if a is not type(None)]
+        value = cursor.get(part) if isinstance(cursor, dict) else None
+        if type(None) in args and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            if value is None and fields[part].default is None:
+                section = ".".join(parts[: depth + 1])
+                rest = ".".join(parts[depth + 1:])
+                raise ConfigError(
+                    f"override {item!r}: {section} is off (null) in this config; to switch it on, set the "
+                    f"section itself, e.g. --set '{section}={{{rest}: {item.split('=', 1)[1].strip()}}}'")
+            tp = inner[0]
+        cls, cursor = tp, value
 
 
 def tiny_config(**sections: dict) -> ExperimentConfig:

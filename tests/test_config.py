@@ -75,3 +75,20 @@ def test_every_shipped_config_loads():
     assert {"demo", "smoke", "zsp_coco", "zsi_coco_48_17", "zsi_coco_65_15", "zss_cocostuff", "zsi_coco_tiny"} <= names
     for f in files:
         load_config(f)
+
+
+def test_text_fields_take_the_text_as_typed():
+    # YAML 1.1 reads 10:30 as 630 (base 60), 0x1F as 31 and yes as true: a text field keeps what was typed.
+    cfg = load_config(None, ["data.split=10:30", "tracking.experiment=0x1F", "name=yes", "data.max_val_images=0x1F"])
+    assert cfg.data.split == "10:30" and cfg.tracking.experiment == "0x1F" and cfg.name == "yes"
+    assert cfg.data.max_val_images == 31  # a number field still reads YAML's number
+    assert load_config(None, ["pretrain.lr=1e-4"]).pretrain.lr == 1e-4
+
+
+def test_setting_inside_a_switched_off_section_is_refused():
+    # data.synthetic is null by default: setting one of its keys must not switch on a synthetic dataset.
+    with pytest.raises(ConfigError, match=r"data.synthetic is off .*--set 'data.synthetic=\{seed: 3\}'"):
+        load_config(None, ["data.synthetic.seed=3"])
+    assert load_config(None, ["data.synthetic={seed: 3}"]).data.synthetic.seed == 3
+    demo = load_config(REPO / "configs" / "demo.yaml", ["data.synthetic.seed=3"])  # on in the file: fine
+    assert demo.data.synthetic.seed == 3 and demo.data.synthetic.num_train == 400
