@@ -1,7 +1,8 @@
 """Atomic file writers: a reader (or a re-run after a crash) sees the old file or the whole new
 one, never a half-written one. Each writes to a temporary name in the same directory
 (``.<name>.<unique>.tmp``, hidden, so globs of the products skip it), flushes and fsyncs it,
-then ``os.replace``-s it onto the name. Standard library only; pyarrow is imported by the
+then ``os.replace``-s it onto the name and fsyncs the directory, so the rename outlives a power
+loss too. Standard library only; pyarrow is imported by the
 Parquet writer alone."""
 
 from __future__ import annotations
@@ -23,15 +24,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data (a file or a directory's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename or link into it); some file systems cannot fsync a
+    directory, and there the rename is durable by itself, so their refusal is ignored."""
+    with contextlib.suppress(OSError):
+        fsync(path)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -64,3 +64,15 @@ def test_streamed_json_is_the_json_of_the_whole_value(tmp_path):
     with pytest.raises(RuntimeError):
         write_json_streamed(target, {"images": failing()})
     assert json.loads(target.read_text()) == items and sorted(p.name for p in tmp_path.iterdir()) == ["big.json"]
+
+
+def test_the_rename_is_flushed_with_its_directory(tmp_path, monkeypatch):
+    # A rename lives in the directory's entries: the directory is fsynced after it, not only the file before.
+    import pading.io as io
+
+    calls = []
+    real = io.fsync
+    monkeypatch.setattr(io, "fsync", lambda p: (calls.append((str(p), (tmp_path / "x.txt").exists())), real(p)))
+    io.write_text_atomic(tmp_path / "x.txt", "hello")
+    assert [path.endswith(".tmp") for path, _ in calls] == [True, False]
+    assert calls[1] == (str(tmp_path), True)  # the directory, once the file is in place

@@ -132,7 +132,7 @@ def test_a_new_vocabulary_folder_is_made_durable_in_the_store(tmp_path, monkeypa
     import pading.serving.vocabularies as vocabularies
 
     synced = []
-    monkeypatch.setattr(vocabularies, "_fsync_directory", lambda path: synced.append(path))
+    monkeypatch.setattr(vocabularies, "fsync_directory", lambda path: synced.append(path))
     store = VocabularyStore(tmp_path / "vocabularies")
     store.commit("team", 0, Change("create"))
     assert synced == [store.root / "team", store.root]  # the commit's link, then the new folder's entry

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from pading.errors import ConfigError
+from pading.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     from pading.model.segmenter import Segmenter
@@ -180,10 +181,7 @@ def _store(path: Path, model: bytes) -> None:
     """Write ``model`` to ``path`` atomically (a reader never sees half a file), then drop the
     least recently used models beyond :data:`CACHE_KEEP`. Failures are logged, not raised."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(model)
-        os.replace(partial, path)
+        write_bytes_atomic(path, model)
         kept = sorted(path.parent.glob("segmenter-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in kept[CACHE_KEEP:]:
             old.unlink(missing_ok=True)

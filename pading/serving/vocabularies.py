@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from pading.classes import ClassInfo
 from pading.errors import DataError, PadingError
+from pading.io import fsync, fsync_directory
 from pading.model.classifier import Classifier, ProjectionClassifier
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class VocabularyStore(_ChainStore):
                 staged_tensors = staging / tensors_name
                 save_file(tensors, str(staged_tensors))
                 written.append(staged_tensors)
-                _fsync(staged_tensors)
+                fsync(staged_tensors)
                 os.replace(staged_tensors, folder / tensors_name)
                 written[-1] = folder / tensors_name
             created = time.time()
@@ -278,7 +279,7 @@ class VocabularyStore(_ChainStore):
             staged_record = staging / f"{token}.json"
             staged_record.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
             written.append(staged_record)
-            _fsync(staged_record)
+            fsync(staged_record)
             target = folder / f"v{version:09d}.json"
             try:
                 os.link(staged_record, target)  # the commit: fails if the version exists
@@ -287,9 +288,9 @@ class VocabularyStore(_ChainStore):
                 if not _same_file(staged_record, target):
                     raise VersionTakenError(f"version {version} of vocabulary {name!r} was committed by another "
                                             "writer") from None
-            _fsync_directory(folder)
+            fsync_directory(folder)
             if new_chain:  # the chain's folder itself, so a power loss cannot drop a new vocabulary
-                _fsync_directory(self.root)
+                fsync_directory(self.root)
         except VersionTakenError:
             _remove(written)
             raise
@@ -466,21 +467,6 @@ def open_store(spec: str | Path, tracking_uri: Optional[str] = None, key: str = 
                             "MLFLOW_TRACKING_URI)")
         return MlflowVocabularyStore(tracking_uri, key)
     return VocabularyStore(spec)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some file systems cannot fsync a directory; the link itself is durable there
-        pass
 
 
 def _same_file(a: Path, b: Path) -> bool:
