@@ -619,6 +619,10 @@ class ServeConfig:
     vocabulary_refresh_s: float = 0.0
     # Named vocabularies a replica keeps loaded (least recently used out).
     max_vocabularies_per_replica: int = 8
+    # Every this many versions, the replica that committed the change also commits a snapshot of the whole
+    # vocabulary, so a replica that starts replays the chain from the newest snapshot on (0: never; a
+    # directory store only: the MLflow store replays from version 1).
+    vocabulary_snapshot_every: int = 1000
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -641,8 +645,9 @@ class ServeConfig:
             raise ConfigError("serve.max_image_pixels, max_body_bytes and max_new_classes must be >= 1")
         if self.fit_steps < 0 or self.fit_per_class < 1 or self.fit_batch_size < 1:
             raise ConfigError("serve.fit_steps must be >= 0, fit_per_class and fit_batch_size >= 1")
-        if self.vocabulary_refresh_s < 0 or self.max_vocabularies_per_replica < 1:
-            raise ConfigError("serve.vocabulary_refresh_s must be >= 0 and serve.max_vocabularies_per_replica >= 1")
+        if self.vocabulary_refresh_s < 0 or self.max_vocabularies_per_replica < 1 or self.vocabulary_snapshot_every < 0:
+            raise ConfigError("serve.vocabulary_refresh_s and vocabulary_snapshot_every must be >= 0, "
+                              "serve.max_vocabularies_per_replica >= 1")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
 
@@ -895,19 +900,21 @@ class _Typed:
     parsed: Any
 
 
-def _wants_text(tp: Any) -> bool:
+def _wants_text(tp: Any, text: str) -> bool:
+    """Whether a field of type ``tp`` takes ``text`` as typed (a string field; a choice of strings
+    that ``text`` is one of, so YAML's ``false`` still means ``off``)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return len(inner) == 1 and _wants_text(inner[0])
+        return len(inner) == 1 and _wants_text(inner[0], text)
     if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
+        return text in typing.get_args(tp)
     return tp is str
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, _Typed):
         numeric = isinstance(value.parsed, (bool, int, float))
-        value = value.text if numeric and _wants_text(tp) else value.parsed
+        value = value.text if numeric and _wants_text(tp, value.text) else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

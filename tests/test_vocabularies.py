@@ -328,3 +328,72 @@ def test_named_vocabulary_errors(bundle_dir, store):
         team.classes()  # the loaded replica notices the delete
     with pytest.raises(UnknownVocabularyError):
         base.delete_vocabulary("team")
+
+
+def _vectors(names):
+    return np.stack([np.random.default_rng(sum(map(ord, n))).normal(size=16) for n in names]).astype(np.float32)
+
+
+def _snapshot_every(bundle_dir, every: int):
+    import dataclasses
+
+    return dataclasses.replace(Bundle.load(bundle_dir).config.serve, vocabulary_snapshot_every=every)
+
+
+def _same_state(reader: SegmentationService, writer: SegmentationService) -> None:
+    assert reader.state.version == writer.state.version
+    assert reader.state.next_id == writer.state.next_id and reader.state.visible == writer.state.visible
+    assert reader.bundle.table.to_records() == writer.bundle.table.to_records()
+    assert torch.equal(reader.bundle.classifier.linear.weight, writer.bundle.classifier.linear.weight)
+    assert torch.equal(reader.bundle.classifier.linear.bias, writer.bundle.classifier.linear.bias)
+    assert np.array_equal(reader.bundle.class_semantics, writer.bundle.class_semantics)
+
+
+def test_a_replica_starts_from_the_newest_snapshot_with_the_same_state(bundle_dir, tmp_path, monkeypatch):
+    """Every serve.vocabulary_snapshot_every versions the writer commits the whole vocabulary; a
+    replica that starts reads the newest snapshot and the versions after it, not the chain from
+    version 1, and ends with the same classes, rows, vectors and next id (a removed class's id
+    is not given again). Without the snapshot hint it replays the whole chain to the same state."""
+    store = VocabularyStore(tmp_path / "vocabularies")
+    writer = SegmentationService(Bundle.load(bundle_dir), _snapshot_every(bundle_dir, 3), store=store,
+                                 encode_fn=_vectors)
+    writer.add_classes(["thing 0"])
+    writer.add_classes(["thing 1"])
+    assert writer.delete_class("thing 1")["vocabulary_version"] == 3  # the answer names the change's version
+    assert writer.state.version == 4  # then the snapshot
+    early = SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors)
+    _same_state(early, writer)  # "thing 1" had the newest id: the snapshot keeps it from being given again
+    writer.add_classes(["thing 2"])
+    writer.add_classes(["thing 3"])  # version 6, then the snapshot at 7
+    writer.add_classes(["thing 4", "thing 5"])  # version 8
+    kinds = [change.kind for change in store.changes(BASE)]
+    assert kinds == ["add", "add", "remove", "snapshot", "add", "add", "snapshot", "add"]
+    assert store.snapshot_version(BASE, upto=8) == 7 and store.snapshot_version(BASE, upto=6) == 0  # the hint names the newest only
+
+    read, real_read = [], store._read
+    monkeypatch.setattr(store, "_read", lambda name, version: read.append(version) or real_read(name, version))
+    reader = SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors)
+    assert read == [7, 8]
+    _same_state(reader, writer)
+    assert reader.add_classes(["thing 6"])["added"][0]["id"] == writer.state.next_id
+
+    (store.root / BASE / "snapshot.json").unlink()  # no hint: the whole chain, to the same state
+    read.clear()
+    again = SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors)
+    assert read == list(range(1, 10))
+    _same_state(again, reader)
+
+
+def test_a_named_vocabularys_snapshot_keeps_its_subset(bundle_dir, tmp_path):
+    store = VocabularyStore(tmp_path / "vocabularies")
+    trained = Bundle.load(bundle_dir).table.names
+    writer = SegmentationService(Bundle.load(bundle_dir), _snapshot_every(bundle_dir, 2), store=store,
+                                 encode_fn=_vectors)
+    writer.create_vocabulary("team", only=trained[:2], add=["kite"])
+    team = SegmentationService(Bundle.load(bundle_dir), _snapshot_every(bundle_dir, 2), store=store,
+                               vocabulary="team", encode_fn=_vectors)
+    team.add_classes(["thing 0"])  # version 2, then the snapshot at 3
+    assert [c.kind for c in store.changes("team")] == ["create", "add", "snapshot"]
+    reader = SegmentationService(Bundle.load(bundle_dir), store=store, vocabulary="team", encode_fn=_vectors)
+    _same_state(reader, team)
+    assert _names(reader) == trained[:2] + ["kite", "thing 0"]

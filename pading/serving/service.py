@@ -290,12 +290,57 @@ class SegmentationService:
                 if latest > self._state.version:
                     with self._update_lock:
                         state = self._state
+                        if state.version == 0:  # starting: from the newest snapshot, not from version 1
+                            state = self._from_snapshot(state, latest)
                         self._state = self._apply_all(state, self._store.changes(
                             self.vocabulary, after=state.version, upto=max(latest, state.version)))
         state = self._state
         if self.vocabulary != BASE and (state.version == 0 or state.deleted):
             raise UnknownVocabularyError(self.vocabulary, "no such vocabulary (GET /v1/vocabularies lists them)")
         return state
+
+    def _from_snapshot(self, state: ServiceState, latest: int) -> ServiceState:
+        """``state`` (version 0) moved to the store's newest snapshot of this vocabulary not newer
+        than ``latest``, or left as it is when there is none."""
+        version = self._store.snapshot_version(self.vocabulary, latest)
+        if version <= 1:
+            return state
+        (change,) = self._store.changes(self.vocabulary, after=version - 1, upto=version)
+        if change.kind != "snapshot":
+            return state
+        logger.info("vocabulary %r: starting from the snapshot at version %d of %d", self.vocabulary, version, latest)
+        return self._apply(dataclasses.replace(state, version=version - 1), change)
+
+    def _snapshot(self, state: ServiceState) -> Change:
+        """The ``snapshot`` change holding ``state`` whole: the trained classes it shows and every
+        run-time class with its vector and classifier rows (the trained classes are the table's
+        first rows; run-time classes are appended after them and only they are removed)."""
+        trained, bundle = self._trained, state.bundle
+        first = trained.table.num_classes
+        if bundle.table.ids[:first] != trained.table.ids:
+            raise PadingError(f"vocabulary {self.vocabulary!r}: the trained classes are not the table's first rows")
+        only = None if state.visible is None else [c.name for c in trained.table if c.id in state.visible]
+        records = bundle.table.to_records()[first:]
+        return Change("snapshot", only=only, classes=records, next_id=state.next_id,
+                      semantics=np.asarray(bundle.class_semantics, np.float32)[first:],
+                      **_added_rows(bundle.classifier, first, len(records)))
+
+    def _maybe_snapshot(self, state: ServiceState) -> None:
+        """Every ``serve.vocabulary_snapshot_every`` versions, commit a snapshot on top of
+        ``state`` (just committed by this replica). Best effort: when another replica committed
+        first or the store fails, the next multiple tries again."""
+        every = self.config.vocabulary_snapshot_every
+        if self._store is None or not self._store.snapshots or not every or state.version % every:
+            return
+        started = time.perf_counter()
+        try:
+            change = self._store.commit(self.vocabulary, state.version, self._snapshot(state))
+        except PadingError as err:  # VersionTakenError, StoreUnavailableError, or the check above
+            logger.info("vocabulary %r: no snapshot after version %d (%s)", self.vocabulary, state.version, err)
+            return
+        self._state = dataclasses.replace(state, version=change.version)  # the same classes, one version on
+        logger.info("vocabulary %r: snapshot at version %d (%d run-time classes) in %.2f s", self.vocabulary,
+                    change.version, len(change.classes), time.perf_counter() - started)
 
     def _apply_all(self, state: ServiceState, changes: Sequence[Change]) -> ServiceState:
         """The state after ``changes``, in order. Consecutive additions are applied as one: the
@@ -338,13 +383,13 @@ class SegmentationService:
                                         f"{state.version}; the store's chain has a gap")
         if change.kind == "delete":
             return ServiceState(bundle=self._trained, version=change.version, next_id=state.next_id, deleted=True)
-        if change.kind == "create":
+        if change.kind in ("create", "snapshot"):  # from the trained classes again
             trained = self._trained
             visible = None
             if change.only is not None:
                 visible = frozenset(trained.table[trained.table.index_of_name(name)].id for name in change.only)
             state = ServiceState(bundle=trained, version=state.version, visible=visible,
-                                 next_id=max(state.next_id, max(trained.table.ids) + 1))
+                                 next_id=max(state.next_id, max(trained.table.ids) + 1, change.next_id or 0))
         bundle, visible = state.bundle, state.visible
         if change.kind == "remove":
             for name in change.removed:
@@ -355,7 +400,7 @@ class SegmentationService:
                 bundle = bundle.with_classifier(bundle.table.without(bundle.table[index].name), semantics,
                                                 _drop_class_row(bundle.classifier, index))
                 visible = None if visible is None else visible - {removed_id}
-        elif change.classes:  # create or add: append the stored classes and rows
+        elif change.classes:  # create, add or snapshot: append the stored classes and rows
             infos = class_infos(change.classes)
             semantics = np.concatenate([np.asarray(bundle.class_semantics, np.float32), change.semantics], axis=0)
             classifier = appended_classifier(bundle.classifier, change.weight, change.bias, change.semantics)
@@ -587,6 +632,7 @@ class SegmentationService:
             change.version = state.version + 1
         new_state = self._apply(state, change)
         self._state = new_state  # one atomic assignment
+        self._maybe_snapshot(new_state)
         return new_state
 
     def _change_with_retries(self, make_change: Callable[[ServiceState], tuple[Change, dict]]) -> tuple[ServiceState, dict]:

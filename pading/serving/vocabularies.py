@@ -3,9 +3,11 @@
 A vocabulary is the trained classes of a bundle (version 0) followed by a chain of changes,
 each a numbered version: ``create`` (a named vocabulary: a subset of the trained classes
 and/or new classes), ``add`` (new classes with their fitted classifier rows), ``remove``
-(classes added at run time) and ``delete`` (the named vocabulary is gone; a later
-``create`` of the same name continues the chain, so versions only go up). The default
-vocabulary is called ``base``.
+(classes added at run time), ``delete`` (the named vocabulary is gone; a later ``create``
+of the same name continues the chain, so versions only go up) and ``snapshot`` (the whole
+vocabulary as it is at that version, written every ``serve.vocabulary_snapshot_every``
+versions, so a replica that starts reads the chain from its newest snapshot on, not from
+version 1). The default vocabulary is called ``base``.
 
 :class:`VocabularyStore` keeps the chains as files on a file system that every node
 reads (the run's storage: a local disk for one machine, NFS/EFS/Lustre for a cluster)::
@@ -13,6 +15,7 @@ reads (the run's storage: a local disk for one machine, NFS/EFS/Lustre for a clu
     <root>/<name>/v000000001.json              the change (the commit record)
     <root>/<name>/v000000001-<token>.safetensors   its tensors: class semantics, classifier rows
     <root>/<name>/staging/                      files being written
+    <root>/<name>/snapshot.json                 {"version": N}: the newest snapshot (a hint)
 
 :class:`MlflowVocabularyStore` keeps the same chains on an MLflow tracking server
 (``serve.vocabulary_store: mlflow``), with the model registry's unique names as the
@@ -25,9 +28,9 @@ The loser re-reads the chain and retries on top of it, so two changes made at th
 through different replicas both end up in the store (no lost update), and a reader never sees
 a record whose tensors are not all there. A failed write leaves no record behind.
 
-:func:`apply_change` turns a bundle at version N into the bundle at N + 1 without any fitting:
-the classifier rows of added classes are stored, so every replica that replays the chain
-serves bit-identical classifiers.
+``SegmentationService._apply`` (pading.serving.service) turns the state at version N into the
+state at N + 1 without any fitting: the classifier rows of added classes are stored, so every
+replica that replays the chain serves bit-identical classifiers.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from pading.classes import ClassInfo
 from pading.errors import DataError, PadingError
-from pading.io import fsync, fsync_directory
+from pading.io import fsync, fsync_directory, write_json_atomic
 from pading.model.classifier import Classifier, ProjectionClassifier
 
 logger = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ logger = logging.getLogger(__name__)
 BASE = "base"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RECORD = re.compile(r"^v(\d{9})\.json$")
-KINDS = ("create", "add", "remove", "delete")
+KINDS = ("create", "add", "remove", "delete", "snapshot")
+SNAPSHOT_POINTER = "snapshot.json"
 
 
 class StoreUnavailableError(PadingError):
@@ -117,11 +121,14 @@ class Change:
         kind: ``create``, ``add``, ``remove`` or ``delete``.
         classes: added classes' records (``ClassInfo`` fields), in table order.
         removed: names of removed classes (``remove``).
-        only: for ``create``, the trained classes the vocabulary keeps (None: all of them).
-        semantics: (M, S) float32 semantic embeddings of the added classes.
+        only: for ``create`` and ``snapshot``, the trained classes the vocabulary keeps (None: all of them).
+        semantics: (M, S) float32 semantic embeddings of the added classes (``snapshot``:
+            of every class added at run time that the vocabulary has).
         weight, bias: (M, D) and (M,) their classifier rows (absent for a projection classifier).
         version: the version it was committed as (0 until then).
         created: Unix time of the commit.
+        next_id: for ``snapshot``, the id the next run-time class gets (ids of removed classes
+            are not given again).
     """
 
     kind: str
@@ -133,6 +140,7 @@ class Change:
     bias: Optional[np.ndarray] = None
     version: int = 0
     created: float = 0.0
+    next_id: Optional[int] = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -146,6 +154,9 @@ class Change:
 class _ChainStore:
     """What both stores share: a vocabulary's chain read through ``_versions`` and ``_read``."""
 
+    #: whether the service writes ``snapshot`` versions to this store (serve.vocabulary_snapshot_every)
+    snapshots = False
+
     def _versions(self, name: str) -> list[int]:
         raise NotImplementedError
 
@@ -155,6 +166,12 @@ class _ChainStore:
     def _has(self, name: str, version: int) -> bool:
         """Whether version ``version`` of ``name`` is committed (one lookup, no listing)."""
         raise NotImplementedError
+
+    def snapshot_version(self, name: str, upto: int) -> int:
+        """The newest ``snapshot`` version of ``name`` not newer than ``upto`` that this store
+        can find without reading the chain (0: none; replay from version 1). A hint: the
+        caller reads the record and checks that it is a snapshot."""
+        return 0
 
     def latest(self, name: str, known: int = 0) -> int:
         """The newest committed version of ``name`` (0: no change since the trained classes).
@@ -177,10 +194,18 @@ class _ChainStore:
         versions = range(after + 1, upto + 1) if upto is not None else [v for v in self._versions(name) if v > after]
         return [self._read(name, v) for v in versions]
 
+    def _record_change(self, record: dict, version: int, arrays: dict) -> Change:
+        return Change(kind=record["kind"], classes=record.get("classes", []), removed=record.get("removed", []),
+                      only=record.get("only"), version=version, created=float(record.get("created", 0.0)),
+                      semantics=arrays.get("semantics"), weight=arrays.get("weight"), bias=arrays.get("bias"),
+                      next_id=record.get("next_id"))
+
 
 class VocabularyStore(_ChainStore):
     """Vocabulary chains under ``root`` (module docstring). Safe for many processes on many
     nodes at once, as long as they share the file system."""
+
+    snapshots = True
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -216,10 +241,15 @@ class VocabularyStore(_ChainStore):
             tensors = load_file(str(folder / record["tensors"])) if record.get("tensors") else {}
         except (OSError, ValueError, KeyError) as err:
             raise StoreUnavailableError(f"vocabulary store {folder}: version {version} cannot be read: {err}") from None
-        arrays = {k: v.numpy() for k, v in tensors.items()}
-        return Change(kind=record["kind"], classes=record.get("classes", []), removed=record.get("removed", []),
-                      only=record.get("only"), version=version, created=float(record.get("created", 0.0)),
-                      semantics=arrays.get("semantics"), weight=arrays.get("weight"), bias=arrays.get("bias"))
+        return self._record_change(record, version, {k: v.numpy() for k, v in tensors.items()})
+
+    def snapshot_version(self, name: str, upto: int) -> int:
+        pointer = self.root / check_name(name) / SNAPSHOT_POINTER
+        try:
+            version = int(json.loads(pointer.read_text(encoding="utf-8"))["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # none yet, or unreadable: replaying the whole chain gives the same state
+        return version if 0 < version <= upto and self._has(name, version) else 0
 
     def names(self) -> dict[str, int]:
         """``{name: latest version}`` of every vocabulary that exists now (``base`` included)."""
@@ -275,7 +305,7 @@ class VocabularyStore(_ChainStore):
             created = time.time()
             record = {"kind": change.kind, "version": version, "created": created, "classes": change.classes,
                       "removed": change.removed, "only": change.only, "tensors": tensors_name if tensors else None,
-                      "writer": f"{os.uname().nodename}:{os.getpid()}"}
+                      "next_id": change.next_id, "writer": f"{os.uname().nodename}:{os.getpid()}"}
             staged_record = staging / f"{token}.json"
             staged_record.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
             written.append(staged_record)
@@ -300,6 +330,12 @@ class VocabularyStore(_ChainStore):
                 from None
         _remove([staged_record])
         change.version, change.created = version, created
+        if change.kind == "snapshot":
+            try:  # a hint for replicas that start; without it they replay from an older snapshot or version 1
+                write_json_atomic(folder / SNAPSHOT_POINTER, {"version": version})
+            except OSError as err:
+                logger.warning("vocabulary %r: snapshot %d committed, but %s not written: %s", name, version,
+                               SNAPSHOT_POINTER, err)
         logger.info("vocabulary %r: committed version %d (%s)", name, version, change.kind)
         return change
 
@@ -377,9 +413,7 @@ class MlflowVocabularyStore(_ChainStore):
         except (MlflowException, OSError, ValueError) as err:
             raise StoreUnavailableError(f"vocabulary store {self.root}: version {version} of {name!r} cannot be read: "
                                         f"{err}") from None
-        return Change(kind=record["kind"], classes=record.get("classes", []), removed=record.get("removed", []),
-                      only=record.get("only"), version=version, created=float(record.get("created", 0.0)),
-                      semantics=arrays.get("semantics"), weight=arrays.get("weight"), bias=arrays.get("bias"))
+        return self._record_change(record, version, arrays)
 
     def names(self) -> dict[str, int]:
         prefix = f"{self.PREFIX}.{self.key}."
@@ -428,7 +462,7 @@ class MlflowVocabularyStore(_ChainStore):
         version = expected + 1
         created = time.time()
         record = {"kind": change.kind, "version": version, "created": created, "classes": change.classes,
-                  "removed": change.removed, "only": change.only, "tensors": None,
+                  "removed": change.removed, "only": change.only, "tensors": None, "next_id": change.next_id,
                   "writer": f"{os.uname().nodename}:{os.getpid()}"}
         try:
             tensors = change.tensors()
