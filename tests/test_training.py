@@ -298,3 +298,15 @@ def test_fit_added_classes_trains_only_the_added_rows(table):
     first = fit_classifier(reference, real_embeddings, real_labels, synthesize, torch.tensor([added_index]),
                            **{**settings, "steps": 1})
     assert first[0] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_the_learning_rate_decays_at_its_step_when_steps_had_no_seen_rows(table):
+    # The milestones count the trainer's steps: steps whose batch had no seen query (no generator
+    # update) still count, so the decay is not pushed later.
+    problem = ToyProblem()
+    trainer = GeneratorTrainer(table, problem.semantics, EMBED_DIM,
+                               _config("primitive", iterations=4, lr_decay_at=[0.5], generator_lr=1e-3))
+    no_object = (torch.randn(8, EMBED_DIM), torch.full((8,), NUM_CLASSES))
+    metrics = [trainer.step(*batch) for batch in (no_object, no_object, problem.batch())]
+    assert [m["generator/lr"] for m in metrics] == pytest.approx([1e-3, 1e-3, 1e-4])  # step 3 is past 50 % of 4
+    assert "generator/mmd" in metrics[2]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -287,7 +288,10 @@ class GeneratorTrainer:
             if pending is not None:
                 pending.wait()
                 self.generator_optimizer.step()
-                self.generator_scheduler.step()
+            if self.generator_scheduler is not None:  # counts trainer steps: a step without seen rows too
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": skipped steps
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.generator_scheduler.step()
             metrics.update(self._classifier_step(real, batch, step_seed))
         self._last_tape_use = tape.used
         self.step_count += 1
