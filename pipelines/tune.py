@@ -112,10 +112,17 @@ def make_tune_callback(runs: MlflowTrialRuns):
     return _Callback(runs)
 
 
+def search_algorithm(config: ExperimentConfig):
+    """Tune's random search, drawing the trials' settings from the run's seed: a rerun of the
+    search (or one on another machine) draws the same trials."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.seed)
+
+
 def run(config: ExperimentConfig, output: Path, force: bool = False, resume: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     settings = config.tune
     stage_dir = RunLayout(output).tune
@@ -156,8 +163,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, resume: boo
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, num_samples=settings.num_samples,
-                                            # the trials' settings drawn from the run's seed: a rerun draws the same
-                                            search_alg=BasicVariantGenerator(random_state=config.seed),
+                                            search_alg=search_algorithm(config),
                                             max_concurrent_trials=settings.max_concurrent_trials or None),
                 run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
                                           callbacks=[callback], failure_config=tune.FailureConfig(max_failures=settings.max_failures),

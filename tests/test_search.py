@@ -295,3 +295,21 @@ def test_the_best_config_has_its_own_output(tmp_path):
     best = best_config(config, {"generator.num_primitives": 16}, tmp_path / "best_run")
     assert best.generator.num_primitives == 16 and best.output_dir == str(tmp_path / "best_run")
     assert best.name == f"{config.name}-tuned" and config.generator.num_primitives != 16
+
+
+def test_the_trials_settings_are_drawn_from_the_runs_seed():
+    from ray.tune.experiment import Experiment
+
+    from pipelines.tune import search_algorithm, search_space
+
+    def draws(seed: int) -> list[dict]:
+        config = load_config(None, [f"seed={seed}"])
+        algorithm = search_algorithm(config)
+        algorithm.add_configurations([Experiment("draws", lambda _: None, config=search_space(config.tune.search_space),
+                                                 num_samples=3)])
+        trials = iter(algorithm.next_trial, None)
+        return [trial.config for trial in trials]
+
+    first = draws(0)
+    assert len(first) == 3 and draws(0) == first  # the same seed: the same trials
+    assert draws(1) != first
