@@ -297,7 +297,7 @@ def test_the_best_config_has_its_own_output(tmp_path):
     assert best.name == f"{config.name}-tuned" and config.generator.num_primitives != 16
 
 
-def test_the_trials_settings_are_drawn_from_the_runs_seed():
+def test_the_trials_settings_are_drawn_from_the_runs_seed(tmp_path):
     from ray.tune.experiment import Experiment
 
     from pipelines.tune import search_algorithm, search_space
@@ -306,7 +306,7 @@ def test_the_trials_settings_are_drawn_from_the_runs_seed():
         config = load_config(None, [f"seed={seed}"])
         algorithm = search_algorithm(config)
         algorithm.add_configurations([Experiment("draws", lambda _: None, config=search_space(config.tune.search_space),
-                                                 num_samples=3)])
+                                                 num_samples=3, storage_path=str(tmp_path))])
         trials = iter(algorithm.next_trial, None)
         return [trial.config for trial in trials]
 
