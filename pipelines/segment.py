@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict], task: str, only_ids, overlays: bool,
-                    total_shards: int) -> tuple[int, float, float]:
-    """Run the pending shards on an actor pool; (images, seconds, steady images/s)."""
+                    total_shards: int, actor_class: type = None) -> tuple[int, float, float]:
+    """Run the pending shards on a pool of ``actor_class`` (default :class:`SegmenterActor`);
+    (images, seconds, steady images/s)."""
     settings = config.segment
     common.init_ray(config)
     free = common.check_resources(f"{settings.concurrency} segmentation actor(s)",
@@ -77,7 +78,7 @@ def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict],
     started = time.time()
     work = common.shard_work(pending, whole_pool=free)  # all actors up before shards are handed out
     results = work.map_batches(
-        SegmenterActor,
+        actor_class or SegmenterActor,
         fn_constructor_kwargs={
             "bundle_dir": str(output / batch.BUNDLE_DIR), "output_dir": str(output), "task": task,
             "output_format": settings.format, "overlays": overlays, "only_class_ids": only_ids,

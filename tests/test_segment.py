@@ -4,6 +4,7 @@ on real COCO images through one shared local Ray (marked slow)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -532,3 +533,43 @@ def test_steady_throughput_counts_each_actor_by_machine_and_process():
             {"host": "b", "pid": 7, "images": 10, "skipped": False, "started_at": 100.0, "finished_at": 110.0},
             {"host": "b", "pid": 7, "images": 50, "skipped": True, "started_at": 110.0, "finished_at": 110.0}]
     assert batch.steady_throughput(rows) == pytest.approx(2.0)  # 1/s on each, not 20 images over 110 s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deaths", [1, 4])
+def test_a_shard_whose_actor_dies_is_retried_a_bounded_number_of_times(deaths, corpus, bundle_dir, ray_address,
+                                                                      tmp_path, monkeypatch):
+    """An actor that dies on a shard (e.g. out of memory on a huge image) hands the shard to
+    another attempt: one death costs nothing (every image is segmented once); an image that
+    kills every attempt stops the job after SHARD_RETRIES retries with a message, not for ever."""
+    from pading.errors import PadingError
+    from pipelines import segment as segment_pipeline
+
+    deaths_dir = tmp_path / "deaths"
+    deaths_dir.mkdir()
+
+    class DiesOnShardOne(segment_pipeline.SegmenterActor):  # defined here: Ray ships it by value
+        def __call__(self, batch):
+            if int(batch["shard"][0]) == 1 and len(list(deaths_dir.iterdir())) < deaths:
+                (deaths_dir / str(os.getpid())).touch()
+                os._exit(1)  # the process dies mid-task, as the kernel's OOM killer would end it
+            return super().__call__(batch)
+
+    monkeypatch.setattr(segment_pipeline, "segment_pending",
+                        functools.partial(segment_pipeline.segment_pending, actor_class=DiesOnShardOne))
+    output = tmp_path / "out"
+    args = segment_pipeline.parse_args(["--bundle", str(bundle_dir), "--input", str(corpus["root"]),
+                                        "--output", str(output), "--shard-size", "4"])
+    if deaths > segment_pipeline.SHARD_RETRIES:
+        with pytest.raises(PadingError, match=f"its {segment_pipeline.SHARD_RETRIES} retries ran out"):
+            segment_pipeline.run(args)
+        assert len(list(deaths_dir.iterdir())) == segment_pipeline.SHARD_RETRIES + 1
+        assert not any(path.exists() for path in batch.shard_files(output, 1))  # the shard never finished
+        return
+    summary = segment_pipeline.run(args)
+    assert len(list(deaths_dir.iterdir())) == 1
+    assert (summary["segmented"], summary["rejected"]) == (corpus["real"], 2)
+    rows = pq.read_table(output / "segments.parquet").to_pylist()
+    assert {Path(r["path"]).name for r in rows} == {p.name for p in corpus["root"].rglob("*.jpg")} - corpus["bad"]
+    keys = [(r["image_id"], r["segment_id"]) for r in rows]
+    assert len(keys) == len(set(keys))  # the retried shard's images once each
