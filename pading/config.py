@@ -896,7 +896,9 @@ class _Typed:
     """A ``--set`` value: the text as typed and YAML's reading of it. A field that holds text
     takes the text, so ``--set data.split=10:30`` is ``"10:30"``, not YAML 1.1's 630."""
 
+    # The value as typed after "=" (surrounding blanks removed).
     text: str
+    # What YAML reads it as (a number, bool, list, mapping, None or text).
     parsed: Any
 
 
