@@ -4,6 +4,7 @@ vocabularies, and a store that cannot be written (no Ray, no HTTP)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -371,17 +372,26 @@ def test_a_replica_starts_from_the_newest_snapshot_with_the_same_state(bundle_di
     assert store.snapshot_version(BASE, upto=8) == 7 and store.snapshot_version(BASE, upto=6) == 0  # the hint names the newest only
 
     read, real_read = [], store._read
-    monkeypatch.setattr(store, "_read", lambda name, version: read.append(version) or real_read(name, version))
+    monkeypatch.setattr(store, "_read",
+                        lambda name, version, whole=False: read.append(version) or real_read(name, version, whole))
     reader = SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors)
     assert read == [7, 8]
     _same_state(reader, writer)
     assert reader.add_classes(["thing 6"])["added"][0]["id"] == writer.state.next_id
 
-    (store.root / BASE / "snapshot.json").unlink()  # no hint: the whole chain, to the same state
+    # a third snapshot prunes the first one's files (the newest two are kept whole)
+    for name in ("thing 7", "thing 8", "thing 9"):  # versions 10-12 (thing 6 was 9), then the snapshot at 13
+        writer.add_classes([name])
+    assert store.snapshot_version(BASE, upto=13) == 13
+    folder = store.root / BASE
+    assert [bool(list(folder.glob(f"v{v:09d}-*.safetensors"))) for v in (4, 7, 13)] == [False, True, True]
+    assert json.loads((folder / "v000000013.json").read_text())["classes"] == []  # the classes are in its file
+
+    (folder / "snapshot.json").unlink()  # no hint: the whole chain, past the pruned snapshot, to the same state
     read.clear()
     again = SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors)
-    assert read == list(range(1, 10))
-    _same_state(again, reader)
+    assert read == list(range(1, 14))
+    _same_state(again, writer)
 
 
 def test_a_named_vocabularys_snapshot_keeps_its_subset(bundle_dir, tmp_path):

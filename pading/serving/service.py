@@ -305,11 +305,16 @@ class SegmentationService:
         version = self._store.snapshot_version(self.vocabulary, latest)
         if version <= 1:
             return state
-        (change,) = self._store.changes(self.vocabulary, after=version - 1, upto=version)
+        try:
+            change = self._store.snapshot(self.vocabulary, version)
+        except StoreUnavailableError as err:  # e.g. pruned after a newer one came: the whole chain gives the same
+            logger.info("vocabulary %r: snapshot %d not read (%s); replaying from version 1", self.vocabulary,
+                        version, err)
+            return state
         if change.kind != "snapshot":
             return state
         logger.info("vocabulary %r: starting from the snapshot at version %d of %d", self.vocabulary, version, latest)
-        return self._apply(dataclasses.replace(state, version=version - 1), change)
+        return self._apply(dataclasses.replace(state, version=version - 1), dataclasses.replace(change, kind="create"))
 
     def _snapshot(self, state: ServiceState) -> Change:
         """The ``snapshot`` change holding ``state`` whole: the trained classes it shows and every
@@ -383,7 +388,9 @@ class SegmentationService:
                                         f"{state.version}; the store's chain has a gap")
         if change.kind == "delete":
             return ServiceState(bundle=self._trained, version=change.version, next_id=state.next_id, deleted=True)
-        if change.kind in ("create", "snapshot"):  # from the trained classes again
+        if change.kind == "snapshot":  # replaying past it: it holds the state before it (_from_snapshot starts on one)
+            return dataclasses.replace(state, version=change.version, next_id=max(state.next_id, change.next_id or 0))
+        if change.kind == "create":  # from the trained classes again
             trained = self._trained
             visible = None
             if change.only is not None:
@@ -400,7 +407,7 @@ class SegmentationService:
                 bundle = bundle.with_classifier(bundle.table.without(bundle.table[index].name), semantics,
                                                 _drop_class_row(bundle.classifier, index))
                 visible = None if visible is None else visible - {removed_id}
-        elif change.classes:  # create, add or snapshot: append the stored classes and rows
+        elif change.classes:  # create or add: append the stored classes and rows
             infos = class_infos(change.classes)
             semantics = np.concatenate([np.asarray(bundle.class_semantics, np.float32), change.semantics], axis=0)
             classifier = appended_classifier(bundle.classifier, change.weight, change.bias, change.semantics)

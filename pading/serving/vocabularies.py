@@ -15,7 +15,11 @@ reads (the run's storage: a local disk for one machine, NFS/EFS/Lustre for a clu
     <root>/<name>/v000000001.json              the change (the commit record)
     <root>/<name>/v000000001-<token>.safetensors   its tensors: class semantics, classifier rows
     <root>/<name>/staging/                      files being written
-    <root>/<name>/snapshot.json                 {"version": N}: the newest snapshot (a hint)
+    <root>/<name>/snapshot.json                 {"version": N, "previous": P}: the newest snapshots (a hint)
+
+A snapshot keeps its class records in its safetensors file's metadata, and the files of every
+snapshot but the newest two are removed (``VocabularyStore._point_to_snapshot``), so the store
+holds the vocabulary whole at most twice, not once per snapshot.
 
 :class:`MlflowVocabularyStore` keeps the same chains on an MLflow tracking server
 (``serve.vocabulary_store: mlflow``), with the model registry's unique names as the
@@ -47,6 +51,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pading.classes import ClassInfo
@@ -160,8 +165,14 @@ class _ChainStore:
     def _versions(self, name: str) -> list[int]:
         raise NotImplementedError
 
-    def _read(self, name: str, version: int) -> Change:
+    def _read(self, name: str, version: int, whole: bool = False) -> Change:
+        """Version ``version`` of ``name``. A ``snapshot`` comes without its classes and tensors
+        unless ``whole`` (replaying the chain past one needs neither: it equals the state before it)."""
         raise NotImplementedError
+
+    def snapshot(self, name: str, version: int) -> Change:
+        """The ``snapshot`` at ``version`` of ``name`` with its classes and tensors."""
+        return self._read(name, version, whole=True)
 
     def _has(self, name: str, version: int) -> bool:
         """Whether version ``version`` of ``name`` is committed (one lookup, no listing)."""
@@ -234,21 +245,30 @@ class VocabularyStore(_ChainStore):
             raise StoreUnavailableError(f"vocabulary store {record.parent} cannot be read: {err}") from None
         return True
 
-    def _read(self, name: str, version: int) -> Change:
+    def _read(self, name: str, version: int, whole: bool = False) -> Change:
         folder = self.root / name
         try:
             record = json.loads((folder / f"v{version:09d}.json").read_text(encoding="utf-8"))
-            tensors = load_file(str(folder / record["tensors"])) if record.get("tensors") else {}
+            tensors = {}
+            if record.get("tensors") and (whole or record["kind"] != "snapshot"):
+                path = str(folder / record["tensors"])
+                tensors = load_file(path)
+                if record["kind"] == "snapshot":  # its classes are kept with its tensors (pruned together)
+                    with safe_open(path, framework="pt") as handle:
+                        record = {**record, "classes": json.loads(handle.metadata()["classes"])}
         except (OSError, ValueError, KeyError) as err:
             raise StoreUnavailableError(f"vocabulary store {folder}: version {version} cannot be read: {err}") from None
         return self._record_change(record, version, {k: v.numpy() for k, v in tensors.items()})
 
-    def snapshot_version(self, name: str, upto: int) -> int:
-        pointer = self.root / check_name(name) / SNAPSHOT_POINTER
+    def _pointer(self, name: str) -> dict:
         try:
-            version = int(json.loads(pointer.read_text(encoding="utf-8"))["version"])
+            pointer = json.loads((self.root / check_name(name) / SNAPSHOT_POINTER).read_text(encoding="utf-8"))
+            return {"version": int(pointer["version"]), "previous": int(pointer.get("previous") or 0)}
         except (OSError, ValueError, KeyError, TypeError):
-            return 0  # none yet, or unreadable: replaying the whole chain gives the same state
+            return {"version": 0, "previous": 0}  # none yet, or unreadable: replaying the whole chain is the same
+
+    def snapshot_version(self, name: str, upto: int) -> int:
+        version = self._pointer(name)["version"]
         return version if 0 < version <= upto and self._has(name, version) else 0
 
     def names(self) -> dict[str, int]:
@@ -295,17 +315,21 @@ class VocabularyStore(_ChainStore):
         try:
             staging.mkdir(parents=True, exist_ok=True)
             tensors = change.tensors()
+            snapshot = change.kind == "snapshot"
             if tensors:
                 staged_tensors = staging / tensors_name
-                save_file(tensors, str(staged_tensors))
+                # a snapshot's class records go with its tensors, so that pruning it keeps its record small
+                save_file(tensors, str(staged_tensors),
+                          metadata={"classes": json.dumps(change.classes)} if snapshot else None)
                 written.append(staged_tensors)
                 fsync(staged_tensors)
                 os.replace(staged_tensors, folder / tensors_name)
                 written[-1] = folder / tensors_name
             created = time.time()
-            record = {"kind": change.kind, "version": version, "created": created, "classes": change.classes,
-                      "removed": change.removed, "only": change.only, "tensors": tensors_name if tensors else None,
-                      "next_id": change.next_id, "writer": f"{os.uname().nodename}:{os.getpid()}"}
+            record = {"kind": change.kind, "version": version, "created": created,
+                      "classes": [] if snapshot else change.classes, "removed": change.removed, "only": change.only,
+                      "tensors": tensors_name if tensors else None, "next_id": change.next_id,
+                      "writer": f"{os.uname().nodename}:{os.getpid()}"}
             staged_record = staging / f"{token}.json"
             staged_record.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
             written.append(staged_record)
@@ -331,13 +355,29 @@ class VocabularyStore(_ChainStore):
         _remove([staged_record])
         change.version, change.created = version, created
         if change.kind == "snapshot":
-            try:  # a hint for replicas that start; without it they replay from an older snapshot or version 1
-                write_json_atomic(folder / SNAPSHOT_POINTER, {"version": version})
-            except OSError as err:
-                logger.warning("vocabulary %r: snapshot %d committed, but %s not written: %s", name, version,
-                               SNAPSHOT_POINTER, err)
+            self._point_to_snapshot(name, version)
         logger.info("vocabulary %r: committed version %d (%s)", name, version, change.kind)
         return change
+
+
+    def _point_to_snapshot(self, name: str, version: int) -> None:
+        """Name snapshot ``version`` in the hint for replicas that start, then prune the tensors
+        (and class records) of the snapshots before the one it replaces: the newest two are
+        kept whole, so a replica that read the hint just before this one still finds its
+        snapshot. Replaying the chain does not need a pruned snapshot (it equals the state
+        before it). Failures are logged: a replica without the hint replays from version 1."""
+        folder = self.root / name
+        old = self._pointer(name)
+        if version <= old["version"]:
+            return
+        try:
+            write_json_atomic(folder / SNAPSHOT_POINTER, {"version": version, "previous": old["version"]})
+            if old["previous"]:
+                for path in folder.glob(f"v{old['previous']:09d}-*.safetensors"):
+                    path.unlink()
+        except OSError as err:
+            logger.warning("vocabulary %r: snapshot %d committed, but %s not updated or older snapshots not pruned: "
+                           "%s", name, version, SNAPSHOT_POINTER, err)
 
 
 class MlflowVocabularyStore(_ChainStore):
@@ -399,7 +439,7 @@ class MlflowVocabularyStore(_ChainStore):
             raise StoreUnavailableError(f"vocabulary store {self.root} cannot be read: {err}") from None
         return True
 
-    def _read(self, name: str, version: int) -> Change:
+    def _read(self, name: str, version: int, whole: bool = False) -> Change:
         import mlflow
         from mlflow.exceptions import MlflowException
 
