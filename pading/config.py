@@ -915,8 +915,7 @@ def _wants_text(tp: Any, text: str) -> bool:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, _Typed):
-        numeric = isinstance(value.parsed, (bool, int, float))
-        value = value.text if numeric and _wants_text(tp, value.text) else value.parsed
+        value = value.text if _wants_text(tp, value.text) else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -1050,7 +1049,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for item in overrides:
         key, value = parse_override(item)
         _refuse_switched_off(data, key, item)
-        _set_dotted(data, key, _Typed(item.split("=", 1)[1].strip(), value))
+        if isinstance(value, (bool, int, float)):  # what YAML may have read from text (10:30, 0x1F, yes)
+            value = _Typed(item.split("=", 1)[1].split(" #", 1)[0].strip(), value)
+        _set_dotted(data, key, value)
     return from_dict(ExperimentConfig, data)
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def segment_pending(config: ExperimentConfig, output: Path, pending: list[dict], task: str, only_ids, overlays: bool,
-                    total_shards: int, actor_class: type = None) -> tuple[int, float, float]:
+                    total_shards: int, actor_class: type | None = None) -> tuple[int, float, float]:
     """Run the pending shards on a pool of ``actor_class`` (default :class:`SegmenterActor`);
     (images, seconds, steady images/s)."""
     settings = config.segment

@@ -90,5 +90,7 @@ def test_setting_inside_a_switched_off_section_is_refused():
     with pytest.raises(ConfigError, match=r"data.synthetic is off .*--set 'data.synthetic=\{seed: 3\}'"):
         load_config(None, ["data.synthetic.seed=3"])
     assert load_config(None, ["data.synthetic={seed: 3}"]).data.synthetic.seed == 3
+    refined = load_config(None, ["data.synthetic={seed: 3}", "data.synthetic.num_train=5", "name=7 # a comment"])
+    assert (refined.data.synthetic.seed, refined.data.synthetic.num_train, refined.name) == (3, 5, "7")
     demo = load_config(REPO / "configs" / "demo.yaml", ["data.synthetic.seed=3"])  # on in the file: fine
     assert demo.data.synthetic.seed == 3 and demo.data.synthetic.num_train == 400

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,3 +408,33 @@ def test_a_named_vocabularys_snapshot_keeps_its_subset(bundle_dir, tmp_path):
     reader = SegmentationService(Bundle.load(bundle_dir), store=store, vocabulary="team", encode_fn=_vectors)
     _same_state(reader, team)
     assert _names(reader) == trained[:2] + ["kite", "thing 0"]
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_the_change_acknowledged(bundle_dir, tmp_path, monkeypatch, caplog):
+    # the snapshot is best effort: a full disk while writing it (safetensors' own error) fails neither the change
+    # that triggered it nor a replica that starts later, and leaves no file behind
+    import logging
+
+    import safetensors
+
+    import pading.serving.vocabularies as vocabularies
+
+    real_save = vocabularies.save_file
+
+    def no_space_for_snapshots(tensors, path, metadata=None):
+        if metadata is not None:  # only a snapshot's file carries metadata
+            Path(path).write_bytes(b"part")
+            raise safetensors.SafetensorError("No space left on device (os error 28)")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(vocabularies, "save_file", no_space_for_snapshots)
+    store = VocabularyStore(tmp_path / "vocabularies")
+    writer = SegmentationService(Bundle.load(bundle_dir), _snapshot_every(bundle_dir, 2), store=store,
+                                 encode_fn=_vectors)
+    writer.add_classes(["thing 0"])
+    with caplog.at_level(logging.WARNING, logger="pading.serving.service"):
+        answer = writer.add_classes(["thing 1"])  # version 2: the snapshot fails
+    assert answer["vocabulary_version"] == 2 and "no snapshot after version 2" in caplog.text
+    assert [c.kind for c in store.changes(BASE)] == ["add", "add"] and writer.state.version == 2
+    assert not list((store.root / BASE / "staging").iterdir())
+    _same_state(SegmentationService(Bundle.load(bundle_dir), store=store, encode_fn=_vectors), writer)

@@ -340,8 +340,9 @@ class SegmentationService:
         started = time.perf_counter()
         try:
             change = self._store.commit(self.vocabulary, state.version, self._snapshot(state))
-        except PadingError as err:  # VersionTakenError, StoreUnavailableError, or the check above
-            logger.info("vocabulary %r: no snapshot after version %d (%s)", self.vocabulary, state.version, err)
+        except Exception as err:  # noqa: BLE001 - the change is committed: a failed snapshot must not fail it
+            logger.warning("vocabulary %r: no snapshot after version %d (%s: %s)", self.vocabulary, state.version,
+                           type(err).__name__, err)
             return
         self._state = dataclasses.replace(state, version=change.version)  # the same classes, one version on
         logger.info("vocabulary %r: snapshot at version %d (%d run-time classes) in %.2f s", self.vocabulary,

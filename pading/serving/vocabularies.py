@@ -51,7 +51,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pading.classes import ClassInfo
@@ -256,7 +256,7 @@ class VocabularyStore(_ChainStore):
                 if record["kind"] == "snapshot":  # its classes are kept with its tensors (pruned together)
                     with safe_open(path, framework="pt") as handle:
                         record = {**record, "classes": json.loads(handle.metadata()["classes"])}
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
             raise StoreUnavailableError(f"vocabulary store {folder}: version {version} cannot be read: {err}") from None
         return self._record_change(record, version, {k: v.numpy() for k, v in tensors.items()})
 
@@ -318,10 +318,10 @@ class VocabularyStore(_ChainStore):
             snapshot = change.kind == "snapshot"
             if tensors:
                 staged_tensors = staging / tensors_name
+                written.append(staged_tensors)  # removed below if the write fails part-way
                 # a snapshot's class records go with its tensors, so that pruning it keeps its record small
                 save_file(tensors, str(staged_tensors),
                           metadata={"classes": json.dumps(change.classes)} if snapshot else None)
-                written.append(staged_tensors)
                 fsync(staged_tensors)
                 os.replace(staged_tensors, folder / tensors_name)
                 written[-1] = folder / tensors_name
@@ -348,7 +348,7 @@ class VocabularyStore(_ChainStore):
         except VersionTakenError:
             _remove(written)
             raise
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
             _remove(written)
             raise StoreUnavailableError(f"vocabulary store {folder} cannot be written ({err}); nothing was changed") \
                 from None

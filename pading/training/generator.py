@@ -289,14 +289,23 @@ class GeneratorTrainer:
                 pending.wait()
                 self.generator_optimizer.step()
             if self.generator_scheduler is not None:  # counts trainer steps: a step without seen rows too
-                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": skipped steps
-                    warnings.simplefilter("ignore", UserWarning)
-                    self.generator_scheduler.step()
+                self._step_scheduler(updated=pending is not None)
             metrics.update(self._classifier_step(real, batch, step_seed))
         self._last_tape_use = tape.used
         self.step_count += 1
         metrics["step"] = float(self.step_count)
         return metrics
+
+    def _step_scheduler(self, updated: bool) -> None:
+        """One step of the generator's learning-rate schedule. Before the optimiser's first
+        update (the first steps had no seen rows), torch would warn that the scheduler stepped
+        first: that order is meant here, so the warning is silenced for those steps only."""
+        if updated or getattr(self.generator_optimizer, "_opt_called", False):
+            self.generator_scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning)
+            self.generator_scheduler.step()
 
     def _dropout_tape(self, seed: int) -> UniformTape:
         """The step's dropout uniforms, a stream seeded with ``seed`` (this worker's: the step's seed
