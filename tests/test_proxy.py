@@ -194,3 +194,17 @@ def test_when_haproxy_does_not_start_auto_serves_behind_serves_own_proxy(tmp_pat
         response = httpx.post(url + "v1/segment", content=_png(), headers={"content-type": "image/png"}, timeout=60)
         assert response.status_code == 200, response.text
         assert "HAProxy did not start" in log.read_text() and "not an HAProxy" in log.read_text()
+
+
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range(monkeypatch):
+    # a port the kernel hands out can go to another process's socket before HAProxy binds it
+    from pading.serving import launch
+
+    low, high = launch._ephemeral_range()
+    ports = {launch.free_port() for _ in range(10)}
+    assert all(not low <= port <= high for port in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", ports.pop()))
+        monkeypatch.setattr(launch, "PORT_SEARCH", (held.getsockname()[1],) * 2)  # the one candidate is taken
+        fallback = launch.free_port()
+        assert fallback != held.getsockname()[1] and low <= fallback <= high  # the kernel's pick, then

@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -77,11 +78,37 @@ def proxy_env(config: ServeConfig, nodes: int, own_ray: bool = True, binary: str
     return env
 
 
+#: Where :func:`free_port` looks first: above Ray's default worker ports (10002-19999) and, on
+#: Linux's default settings, below the kernel's ephemeral range.
+PORT_SEARCH = (20000, 32767)
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now."""
+    """A TCP port free on this machine now, outside the kernel's ephemeral range when one is free
+    there. A port the kernel hands out for ``bind(0)`` is in that range, where the kernel gives
+    ports to other processes' sockets too: on a busy start (Ray starting its processes) one took
+    HAProxy's stats port between this pick and HAProxy's bind, and HAProxy did not start."""
+    low, high = _ephemeral_range()
+    candidates = [port for port in range(PORT_SEARCH[0], PORT_SEARCH[1] + 1) if not low <= port <= high]
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it hands out (Linux: ``ip_local_port_range``; else the IANA range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def check_port_free(host: str, port: int) -> None:
