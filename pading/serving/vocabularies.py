@@ -123,7 +123,7 @@ class Change:
     """One version of a vocabulary chain.
 
     Attributes:
-        kind: ``create``, ``add``, ``remove`` or ``delete``.
+        kind: ``create``, ``add``, ``remove``, ``delete`` or ``snapshot``.
         classes: added classes' records (``ClassInfo`` fields), in table order.
         removed: names of removed classes (``remove``).
         only: for ``create`` and ``snapshot``, the trained classes the vocabulary keeps (None: all of them).
@@ -358,7 +358,6 @@ class VocabularyStore(_ChainStore):
             self._point_to_snapshot(name, version)
         logger.info("vocabulary %r: committed version %d (%s)", name, version, change.kind)
         return change
-
 
     def _point_to_snapshot(self, name: str, version: int) -> None:
         """Name snapshot ``version`` in the hint for replicas that start, then prune the tensors
