@@ -235,6 +235,44 @@ def median_call_ms(call, images: list[bytes], warm_up: int = 3) -> float:
     return 1000 * float(np.median(times[warm_up:]))
 
 
+@contextlib.contextmanager
+def running_endpoint(bundle: Path, port: int, log_path: Path, settings: list[str]):
+    """``python pipelines/serve.py --bundle BUNDLE --port PORT --set S ...`` for each of
+    ``settings``, its output in ``log_path`` (kept: a slow shutdown is diagnosed from it);
+    yields its URL once ``/healthz`` answers, and stops it (with whatever it left in its process
+    group) on the way out."""
+    import httpx
+
+    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
+                                   "--port", str(port), *[arg for setting in settings for arg in ("--set", setting)]],
+                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        yield url
+    finally:
+        # SIGTERM to serve.py, which shuts Serve down on it. (SIGINT did not stop it when this
+        # benchmark ran in the background: a background job of a non-interactive shell inherits
+        # SIGINT as ignored; serve.py now installs its own SIGINT handler too.)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
+            print(f"pipelines/serve.py did not stop within 120 s of SIGTERM; killing it (its log: {log_path})",
+                  flush=True)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=60)
+
+
 def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | None], runtime: str = "auto",
                      proxy: str = "ray", ingress: str = "front") -> dict:
     """Median ms per request for each image size in ``sizes`` (None: the val images as they
@@ -260,42 +298,14 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
         for size, images in payloads.items():
             bare[size] = median_call_ms(lambda data: service.segment([service.decode(data)], ["panoptic"], ["json"]),
                                         images)
-    server_log = output / "stage_overhead_serve.log"  # kept: a slow shutdown below is diagnosed from it
-    with server_log.open("w") as log:  # the child keeps its own copy of the descriptor
-        server = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--bundle", str(bundle),
-                                   "--port", str(port), "--set", f"serve.runtime={runtime}",
-                                   "--set", f"serve.proxy={proxy}", "--set", f"serve.ingress={ingress}"],
-                                  cwd=REPO, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
     results = {}
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+    with running_endpoint(bundle, port, output / "stage_overhead_serve.log",
+                          [f"serve.runtime={runtime}", f"serve.proxy={proxy}", f"serve.ingress={ingress}"]) as url:
         with httpx.Client(timeout=60) as client:
             for size, images in payloads.items():
                 served = median_call_ms(lambda data: client.post(url + "v1/segment", params={"task": "panoptic"},
                                                                  content=data).raise_for_status(), images)
                 results[size] = (served, bare[size])
-    finally:
-        # SIGTERM to serve.py, which shuts Serve down on it. (SIGINT did not stop it when this
-        # benchmark ran in the background: a background job of a non-interactive shell inherits
-        # SIGINT as ignored; serve.py now installs its own SIGINT handler too.)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:  # the numbers are taken; do not lose them to a slow shutdown
-            print(f"pipelines/serve.py did not stop within 120 s of SIGTERM; killing it (its log: {server_log})",
-                  flush=True)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=60)
     return results
 
 

@@ -5,6 +5,7 @@ metrics backend, and Replica's per-item error isolation over fake services. No R
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Iterator
 
@@ -319,6 +320,74 @@ def test_png_answer_carries_the_segments_in_a_header(client, replica):
     assert response.headers["content-type"] == "image/png" and response.content == b"\x89PNG ids"
     assert json.loads(response.headers["x-segments"]) == SEGMENT_RESULT
     assert response.headers["x-vocabulary"] == "street"
+
+
+@pytest.mark.parametrize("query, expected", [
+    (b"", {"task": "panoptic", "format": "json", "min_score": 0.0, "vocabulary": BASE}),
+    (b"task=instance&format=png&min_score=0.25&vocabulary=street",
+     {"task": "instance", "format": "png", "min_score": 0.25, "vocabulary": "street"}),
+    (b"task=all&min_score=1", {"task": "all", "format": "json", "min_score": 1.0, "vocabulary": BASE}),
+    (b"task=no%20such+task&min_score=.5", {"task": "no such task", "format": "json", "min_score": 0.5,
+                                           "vocabulary": BASE}),
+    (b"min_score=1.5", None), (b"min_score=-0", None), (b"min_score=1e-1", None), (b"min_score=nan", None),
+    (b"min_score=", None), (b"task=instance&task=semantic", None), (b"task=instance&extra=1", None),
+])
+def test_plain_segment_query_takes_only_what_the_route_takes_as_it_is(query, expected):
+    assert http.plain_segment_query(query) == expected
+
+
+# (the params of each request, the answer of the replica (None: its usual one), the status)
+SAME_ANSWER_CASES = {
+    "json": ({"task": "instance", "min_score": "0.25", "vocabulary": "street"}, None, 200),
+    "png": ({"task": "instance", "format": "png"}, {**SEGMENT_RESULT, "png": b"\x89PNG ids"}, 200),
+    "bad task": ({"task": "everything"}, None, 400),
+    "png of every task": ({"task": "all", "format": "png"}, None, 400),
+    "busy": ({}, BusyError("every model replica is busy; retry later", 2.2), 503),
+    "corrupt": ({}, CorruptImageError("request body", "not a JPEG, PNG or WebP image (3 bytes)"), 400),
+    "unknown vocabulary": ({"vocabulary": "street"}, UnknownVocabularyError("street", "no such vocabulary"), 404),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_ANSWER_CASES))
+def test_the_fast_path_answers_as_the_route_does(client, replica, backend, monkeypatch, case):
+    """A plain query is answered by SegmentFastPath, one with a parameter the route ignores by
+    FastAPI's route: the same status, body, headers (but the timings), replica call and metrics."""
+    params, answer, status = SAME_ANSWER_CASES[case]
+    if answer is not None:
+        replica.answers["segment"] = answer
+    taken = []
+    plain = http.plain_segment_query
+    monkeypatch.setattr(http, "plain_segment_query", lambda query: taken.append(plain(query)) or taken[-1])
+    answers = []
+    for extra in ({}, {"ignored": "1"}):
+        replica.calls.clear()
+        for _, metric in backend.made.values():
+            metric.calls.clear()
+        response = post_image(client, b"img", **params, **extra)
+        headers = {k: v for k, v in response.headers.items()
+                   if k not in ("x-process-time-ms", "server-timing", "content-length")}
+        counted = {name: [call[2] for call in metric.calls] for name, (_, metric) in backend.made.items()}
+        answers.append((response.status_code, response.content, headers, list(replica.calls), counted))
+    assert taken[0] is not None and taken[1] is None  # the first took the fast path, the second the route
+    assert answers[0][0] == status, answers[0][1]
+    assert answers[0] == answers[1]
+
+
+def test_the_fast_path_uses_the_running_apps_front(replica, backend, tmp_path, monkeypatch):
+    """Serve runs a copy of the app, with the overrides it had: the fast path takes the front
+    from the app that runs the request, not from the module's app (which has none there)."""
+    config = ServeConfig(max_body_bytes=MAX_BODY, request_timeout_s=7.0)
+    front = http.HttpFront(call=replica, config=config, page=tmp_path, metrics=EndpointMetrics(backend=backend))
+
+    async def own_front() -> http.HttpFront:  # a coroutine, as pipelines/serve.py's
+        return front
+
+    monkeypatch.delitem(http.api.dependency_overrides, http.current_front, raising=False)
+    running = copy.copy(http.api)
+    running.dependency_overrides = {http.current_front: own_front}
+    with TestClient(running) as test_client:
+        assert post_image(test_client, b"img", task="semantic").status_code == 200
+    assert replica.calls == [("segment", (b"img", "semantic", "json", 0.0), 7.0, BASE)]
 
 
 def test_class_and_vocabulary_routes_forward_their_arguments(client, replica):
