@@ -873,6 +873,17 @@ class ExperimentConfig:
         return out
 
 
+#: Settings of where or how a run executes, not of what its stages compute: a stage finished
+#: with other values of these is the same stage (:func:`computed_settings`).
+RUNTIME_SECTIONS = ("name", "output_dir", "tracking.", "ray.", "serve.", "segment.", "tables.", "tune.")
+
+
+def computed_settings(config: "ExperimentConfig") -> dict[str, Any]:
+    """The settings of ``config`` that decide what its stages compute (:meth:`ExperimentConfig.flat`
+    less :data:`RUNTIME_SECTIONS`): what a stage's success record keeps (pading.run.stage.Stage)."""
+    return {key: value for key, value in config.flat().items() if not key.startswith(RUNTIME_SECTIONS)}
+
+
 def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``"section.key: old -> new"`` for every setting whose value differs between two
     :meth:`ExperimentConfig.flat` dicts (a missing one is None), sorted by key."""

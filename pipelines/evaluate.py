@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pading import allocator
 from pading.bundle import Bundle
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, computed_settings
 from pading.data.manifest import resolve
 from pading.evaluation.predict import EvaluationPredictor, summarize
 from pading.run import RunLayout, load_table, read_manifest
@@ -55,7 +55,7 @@ def write_overlays(rows: list[dict], result_rows: list[dict], predictions: Path,
 def run(config: ExperimentConfig, output: Path, force: bool = False, bundle_dir: Path | None = None,
         stage_name: str = "evaluate") -> dict:
     stage_dir = RunLayout(output).stage(stage_name)
-    stage = common.Stage(stage_name, stage_dir, force, clean=True)
+    stage = common.Stage(stage_name, stage_dir, force, clean=True, settings=computed_settings(config))
     if stage.done:
         return stage.done
     stage.start()

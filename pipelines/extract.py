@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pading import allocator
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, computed_settings
 from pading.data.manifest import shard_rows
 from pading.io import write_json_atomic
 from pading.run import RunLayout, count_manifest, load_table, read_manifest
@@ -133,7 +133,7 @@ def warm_up(config: ExperimentConfig, output: Path, force: bool = False) -> None
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     stage_dir = RunLayout(output).features
-    stage = common.Stage("extract", stage_dir, force)
+    stage = common.Stage("extract", stage_dir, force, settings=computed_settings(config))
     if stage.done:
         return stage.done
     stage.start()

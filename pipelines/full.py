@@ -18,9 +18,10 @@ import math
 import time
 from pathlib import Path
 
-from pading.config import ExperimentConfig, load_config, save_config, setting_changes
+from pading.config import ExperimentConfig, computed_settings, load_config, save_config, setting_changes
 from pading.run import RunLayout, tracking
 from pading.run.reports import format_results_table
+from pading.run.stage import SETTINGS_KEY, recorded_changes
 from pading.training.heap import frozen_heap
 from pipelines import common, evaluate, extract, prepare, pretrain, train_generator
 
@@ -80,29 +81,41 @@ def _start(config: ExperimentConfig, output: Path, force: bool, stages) -> tuple
     return common.init_ray_while(config, store_and_dataset)
 
 
-#: Settings that change where or how a run executes, not what its stages compute.
-RUNTIME_SECTIONS = ("name", "output_dir", "tracking.", "ray.", "serve.", "segment.", "tables.", "tune.")
-
-
 def changed_settings(config: ExperimentConfig, output: Path, stages=STAGES, force: bool = False) -> list[str]:
-    """The settings (``key: old -> new``) in which ``config`` differs from the one this run's
-    finished stages were made with (its ``config.yaml``), logged as a warning when a stage that
-    will be skipped was made with them: its products are kept and do not follow the new
-    settings (``--force`` redoes them). Settings of where the run executes are not compared."""
-    recorded = RunLayout(output).config
-    done = [name for name in stages if common.stage_done(RunLayout(output).stage(name)) is not None]
-    if force or not done or not recorded.is_file():
+    """The settings (``key: old -> new``) in which ``config`` differs from those this run's
+    finished stages were made with, logged as a warning naming the stages: they will be skipped,
+    and their products are kept and do not follow the new settings (``--force`` redoes them).
+    Each stage's success record keeps its own settings (pading.run.stage.Stage), so the warning
+    comes back on every rerun until the stage is redone; a record from before that is compared
+    with the run's ``config.yaml``. Settings of where the run executes are not compared."""
+    done = {name: common.stage_done(RunLayout(output).stage(name)) for name in stages}
+    done = {name: record for name, record in done.items() if record is not None}
+    if force or not done:
+        return []
+    new = computed_settings(config)
+    by_stage: dict[str, list[str]] = {}
+    for name, record in done.items():
+        if isinstance(record.get(SETTINGS_KEY), dict):
+            by_stage[name] = recorded_changes(record, new)
+        else:  # no settings in the record: the run's config.yaml, if it can be read
+            by_stage[name] = _changes_from_run_config(RunLayout(output).config, new)
+    changed = sorted({change for changes in by_stage.values() for change in changes})
+    if changed:
+        stale = [name for name, changes in by_stage.items() if changes]
+        logger.warning("finished stage(s) %s of %s were made with other settings (%s); they are kept and do not "
+                       "follow the new ones: --force redoes every stage", ", ".join(stale), output, "; ".join(changed))
+    return changed
+
+
+def _changes_from_run_config(recorded: Path, new: dict) -> list[str]:
+    if not recorded.is_file():
         return []
     try:
-        old = load_config(recorded).flat()
+        old = computed_settings(load_config(recorded))
     except Exception as err:  # noqa: BLE001 - a record from another version: nothing to compare
         logger.warning("cannot compare with %s (%s)", recorded, err)
         return []
-    changed = [change for change in setting_changes(old, config.flat()) if not change.startswith(RUNTIME_SECTIONS)]
-    if changed:
-        logger.warning("finished stage(s) %s of %s were made with other settings (%s); they are kept and do not "
-                       "follow the new ones: --force redoes every stage", ", ".join(done), output, "; ".join(changed))
-    return changed
+    return setting_changes(old, new)
 
 
 def run_all(config: ExperimentConfig, output: Path, force: bool = False, stages=STAGES) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pading.classes import ClassTable
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, computed_settings
 from pading.data.manifest import (
     MANIFEST_SCHEMA,
     apply_seen_only_filter,
@@ -115,7 +115,7 @@ def _validated_by_actors(rows: list[dict], table: ClassTable, data_format: str,
 
 def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     stage_dir = RunLayout(output).manifest
-    stage = common.Stage("prepare", stage_dir, force, clean=True)
+    stage = common.Stage("prepare", stage_dir, force, clean=True, settings=computed_settings(config))
     if stage.done:
         return stage.done
     stage.start()

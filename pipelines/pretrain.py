@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pading.classes import ClassTable
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, computed_settings
 from pading.run import RunLayout, load_table, read_manifest
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.layout import HISTORY_FILE
@@ -101,7 +101,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False) -> dict:
     from ray.train.torch import TorchConfig
 
     stage_dir = RunLayout(output).pretrain
-    stage = common.Stage("pretrain", stage_dir, force)
+    stage = common.Stage("pretrain", stage_dir, force, settings=computed_settings(config))
     if stage.done:
         return stage.done
     micro_batch_rows(config, config.ray.num_workers)  # a batch that does not split is an error now, not in a worker

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pading.classes import ClassTable
-from pading.config import ExperimentConfig
+from pading.config import ExperimentConfig, computed_settings
 from pading.run import RunLayout
 from pading.run.checkpoint import read_checkpoint, write_checkpoint
 from pading.run.layout import HISTORY_FILE
@@ -167,7 +167,7 @@ def run(config: ExperimentConfig, output: Path, force: bool = False, stage_name:
 
 
     stage_dir = output / stage_name
-    stage = common.Stage(stage_name, stage_dir, force)
+    stage = common.Stage(stage_name, stage_dir, force, settings=computed_settings(config))
     if stage.done:
         return stage.done
     # every check before the stage's old output is removed or any work starts

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import logging
 import os
 import time
 
@@ -398,3 +400,35 @@ def test_in_threads_keeps_the_order_and_raises_the_first_error():
 
     with pytest.raises(ValueError, match="shard 1"):
         in_threads(fails, [0, 1, 2], 2)
+
+
+def test_a_stage_keeps_its_settings_and_says_when_a_rerun_differs(tmp_path, caplog):
+    """The success record keeps the settings the stage was made with; a stage found done with
+    other settings is skipped with a warning naming them, every time; a record without settings
+    (an older run's) and a stage given none compare nothing."""
+    from pading.config import apply_overrides, computed_settings
+
+    config = load_config(common.REPO_ROOT / "configs" / "demo.yaml")
+    settings = computed_settings(config)
+    assert settings and not any(key.startswith(("ray.", "serve.", "tracking.")) for key in settings)
+    stage = common.Stage("pretrain", tmp_path / "pretrain", settings=settings).start()
+    info = stage.finish({"steps": 3})
+    assert "settings" not in info  # the record keeps them; the stage's info does not carry them
+    assert json.loads((tmp_path / "pretrain" / "_SUCCESS.json").read_text())["settings"] == settings
+
+    assert common.Stage("pretrain", tmp_path / "pretrain", settings=settings).changed == []
+    runtime_only = computed_settings(apply_overrides(config, {"ray.local_cpus": 1, "serve.port": 9}))
+    assert common.Stage("pretrain", tmp_path / "pretrain", settings=runtime_only).changed == []
+    other = computed_settings(apply_overrides(config, {"pretrain.iterations": config.pretrain.iterations + 1}))
+    for _ in range(2):  # not only the first rerun
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines"):
+            again = common.Stage("pretrain", tmp_path / "pretrain", settings=other)
+        assert again.done is not None and again.done["steps"] == 3  # still skipped, its record kept
+        assert again.changed == [f"pretrain.iterations: {config.pretrain.iterations} -> {config.pretrain.iterations + 1}"]
+        assert "other settings (pretrain.iterations" in caplog.text and "--force redoes it" in caplog.text
+    assert common.Stage("pretrain", tmp_path / "pretrain", force=True, settings=other).changed == []
+    assert common.Stage("pretrain", tmp_path / "pretrain").changed == []
+
+    common.mark_done(tmp_path / "old", {"steps": 3})  # a record from before settings were kept
+    assert common.Stage("pretrain", tmp_path / "old", settings=other).changed == []

@@ -226,6 +226,25 @@ def test_a_rerun_with_other_settings_is_warned_that_finished_stages_are_kept(ful
     assert full.changed_settings(changed, output, force=True) == []  # --force redoes them
 
 
+def test_the_warning_comes_back_after_a_rerun_rewrote_the_runs_config(full_run, tmp_path):
+    """A rerun writes its own settings to the run's config.yaml; each stage's success record
+    keeps the settings it was made with, so the next rerun is still told."""
+    from pading.config import apply_overrides, computed_settings, load_config, save_config
+    from pading.run import RunLayout
+    from pipelines import common, full
+
+    output = tmp_path / "run"
+    shutil.copytree(full_run["output"], output, ignore=shutil.ignore_patterns("mlruns"))
+    config = load_config(RunLayout(output).config)
+    for name in full.STAGES:
+        assert common.stage_done(RunLayout(output).stage(name))["settings"] == computed_settings(config)
+    changed = apply_overrides(config, {"segmenter.num_queries": config.segmenter.num_queries + 8})
+    save_config(changed, RunLayout(output).config)  # what full.run_all does before its stages
+    assert full.changed_settings(changed, output) == [
+        f"segmenter.num_queries: {config.segmenter.num_queries} -> {config.segmenter.num_queries + 8}"]
+    assert full.changed_settings(config, output) == []
+
+
 def test_a_small_extraction_stays_on_torch(full_run):
     """``inference.runtime: auto`` with an actor's share far below pading.model.runtime's
     AUTO_MIN_IMAGES: the stage told its actor the share, and the actor did not export."""

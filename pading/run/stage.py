@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from pading.config import setting_changes
 from pading.io import write_json_atomic
 from pading.run.layout import SUCCESS_FILE, WORKERS_DIR
 
@@ -39,6 +40,19 @@ def mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
     write_json_atomic(stage_dir / SUCCESS_FILE, {**info, "finished_at": time.time()}, indent=2)
 
 
+#: The key of a success record that holds the settings its stage was made with.
+SETTINGS_KEY = "settings"
+
+
+def recorded_changes(record: Mapping[str, Any], settings: Mapping[str, Any] | None) -> list[str]:
+    """How ``settings`` differ from those a stage's success record ``record`` was made with
+    (``"key: old -> new"``); none when either is unknown (a record from before they were kept)."""
+    recorded = record.get(SETTINGS_KEY)
+    if settings is None or not isinstance(recorded, Mapping):
+        return []
+    return setting_changes(recorded, settings)
+
+
 def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / SUCCESS_FILE).unlink(missing_ok=True)
 
@@ -54,13 +68,26 @@ class Stage:
         ...the work...
         return stage.finish(info)      # adds "seconds", writes _SUCCESS.json
 
-    A stage that raises before ``finish`` is not marked done, so the next run redoes it."""
+    A stage that raises before ``finish`` is not marked done, so the next run redoes it.
+    ``settings`` (:func:`pading.config.computed_settings` of the run's config) are kept in the
+    success record; a stage found done with other settings is still skipped (its products are
+    kept), and ``changed`` lists the differences, which are logged as a warning each time: the
+    record says what the products were made with, whatever the later runs were given."""
 
-    def __init__(self, name: str, stage_dir: Path, force: bool = False, *, clean: bool = False):
+    def __init__(self, name: str, stage_dir: Path, force: bool = False, *, clean: bool = False,
+                 settings: Mapping[str, Any] | None = None):
         self.name, self.dir, self.force, self.clean = name, Path(stage_dir), force, clean
+        self.settings = dict(settings) if settings is not None else None
         self.done = None if force else stage_done(self.dir)
+        self.changed: list[str] = []
         if self.done is not None:
-            logger.info("%s: already done (%s), skipping", name, self.dir)
+            self.changed = recorded_changes(self.done, self.settings)
+            if self.changed:
+                logger.warning("%s: already done (%s) with other settings (%s); skipping it, its products are kept "
+                               "and do not follow the new settings: --force redoes it", name, self.dir,
+                               "; ".join(self.changed))
+            else:
+                logger.info("%s: already done (%s), skipping", name, self.dir)
         self.started: float | None = None
 
     def start(self) -> "Stage":
@@ -75,7 +102,7 @@ class Stage:
         if self.started is None:
             raise RuntimeError(f"{self.name}: finish() before start()")
         info = {**info, "seconds": time.time() - self.started}
-        mark_done(self.dir, info)
+        mark_done(self.dir, info if self.settings is None else {**info, SETTINGS_KEY: self.settings})
         return info
 
 
