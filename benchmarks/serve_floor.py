@@ -66,9 +66,8 @@ def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float,
     """{size label: {application: median ms}} for the request bodies of each size label, behind
     ``proxy`` (``serve.proxy``: this script's Ray starts with the environment the endpoint's
     Serve would get, :func:`pading.serving.launch.proxy_env`)."""
-    import httpx
     import ray
-    from stage_overhead import median_call_ms  # this script's folder is on sys.path
+    from stage_overhead import PlainClient, median_call_ms  # this script's folder is on sys.path
 
     from pading.config import ServeConfig
     from pading.serving.launch import proxy_env
@@ -81,13 +80,12 @@ def floor(payloads: dict[str, list[bytes]], port: int, num_cpus: float,
         serve.run(NoOpFront.bind(model.bind()), name="floor-two", route_prefix="/two")
         serve.run(NoOpIngress.bind(), name="floor-one", route_prefix="/one")
         results: dict[str, dict[str, float]] = {}
-        with httpx.Client(timeout=60) as client:
+        with PlainClient(f"http://127.0.0.1:{port}/") as client:  # the client of stage_overhead's endpoint rows
             for label, images in payloads.items():
                 results[label] = {}
                 for name, prefix in (("two deployments", "two"), ("one deployment", "one")):
-                    url = f"http://127.0.0.1:{port}/{prefix}/v1/segment"
-                    results[label][name] = median_call_ms(
-                        lambda data, url=url: client.post(url, content=data).raise_for_status(), images)
+                    path = f"/{prefix}/v1/segment"
+                    results[label][name] = median_call_ms(lambda data, path=path: client.post(path, data), images)
                     print(f"serve floor, {label}: {name} {results[label][name]:.2f} ms", flush=True)
         serve.shutdown()
     finally:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import http.client
 import io
 import json
 import os
@@ -58,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +237,59 @@ def median_call_ms(call, images: list[bytes], warm_up: int = 3) -> float:
     return 1000 * float(np.median(times[warm_up:]))
 
 
+def alternating_median_ms(calls: list, images: list[bytes], block: int = 10, warm_up: int = 3) -> list[float]:
+    """Median ms of each of ``calls`` over ``images``, the calls taking turns in blocks of
+    ``block`` images (each call runs a block back to back, then the next call the same block),
+    after ``warm_up`` calls of each on the first image. Within a block each call runs as a
+    loop does; taking turns, a drift of the machine's speed over the minutes of a run moves
+    every call's times alike, which one call's images and then the other's did not
+    (docs/performance.md, "Bare and served in turn")."""
+    times: list[list[float]] = [[] for _ in calls]
+    for measured, call in zip(times, calls):
+        for _ in range(warm_up):
+            call(images[0])
+    for first in range(0, len(images), block):
+        for measured, call in zip(times, calls):
+            for data in images[first:first + block]:
+                started = time.perf_counter()
+                call(data)
+                measured.append(time.perf_counter() - started)
+    return [1000 * float(np.median(measured)) for measured in times]
+
+
+class PlainClient:
+    """Sequential POSTs over one keep-alive connection with the standard library's
+    ``http.client``: the endpoint's latency with as little of a client's own time in it as
+    Python allows. httpx (which the benchmarks used before) took 0.7-0.9 ms more a request on
+    this machine, the same requests alternating on one server (docs/performance.md, "The
+    client's share")."""
+
+    def __init__(self, url: str, timeout: float = 60) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port, timeout
+        self.prefix = parts.path.rstrip("/")
+        self.connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def post(self, path: str, data: bytes, params: dict | None = None) -> http.client.HTTPResponse:
+        """The answer (read whole) of POST ``path``; raises for a status other than 2xx."""
+        target = self.prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        self.connection.request("POST", target, body=data, headers={"Content-Type": "application/octet-stream"})
+        response = self.connection.getresponse()
+        response.body = response.read()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"POST {target}: {response.status} {response.body[:500]!r}")
+        return response
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "PlainClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def running_endpoint(bundle: Path, port: int, log_path: Path, settings: list[str]):
     """``python pipelines/serve.py --bundle BUNDLE --port PORT --set S ...`` for each of
@@ -280,9 +335,7 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     ``ingress`` (``serve.ingress``; one server for all sizes), and
     ``SegmentationService.segment`` on the same bytes in this process with the replica's
     torch threads (``serve.num_cpus``), both on the segmenter runtime ``runtime``
-    (``serve.runtime``). {size: (served, bare)}"""
-    import httpx
-
+    (``serve.runtime``), in turn image by image (:func:`alternating_median_ms`). {size: (served, bare)}"""
     from pading.bundle import Bundle
     from pading.run import RunLayout
     from pading.serving.service import SegmentationService
@@ -292,20 +345,20 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     originals = val_image_bytes(output, requests)
     payloads = {size: resized_bytes(originals, size) for size in sizes}
     trained = Bundle.load(bundle)
-    bare = {}
+    results = {}
     with actor_threads(trained.config.serve.num_cpus):  # as many as a replica runs (ONNX Runtime's too)
         service = SegmentationService(trained, dataclasses.replace(trained.config.serve, runtime=runtime))
-        for size, images in payloads.items():
-            bare[size] = median_call_ms(lambda data: service.segment([service.decode(data)], ["panoptic"], ["json"]),
-                                        images)
-    results = {}
-    with running_endpoint(bundle, port, output / "stage_overhead_serve.log",
-                          [f"serve.runtime={runtime}", f"serve.proxy={proxy}", f"serve.ingress={ingress}"]) as url:
-        with httpx.Client(timeout=60) as client:
-            for size, images in payloads.items():
-                served = median_call_ms(lambda data: client.post(url + "v1/segment", params={"task": "panoptic"},
-                                                                 content=data).raise_for_status(), images)
-                results[size] = (served, bare[size])
+        with running_endpoint(bundle, port, output / "stage_overhead_serve.log",
+                              [f"serve.runtime={runtime}", f"serve.proxy={proxy}", f"serve.ingress={ingress}"]) as url:
+            with PlainClient(url) as client:
+                for size, images in payloads.items():
+                    # image by image, the bare call and then the request: the machine's drift
+                    # over the minutes of a run moves both alike (docs/performance.md,
+                    # "Bare and served in turn")
+                    bare, served = alternating_median_ms([
+                        lambda data: service.segment([service.decode(data)], ["panoptic"], ["json"]),
+                        lambda data: client.post("/v1/segment", data, {"task": "panoptic"})], images)
+                    results[size] = (served, bare)
     return results
 
 
