@@ -373,6 +373,25 @@ def test_the_fast_path_answers_as_the_route_does(client, replica, backend, monke
     assert answers[0] == answers[1]
 
 
+def test_the_fast_path_takes_the_route_below_a_mount_point(replica, backend, tmp_path, monkeypatch):
+    """Under a route prefix (``root_path``, as ``serve.route_prefix`` gives) the fast path still
+    answers POST <prefix>/v1/segment, and nothing else."""
+    config = ServeConfig(max_body_bytes=MAX_BODY, request_timeout_s=7.0)
+    front = http.HttpFront(call=replica, config=config, page=tmp_path, metrics=EndpointMetrics(backend=backend))
+    monkeypatch.setitem(http.api.dependency_overrides, http.current_front, lambda: front)
+    taken = []
+    plain = http.plain_segment_query
+    monkeypatch.setattr(http, "plain_segment_query", lambda query: taken.append(plain(query)) or taken[-1])
+    with TestClient(http.api, root_path="/pading") as test_client:
+        # the path as a proxy passes it on: the prefix in it, and in root_path
+        response = test_client.post("/pading/v1/segment", params={"task": "semantic"}, content=b"img",
+                                    headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert test_client.get("/pading/healthz").status_code == 200
+    assert taken == [{"task": "semantic", "format": "json", "min_score": 0.0, "vocabulary": BASE}]
+    assert [call[0] for call in replica.calls] == ["segment", "info"]
+
+
 def test_the_fast_path_uses_the_running_apps_front(replica, backend, tmp_path, monkeypatch):
     """Serve runs a copy of the app, with the overrides it had: the fast path takes the front
     from the app that runs the request, not from the module's app (which has none there)."""
