@@ -245,7 +245,7 @@ def alternating_median_ms(calls: list, images: list[bytes], block: int = 10, war
     every call's times alike, which one call's images and then the other's did not
     (docs/performance.md, "Bare and served in turn")."""
     times: list[list[float]] = [[] for _ in calls]
-    for measured, call in zip(times, calls):
+    for call in calls:
         for _ in range(warm_up):
             call(images[0])
     for first in range(0, len(images), block):
@@ -266,9 +266,8 @@ class PlainClient:
 
     def __init__(self, url: str, timeout: float = 60) -> None:
         parts = urllib.parse.urlsplit(url)
-        self.host, self.port, self.timeout = parts.hostname, parts.port, timeout
         self.prefix = parts.path.rstrip("/")
-        self.connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
 
     def post(self, path: str, data: bytes, params: dict | None = None) -> http.client.HTTPResponse:
         """The answer (read whole) of POST ``path``; raises for a status other than 2xx."""

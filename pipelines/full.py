@@ -93,12 +93,15 @@ def changed_settings(config: ExperimentConfig, output: Path, stages=STAGES, forc
     if force or not done:
         return []
     new = computed_settings(config)
+    from_run_config = None  # read once, for the records from before stages kept their settings
     by_stage: dict[str, list[str]] = {}
     for name, record in done.items():
         if isinstance(record.get(SETTINGS_KEY), dict):
             by_stage[name] = recorded_changes(record, new)
         else:  # no settings in the record: the run's config.yaml, if it can be read
-            by_stage[name] = _changes_from_run_config(RunLayout(output).config, new)
+            if from_run_config is None:
+                from_run_config = _changes_from_run_config(RunLayout(output).config, new)
+            by_stage[name] = from_run_config
     changed = sorted({change for changes in by_stage.values() for change in changes})
     if changed:
         stale = [name for name, changes in by_stage.items() if changes]

@@ -243,6 +243,13 @@ def test_the_warning_comes_back_after_a_rerun_rewrote_the_runs_config(full_run, 
     assert full.changed_settings(changed, output) == [
         f"segmenter.num_queries: {config.segmenter.num_queries} -> {config.segmenter.num_queries + 8}"]
     assert full.changed_settings(config, output) == []
+    for name in full.STAGES:  # records from before stages kept their settings: the run's config.yaml decides
+        record = common.stage_done(RunLayout(output).stage(name))
+        del record["settings"]
+        common.mark_done(RunLayout(output).stage(name), record)
+    assert full.changed_settings(changed, output) == []
+    assert full.changed_settings(config, output) == [
+        f"segmenter.num_queries: {config.segmenter.num_queries + 8} -> {config.segmenter.num_queries}"]
 
 
 def test_a_small_extraction_stays_on_torch(full_run):
