@@ -4,11 +4,13 @@ stage lifecycle) is ``pading.run.cli`` and ``pading.run.stage``, re-exported her
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,8 @@ logger = logging.getLogger("pipelines")
 
 #: The node ID of the Ray that :func:`init_ray` started in this process (one machine's, not a cluster's).
 _own_ray_node: str | None = None
+#: Seconds the processes of a Ray this process started get to end after it shut down, before they are killed.
+LEFTOVER_GRACE_S = 2.0
 
 
 def owns_local_ray() -> bool:
@@ -78,10 +82,81 @@ def init_ray(config: ExperimentConfig | None = None) -> None:
         dashboard = None if config is None or config.ray.local_dashboard else False  # None: when installed
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=dashboard)
         _own_ray_node = ray.get_runtime_context().get_node_id()
+        raylet = child_pid("raylet")
+        if raylet is not None:  # runs before Ray's own exit handler, which Ray registered when imported
+            atexit.register(shutdown_own_ray, raylet)
     try:
         logger.info("Ray: %s (dashboard: %s)", ray.get_runtime_context().gcs_address, _dashboard_url())
     except Exception:  # noqa: BLE001 - informational only
         pass
+
+
+def child_pid(name: str) -> int | None:
+    """The PID of a child of this process whose command is ``name`` (from Linux's /proc); None
+    when there is none, or no /proc."""
+    me = os.getpid()
+    for entry in _proc_pids():
+        stat = _read_proc(entry, "stat")
+        if stat is None:
+            continue
+        command, fields = stat[stat.find("(") + 1:stat.rfind(")")], stat[stat.rfind(")") + 2:].split()
+        if command == name and len(fields) > 1 and fields[1] == str(me):
+            return entry
+    return None
+
+
+def ray_processes(raylet_pid: int) -> list[tuple[int, str]]:
+    """(PID, command) of the live processes started under the raylet ``raylet_pid``: Ray puts
+    ``RAY_RAYLET_PID`` in the environment of every worker it starts, and the processes they
+    start (HAProxy, for one) inherit it. This process is left out."""
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+    found = []
+    for entry in _proc_pids():
+        environ = _read_proc(entry, "environ", binary=True)
+        if entry != os.getpid() and environ is not None and marker in environ.split(b"\0"):
+            found.append((entry, (_read_proc(entry, "comm") or "?").strip()))
+    return found
+
+
+def shutdown_own_ray(raylet_pid: int, grace_s: float | None = None) -> list[tuple[int, str]]:
+    """Shut down the Ray this process started (whose raylet is ``raylet_pid``), then kill what is
+    left of it ``grace_s`` (default :data:`LEFTOVER_GRACE_S`) seconds later; returns what was killed.
+
+    Ray's shutdown stops its own processes and leaves the workers to end themselves, and a worker
+    can hang in its exit: Ray 2.60's core worker sometimes deadlocks in its exit handler (a Ray
+    Train controller was found sleeping on a lock in ``CoreWorkerProcess::HandleAtExit`` an hour
+    after its run, holding 0.8 GB), and such a process outlives its Ray. :func:`init_ray`
+    registers this to run at exit, before Ray's own handler (docs/architecture.md, "Processes
+    left behind")."""
+    import ray
+
+    ray.shutdown()
+    deadline = time.monotonic() + (LEFTOVER_GRACE_S if grace_s is None else grace_s)
+    left = ray_processes(raylet_pid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = ray_processes(raylet_pid)
+    for pid, command in left:
+        logger.warning("process %d (%s) of this run's Ray was still running after Ray shut down; killing it",
+                       pid, command)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def _proc_pids() -> list[int]:
+    try:
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:  # no /proc (not Linux)
+        return []
+
+
+def _read_proc(pid: int, name: str, binary: bool = False):
+    try:
+        with open(f"/proc/{pid}/{name}", "rb" if binary else "r") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError):  # gone, or not ours to read
+        return None
 
 
 def init_ray_while(config: ExperimentConfig, work):
