@@ -3,6 +3,7 @@ even one stuck in its own exit (docs/architecture.md, "Processes left behind")."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 # finish exiting: Python's exit waits for a non-daemon thread, as Ray 2.60's core worker once
 # waited on a lock in its exit handler. Its PID is printed; the driver then simply ends.
 DRIVER = textwrap.dedent("""
-    import os, threading, time
+    import json, os, threading, time
     import ray
     from pipelines import common
 
@@ -39,7 +40,7 @@ DRIVER = textwrap.dedent("""
     print("STUCK", ray.get(actor.pid.remote()), flush=True)
     actor.leave.remote()
     time.sleep(1)
-    print("LEFT", [pid for pid, _ in common.ray_processes(common.child_pid("raylet"))], flush=True)
+    print("LEFT", json.dumps([pid for pid, _ in common.ray_processes(common.child_pid("raylet"))]), flush=True)
 """)
 
 
@@ -62,7 +63,7 @@ def test_a_worker_stuck_in_its_exit_does_not_outlive_the_driver(tmp_path):
     stuck = int(lines["STUCK"])
     try:
         # the driver's Ray listed the stuck actor among its processes while it ran ...
-        assert stuck in eval(lines["LEFT"])  # noqa: S307 - a list of ints this test's own driver printed
+        assert stuck in json.loads(lines["LEFT"])
         # ... and it is gone once the driver has exited, with a warning naming it
         assert not _alive(stuck), "the stuck actor outlived the driver that started its Ray"
         assert f"process {stuck} (ray::Stuck) of this run's Ray was still running" in done.stderr
