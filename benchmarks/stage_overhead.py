@@ -334,7 +334,7 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
     ``ingress`` (``serve.ingress``; one server for all sizes), and
     ``SegmentationService.segment`` on the same bytes in this process with the replica's
     torch threads (``serve.num_cpus``), both on the segmenter runtime ``runtime``
-    (``serve.runtime``), in turn image by image (:func:`alternating_median_ms`). {size: (served, bare)}"""
+    (``serve.runtime``), taking turns in blocks of ten images (:func:`alternating_median_ms`). {size: (served, bare)}"""
     from pading.bundle import Bundle
     from pading.run import RunLayout
     from pading.serving.service import SegmentationService
@@ -351,8 +351,8 @@ def endpoint_latency(output: Path, requests: int, port: int, sizes: list[int | N
                               [f"serve.runtime={runtime}", f"serve.proxy={proxy}", f"serve.ingress={ingress}"]) as url:
             with PlainClient(url) as client:
                 for size, images in payloads.items():
-                    # image by image, the bare call and then the request: the machine's drift
-                    # over the minutes of a run moves both alike (docs/performance.md,
+                    # ten images bare, then the same ten as requests, and so on: the machine's
+                    # drift over the minutes of a run moves both alike (docs/performance.md,
                     # "Bare and served in turn")
                     bare, served = alternating_median_ms([
                         lambda data: service.segment([service.decode(data)], ["panoptic"], ["json"]),

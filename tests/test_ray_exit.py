@@ -15,8 +15,6 @@ import pytest
 
 from pipelines import common
 
-pytestmark = pytest.mark.slow
-
 # A driver that starts its Ray as the pipelines do and leaves behind an actor process that cannot
 # finish exiting: Python's exit waits for a non-daemon thread, as Ray 2.60's core worker once
 # waited on a lock in its exit handler. Its PID is printed; the driver then simply ends.
@@ -53,6 +51,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # starts a Ray
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from Linux's /proc")
 def test_a_worker_stuck_in_its_exit_does_not_outlive_the_driver(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
